@@ -1,0 +1,255 @@
+"""Generative Adversarial Nets.
+
+Ian J. Goodfellow, Jean Pouget-Abadie, Mehdi Mirza, Bing Xu, David Warde-Farley, Sherjil Ozair,
+Aaron Courville, Yoshua Bengio. NeurIPS 2014. arXiv:1406.2661
+
+A generator G maps noise z ~ p_z to images; a discriminator D outputs the probability that its input
+came from the data rather than from G. They play the minimax game (eq. 1)
+
+    min_G max_D V(D, G) = E_x~p_data[log D(x)] + E_z~p_z[log(1 - D(G(z)))]
+
+trained by Algorithm 1: for each training iteration,
+    for k steps:
+        sample m noise vectors z and m examples x;
+        update D by ascending  1/m sum_i [log D(x_i) + log(1 - D(G(z_i)))]
+    sample m noise vectors z;
+    update G by descending 1/m sum_i log(1 - D(G(z_i)))
+with k = 1 in the paper's experiments. Early in training log(1 - D(G(z))) saturates, so the paper
+(section 3) recommends training G to maximize log D(G(z)) instead: the "non-saturating" loss, our
+default; `--loss minimax` gives the original form.
+
+Architecture and optimisation are those of the official MNIST experiment (goodfeli/adversarial,
+mnist.yaml), which the paper describes only in words:
+    G: z (100, Gaussian) -> 1200 ReLU -> 1200 ReLU -> 784 sigmoid, weights U(-0.05, 0.05),
+       output bias set to the logit of the mean training image;
+    D: x -> dropout 0.2 -> maxout 240 units x 5 pieces -> dropout 0.5 -> maxout 240 x 5
+       -> dropout 0.5 -> linear -> sigmoid, weights U(-0.005, 0.005);
+    SGD, batch 100, lr 0.1 divided by 1.000004 after every update (floor 1e-6), momentum 0.5 rising
+    linearly to 0.7 between epochs 1 and 250.
+Images are in [0, 1] as in the paper (sigmoid output), not in [-1, 1] like our other scripts.
+
+Deviations, each deliberate:
+- The official code updates G and D simultaneously from one shared minibatch of samples; we follow
+  Algorithm 1 (k D updates, then a G update from fresh noise).
+- D's loss is the mean of the two cross-entropies, as in the official code (AdversaryCost2), i.e. half
+  the Algorithm 1 objective: the learning rate 0.1 was tuned with that scale.
+- D outputs a logit and the losses use softplus: log D = -softplus(-l), log(1 - D) = -softplus(l),
+  the same mathematics without the overflow of log(sigmoid).
+- PyTorch's SGD momentum (v = mu v + g; p -= lr v) equals pylearn2's (v = mu v - lr g; p += v) while
+  lr and mu are constant; they differ slightly while the schedules move.
+- The paper trained until the Parzen log-likelihood stopped improving; --steps 100000 (about 170
+  Fashion-MNIST epochs) is our choice.
+
+Usage:
+    python gan.py                                  # Fashion-MNIST (offline default), samples in runs/gan-fashion-mnist
+    python gan.py --resume                         # continue where the last run stopped
+    python gan.py --dataset mnist --loss minimax   # the original minimax generator loss
+    python gan.py --sample 10000 --sample-out gan.npz   # images for `python fid.py gan.npz ...`
+    sbatch submit.sh gan                           # on SLURM, requeued until done
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import arg
+
+
+@dataclass
+class Config(common.RunConfig):
+    steps: int = arg(100_000, "G updates (the paper stopped on validation likelihood)")
+    # Paper hyper-parameters (official mnist.yaml)
+    image_size: int = arg(28, "images are image_size x image_size (28: MNIST)")
+    batch_size: int = arg(100, "m, the minibatch size")
+    lr: float = arg(0.1, "SGD learning rate at step 0")
+    lr_decay: float = arg(1.000004, "lr is divided by this after every update")
+    min_lr: float = arg(1e-6, "floor of the decayed lr")
+    momentum: float = arg(0.5, "initial SGD momentum")
+    final_momentum: float = arg(0.7, "momentum reached at epoch --momentum-saturate")
+    momentum_saturate: int = arg(250, "epoch at which momentum reaches --final-momentum (linear from epoch 1)")
+    nz: int = arg(100, "dimension of the Gaussian noise z")
+    g_hidden: int = arg(1200, "units in each of G's two ReLU layers")
+    d_units: int = arg(240, "maxout units in each of D's two layers")
+    d_pieces: int = arg(5, "linear pieces per maxout unit")
+    k: int = arg(1, "D updates per G update (Algorithm 1)")
+    loss: str = arg("non-saturating", "generator loss: non-saturating (max log D(G(z))) | minimax")
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+class Maxout(nn.Module):
+    """h_i(x) = max_j (x W_ij + b_ij), j = 1..pieces (Goodfellow et al. 2013, arXiv:1302.4389)."""
+
+    def __init__(self, d_in: int, units: int, pieces: int):
+        super().__init__()
+        self.units, self.pieces = units, pieces
+        self.linear = nn.Linear(d_in, units * pieces)
+
+    def forward(self, x):
+        return self.linear(x).view(-1, self.units, self.pieces).amax(dim=2)
+
+
+class Generator(nn.Module):
+    def __init__(self, nz: int, hidden: int, image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.image_shape = image_shape
+        self.net = nn.Sequential(
+            nn.Linear(nz, hidden), nn.ReLU(),                # 1200
+            nn.Linear(hidden, hidden), nn.ReLU(),            # 1200
+            nn.Linear(hidden, math.prod(image_shape)),       # 784 logits of pixel intensities
+        )
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.uniform_(m.weight, -0.05, 0.05)
+                nn.init.zeros_(m.bias)
+
+    def init_output_bias(self, mean_image: torch.Tensor) -> None:
+        """Start from the data's mean image: bias = logit(mean pixel), clipped as pylearn2 does."""
+        m = mean_image.flatten().clamp(1e-7, 1 - 1e-7)
+        with torch.no_grad():
+            self.net[-1].bias.copy_(torch.log(m / (1 - m)))
+
+    def forward(self, z):
+        return torch.sigmoid(self.net(z)).view(-1, *self.image_shape)  # C x H x W in [0, 1]
+
+
+class Discriminator(nn.Module):
+    def __init__(self, image_shape: tuple[int, int, int], units: int, pieces: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.2), Maxout(math.prod(image_shape), units, pieces),   # 240
+            nn.Dropout(0.5), Maxout(units, units, pieces),                    # 240
+            nn.Dropout(0.5), nn.Linear(units, 1),                             # 1 logit
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.uniform_(m.weight, -0.005, 0.005)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.net(x).squeeze(1)  # logit l; D(x) = sigmoid(l)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+def discriminator_loss(logit_real, logit_fake):
+    """-1/2 [log D(x) + log(1 - D(G(z)))], averaged over the batch (the official code's scale)."""
+    return 0.5 * (F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean())
+
+
+def generator_loss(logit_fake, kind: str):
+    """minimax: log(1 - D(G(z))) (eq. 1); non-saturating: -log D(G(z)) (section 3)."""
+    if kind == "minimax":
+        return -F.softplus(logit_fake).mean()
+    return F.softplus(-logit_fake).mean()
+
+
+def schedules(cfg: Config, step: int, epoch: int) -> tuple[float, float]:
+    """lr and momentum as pure functions of the update count and epoch (pylearn2's ExponentialDecay
+    and MomentumAdjustor(start=1, saturate=250))."""
+    lr = max(cfg.lr / cfg.lr_decay ** step, cfg.min_lr)
+    ramp = min(max((epoch - 1) / (cfg.momentum_saturate - 1), 0.0), 1.0)
+    return lr, cfg.momentum + (cfg.final_momentum - cfg.momentum) * ramp
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: Algorithm 1
+# ----------------------------------------------------------------------------------------------
+def train_step(G, D, opt_G, opt_D, batches, cfg: Config, device) -> dict[str, torch.Tensor]:
+    m = cfg.batch_size
+    # (1) for k steps: update D by ascending its stochastic gradient
+    for _ in range(cfg.k):
+        x = batches.next()
+        z = torch.randn(m, cfg.nz, device=device)
+        with torch.no_grad():
+            fake = G(z)
+        logit_real, logit_fake = D(x), D(fake)
+        loss_D = discriminator_loss(logit_real, logit_fake)
+        opt_D.zero_grad(set_to_none=True)
+        loss_D.backward()
+        opt_D.step()
+
+    # (2) sample fresh noise; update G by descending its stochastic gradient
+    z = torch.randn(m, cfg.nz, device=device)
+    logit_fake_G = D(G(z))
+    loss_G = generator_loss(logit_fake_G, cfg.loss)
+    opt_G.zero_grad(set_to_none=True)
+    loss_G.backward()
+    opt_G.step()
+
+    return {"loss_D": loss_D.detach(), "loss_G": loss_G.detach(),
+            "D_x": torch.sigmoid(logit_real).mean().detach(),
+            "D_G_z": torch.sigmoid(logit_fake).mean().detach()}
+
+
+def build(cfg: Config, device):
+    shape = (common.dataset_channels(cfg.dataset), cfg.image_size, cfg.image_size)
+    G = Generator(cfg.nz, cfg.g_hidden, shape).to(device)
+    D = Discriminator(shape, cfg.d_units, cfg.d_pieces).to(device)
+    print(f"G: {common.count_parameters(G):,} parameters, D: {common.count_parameters(D):,} parameters")
+    return G, D
+
+
+@torch.no_grad()
+def generate(G, n: int, cfg: Config, device, batch: int = 500):
+    """n images from a seeded noise stream (the same n images for the same checkpoint and --seed)."""
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    G.eval()
+    for i in range(0, n, batch):
+        yield G(torch.randn(min(batch, n - i), cfg.nz, device=device, generator=g))
+
+
+def main():
+    cfg = common.parse_config(Config)
+    if cfg.loss not in ("non-saturating", "minimax"):
+        raise common.UserError(f"--loss {cfg.loss}: choose non-saturating or minimax")
+    run = common.Run(cfg, "gan")
+    device = run.device
+    G, D = build(cfg, device)
+
+    if run.sampling:
+        run.track(models={"G": G}, optimizers={})
+        run.restore()
+        out = cfg.sample_out or f"{cfg.out}/generated"
+        n = common.save_images(generate(G, cfg.sample, cfg, device), out, value_range=(0, 1))
+        print(f"wrote {n} images to {out}")
+        return
+
+    images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 1.0))
+    G.init_output_bias(images.float().mean(0) / 255)
+    opt_G = torch.optim.SGD(G.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt_D = torch.optim.SGD(D.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    fixed_noise = torch.randn(64, cfg.nz, device=device)
+
+    @torch.no_grad()
+    def sample():
+        G.eval()
+        x = G(fixed_noise)
+        G.train()
+        return x
+
+    run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, batches=batches,
+              extra={"fixed_noise": fixed_noise}, sample=sample, sample_range=(0.0, 1.0))
+    step = run.restore()
+    while step < cfg.steps and not run.stop_requested:
+        lr, momentum = schedules(cfg, step, batches.epoch)
+        for opt in (opt_G, opt_D):
+            for group in opt.param_groups:
+                group["lr"], group["momentum"] = lr, momentum
+        losses = train_step(G, D, opt_G, opt_D, batches, cfg, device)
+        step += 1
+        run.end_step(step, losses)
+    run.finish(step)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
