@@ -1,0 +1,252 @@
+"""Unsupervised Representation Learning with Deep Convolutional Generative Adversarial Networks.
+
+Alec Radford, Luke Metz, Soumith Chintala. ICLR 2016. arXiv:1511.06434
+
+The GAN game of Goodfellow et al. (2014, see gan.py),
+
+    min_G max_D E_x[log D(x)] + E_z[log(1 - D(G(z)))],
+
+played by convolutional networks built with the paper's "architecture guidelines for stable deep
+convolutional GANs" (section 3):
+- strided convolutions (D) and fractional-strided convolutions (G) instead of pooling;
+- batch normalization in both networks, except G's output layer and D's input layer;
+- no fully connected hidden layers;
+- ReLU in G, tanh on its output; LeakyReLU (slope 0.2) in D.
+Training details (section 4): images scaled to [-1, 1], minibatch 128, weights N(0, 0.02), Adam with
+lr 0.0002 and beta1 0.5, z of dimension 100 drawn uniformly in [-1, 1].
+
+Each training step (pytorch/examples dcgan, the same alternation as gan.py's Algorithm 1 with k = 1):
+    (1) update D: maximize log D(x) + log(1 - D(G(z)))
+    (2) update G: maximize log D(G(z)) -- the non-saturating loss; "fake labels are real for G"
+
+At 64 x 64 (the paper's size) the networks are exactly pytorch/examples' (3,576,704 and 2,765,568
+parameters for 3 channels, ngf = ndf = 64). Other --image-size values keep the same blocks and change
+the length of the ladder: 4 x 4 -> 8 -> ... -> size for powers of two (32: one block fewer), and
+7 x 7 -> 14 -> 28 for 28 x 28 MNIST-like images.
+
+Deviations, each deliberate:
+- D outputs a logit and the loss is BCE-with-logits: the same as the paper's sigmoid + log, without
+  its overflow.
+- BatchNorm scales start at N(1, 0.02) (pytorch/examples, and the authors' Theano code); the course
+  notes in shared/seeds 002 draw them from N(0, 0.02), which silences most units at the start.
+  (Seed 001 also says G uses LeakyReLU; the paper says ReLU, and ReLU it is.)
+- Sample grids and --sample use G in eval mode (BatchNorm running statistics), so drawing samples
+  never changes the model.
+- --steps 12000 (about 26 Fashion-MNIST epochs at batch 128) is our default; the paper reports
+  1 to 5 epochs on LSUN / ImageNet / faces, which are far larger.
+
+Usage:
+    python dcgan.py                                   # Fashion-MNIST resized to 64 x 64
+    python dcgan.py --image-size 32 --steps 3000      # the CPU-sized run of README.md
+    python dcgan.py --resume                          # continue the run in runs/dcgan-fashion-mnist
+    python dcgan.py --dataset folder --data-root ~/celeba   # any folder of images
+    python dcgan.py --sample 10000 --sample-out dcgan.npz --interpolate 8   # images + latent walks
+    sbatch submit.sh dcgan --image-size 32
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import arg
+
+
+@dataclass
+class Config(common.RunConfig):
+    steps: int = arg(12_000, "G updates (about 26 epochs of Fashion-MNIST at batch 128)")
+    interpolate: int = arg(0, "with --sample: also write interpolation.png, N rows walking between z pairs")
+    # Paper hyper-parameters (section 4)
+    image_size: int = arg(64, "28, or a power of two >= 16 (64: the paper)")
+    batch_size: int = arg(128, "minibatch size")
+    lr: float = arg(2e-4, "Adam learning rate (0.001 was too high, section 4)")
+    beta1: float = arg(0.5, "Adam beta1 (0.9 oscillated, section 4)")
+    beta2: float = arg(0.999, "Adam beta2 (PyTorch's default)")
+    nz: int = arg(100, "dimension of z ~ U[-1, 1]")
+    ngf: int = arg(64, "G's channels at its last hidden layer (doubled at each block towards z)")
+    ndf: int = arg(64, "D's channels at its first layer (doubled at each block)")
+    leak: float = arg(0.2, "LeakyReLU slope in D")
+    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation")
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+def ladder(image_size: int) -> tuple[int, int]:
+    """(first feature map size, number of stride-2 blocks) that reach image_size."""
+    base = 7 if image_size == 28 else 4
+    n = math.log2(image_size / base)
+    if n < 2 or n != int(n):
+        raise common.UserError(f"--image-size {image_size} is not supported: use 28 or a power of two >= 16")
+    return base, int(n)
+
+
+class Generator(nn.Module):
+    """z -> image through fractional-strided convolutions. At 64 x 64 (pytorch/examples dcgan):
+
+        z 100 x 1 x 1 -> 512 x 4 x 4 -> 256 x 8 x 8 -> 128 x 16 x 16 -> 64 x 32 x 32 -> 3 x 64 x 64
+    """
+
+    def __init__(self, nz: int, ngf: int, channels: int, image_size: int):
+        super().__init__()
+        base, n = ladder(image_size)
+        ch = ngf * 2 ** (n - 1)
+        layers = [nn.ConvTranspose2d(nz, ch, base, 1, 0, bias=False),           # ch x base x base
+                  nn.BatchNorm2d(ch), nn.ReLU(True)]
+        for _ in range(n - 1):
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),     # ch/2 x 2H x 2W
+                       nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1, bias=False),        # channels x size x size
+                   nn.Tanh()]                                                   # no BN on G's output
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z.view(*z.shape, 1, 1))
+
+
+class Discriminator(nn.Module):
+    """image -> logit through strided convolutions. At 64 x 64 (pytorch/examples dcgan):
+
+        3 x 64 x 64 -> 64 x 32 x 32 -> 128 x 16 x 16 -> 256 x 8 x 8 -> 512 x 4 x 4 -> 1 x 1 x 1
+    """
+
+    def __init__(self, ndf: int, channels: int, image_size: int, leak: float):
+        super().__init__()
+        base, n = ladder(image_size)
+        layers = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False),                 # ndf x size/2 x size/2
+                  nn.LeakyReLU(leak, True)]                                     # no BN on D's input
+        ch = ndf
+        for _ in range(n - 1):
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),               # 2ch x H/2 x W/2
+                       nn.BatchNorm2d(ch * 2), nn.LeakyReLU(leak, True)]
+            ch *= 2
+        layers += [nn.Conv2d(ch, 1, base, 1, 0, bias=False)]                    # 1 x 1 x 1 logit
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x).flatten()  # logit l; D(x) = sigmoid(l)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Section 4: weights from N(0, 0.02); BatchNorm scales N(1, 0.02) and shifts 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)
+
+
+def sample_z(n: int, nz: int, device, generator=None):
+    """z ~ U[-1, 1]^nz (section 3: "a uniform noise distribution Z")."""
+    return torch.rand(n, nz, device=device, generator=generator) * 2 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def train_step(G, D, opt_G, opt_D, x, cfg: Config) -> dict[str, torch.Tensor]:
+    z = sample_z(len(x), cfg.nz, x.device)
+    fake = G(z)
+
+    # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
+    logit_real, logit_fake = D(x), D(fake.detach())
+    loss_D = (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
+              + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
+    opt_D.zero_grad(set_to_none=True)
+    loss_D.backward()
+    opt_D.step()
+
+    # (2) Update G: maximize log D(G(z)) (non-saturating: fake labels are real for the G cost)
+    logit_fake_G = D(fake)
+    loss_G = F.binary_cross_entropy_with_logits(logit_fake_G, torch.ones_like(logit_fake_G))
+    opt_G.zero_grad(set_to_none=True)
+    loss_G.backward()
+    opt_G.step()
+
+    return {"loss_D": loss_D.detach(), "loss_G": loss_G.detach(),
+            "D_x": torch.sigmoid(logit_real).mean().detach(),
+            "D_G_z": torch.sigmoid(logit_fake).mean().detach()}
+
+
+def build(cfg: Config, device):
+    channels = common.dataset_channels(cfg.dataset)
+    G = Generator(cfg.nz, cfg.ngf, channels, cfg.image_size).to(device)
+    D = Discriminator(cfg.ndf, channels, cfg.image_size, cfg.leak).to(device)
+    init_weights(G, cfg.init_std)
+    init_weights(D, cfg.init_std)
+    print(f"G: {common.count_parameters(G):,} parameters, D: {common.count_parameters(D):,} parameters")
+    return G, D
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(G, n: int, cfg: Config, device, batch: int = 500):
+    """n images from a seeded noise stream (the same n images for the same checkpoint and --seed)."""
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    G.eval()
+    for i in range(0, n, batch):
+        yield G(sample_z(min(batch, n - i), cfg.nz, device, g))
+
+
+@torch.no_grad()
+def interpolation_grid(G, rows: int, cfg: Config, device, steps: int = 10):
+    """Section 6.1, "walking in the latent space": each row decodes z_a + t (z_b - z_a), t in [0, 1]."""
+    g = torch.Generator(device).manual_seed(cfg.seed + 1)
+    z_a, z_b = sample_z(rows, cfg.nz, device, g), sample_z(rows, cfg.nz, device, g)
+    t = torch.linspace(0, 1, steps, device=device).view(1, steps, 1)
+    z = (z_a[:, None] + t * (z_b - z_a)[:, None]).reshape(rows * steps, cfg.nz)
+    G.eval()
+    return G(z)
+
+
+def main():
+    cfg = common.parse_config(Config)
+    run = common.Run(cfg, "dcgan")
+    device = run.device
+    G, D = build(cfg, device)
+
+    if run.sampling:
+        run.track(models={"G": G}, optimizers={})
+        run.restore()
+        out = cfg.sample_out or f"{cfg.out}/generated"
+        n = common.save_images(generate(G, cfg.sample, cfg, device), out)
+        print(f"wrote {n} images to {out}")
+        if cfg.interpolate:
+            path = f"{cfg.out}/interpolation.png"
+            common.save_grid(interpolation_grid(G, cfg.interpolate, cfg, device), path, nrow=10)
+            print(f"wrote {path}")
+        return
+
+    images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    fixed_noise = sample_z(64, cfg.nz, device)
+
+    @torch.no_grad()
+    def sample():
+        G.eval()
+        x = G(fixed_noise)
+        G.train()
+        return x
+
+    run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, batches=batches,
+              extra={"fixed_noise": fixed_noise}, sample=sample)
+    step = run.restore()
+    while step < cfg.steps and not run.stop_requested:
+        losses = train_step(G, D, opt_G, opt_D, batches.next(), cfg)
+        step += 1
+        run.end_step(step, losses)
+    run.finish(step)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
