@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# submit.sh - run any model script of this repo as a SLURM job that survives
+# time limits and preemption: it checkpoints, requeues and resumes by itself.
+#
+#   sbatch submit.sh <script> [script args...]   runs   python <script>.py --resume [script args...]
+#
+# Examples (from the repo root; logs go to logs/<job name>-<job id>.out):
+#   mkdir -p logs                                         # Slurm cannot create the log folder itself
+#   sbatch submit.sh wgan_gp --steps 100000
+#   sbatch -J ddpm submit.sh ddpm                          # -J names the job, see "Job name" below
+#   sbatch --time=4:00:00 --gres=gpu:a100:1 submit.sh ddpm # options given to sbatch override the
+#   sbatch -p long --mem=64G -c 16 submit.sh cyclegan      #   #SBATCH lines below, one by one
+#   GPUS=4 sbatch --gres=gpu:4 -c 32 --mem=128G submit.sh ddpm   # DDP: torchrun --standalone --nproc_per_node=4
+#   VENV=~/venvs/gen sbatch submit.sh dcgan                # activate this venv in the job first
+#   MODULES="cuda/12.4 python/3.11" sbatch submit.sh vae   # `module load` these first
+#   DRY_RUN=1 bash submit.sh ddpm --steps 10               # check the name, print the command, run nothing
+#   bash submit.sh gan --steps 500                         # without SLURM: same run, no requeue
+#
+# Variables, read from the environment that sbatch passes on (sbatch exports your
+# whole environment unless the site sets --export=NONE; then use
+# `sbatch --export=ALL,GPUS=4 ...`):
+#   GPUS=N      launch with torchrun on N GPUs of one node (only scripts whose
+#               docstring shows a torchrun command support DDP); also ask Slurm for
+#               them with --gres=gpu:N. Default 1: plain python.
+#   VENV=DIR    `source DIR/bin/activate` before running. Not needed when the venv or
+#               conda env is already active in the shell you run sbatch from: the job
+#               inherits its PATH.
+#   MODULES=".." `module load ..` before running (environment modules / Lmod).
+#   REPO_DIR    where the model scripts are (default: $SLURM_SUBMIT_DIR, the folder
+#               sbatch was run from; Slurm runs a copy of this file, so its own
+#               path says nothing).
+#   DRY_RUN=1   stop after printing the command.
+# Relative paths (--out runs/..., logs/) are relative to the job's working
+# directory: the folder sbatch was run from, or --chdir.
+#
+# How a run ends:
+#   - all steps done: the script writes its checkpoint and exits 0; the job is
+#     COMPLETED and never requeued. A requeued run of a finished job prints
+#     "already done" and exits 0 at once.
+#   - time limit: Slurm never requeues a job that reaches its limit (it ends in
+#     TIMEOUT), so --signal=B:USR1@300 asks Slurm to send USR1 to this shell about
+#     5 minutes earlier (Slurm may send it up to 60 s earlier still; raise the
+#     lead if a step plus a checkpoint can take longer). Without "B:" Slurm would
+#     signal only job steps started with srun, and nothing here. This shell
+#     passes USR1 on to python, which finishes its step, saves ckpt.pt and exits 0;
+#     then this shell requeues the job (scontrol requeue). Slurm starts it again
+#     later, --resume continues from the checkpoint, SLURM_RESTART_COUNT counts up.
+#   - preemption, `scontrol requeue` from outside, `scancel`: Slurm sends SIGTERM
+#     to every process of the job. Python saves its checkpoint and exits; Slurm
+#     requeues the job by itself when it was preempted or requeued, so this shell
+#     must not requeue it again (that would be a second requeue). After
+#     KillWait seconds (often 30) Slurm sends SIGKILL.
+#   - the trainer fails (bad argument, NaN, run folder in use by another job):
+#     its exit status becomes the job's, FAILED, no requeue.
+#
+# Job name: #SBATCH lines are read by sbatch before anything runs, so they cannot
+# compute a name from the arguments. Pass -J <script> to name the job and its log.
+# Without -J, the job is called "submit.sh" at submission; this script then
+# renames it to the model (scontrol update) so that squeue shows which model
+# runs. Its log file keeps the name it was given at submission
+# (logs/submit.sh-<id>.out, also after requeues), although `scontrol show job`
+# displays StdOut with the new name; the first lines of the log print its real path.
+#
+# Defaults for one GPU job; each can be overridden on the sbatch command line.
+#SBATCH --nodes=1                 # torchrun --standalone: one node, GPUS processes
+#SBATCH --ntasks=1                # one batch shell; torchrun starts the workers
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=8         # data loading and the python process
+#SBATCH --mem=32G
+#SBATCH --time=24:00:00           # any length works: the job requeues itself before it
+#SBATCH --signal=B:USR1@300       # 5 min to finish a step and save; B: signal this batch shell
+#SBATCH --requeue                 # let the job be requeued: by this script and on preemption
+#SBATCH --open-mode=append        # a requeued run appends to the log instead of truncating it
+#SBATCH --output=logs/%x-%j.out   # %x job name, %j job id; logs/ must exist
+
+# ---- 1. signal traps, before anything else ----------------------------------
+# USR1's default action is to terminate the process: a USR1 that arrived before
+# this trap would kill the job with no checkpoint. Bash runs a trap only between
+# commands, which is why python runs in the background and this shell `wait`s.
+child=""            # pid of python (or torchrun)
+got_usr1=0          # the time limit is near: requeue once python has checkpointed
+got_stop=0          # preempted, requeued from outside or cancelled: Slurm decides
+early_usr1=0        # USR1 before python started: --time is shorter than the lead
+
+say() { echo "[submit.sh] $(date '+%F %T') $*"; }
+
+# shellcheck disable=SC2317  # trap handlers are called indirectly
+on_usr1() {
+    say "got USR1 (time limit near): asking the trainer to save a checkpoint"
+    [ -n "$child" ] || { early_usr1=1; return 0; }
+    if [ "${GPUS:-1}" -gt 1 ]; then
+        # torchrun does not handle USR1, whose default action would kill torchrun
+        # and orphan the workers, so signal the workers: torchrun's children.
+        if pkill -USR1 -P "$child"; then got_usr1=1; else say "no torchrun worker to signal"; fi
+    else
+        # got_usr1 only if python was still there to get it: a run that just
+        # finished by itself must not be requeued
+        if kill -USR1 "$child" 2>/dev/null; then got_usr1=1; fi
+    fi
+}
+# shellcheck disable=SC2317
+on_stop() {
+    got_stop=1
+    say "got SIG$1 (preemption, requeue from outside, scancel, time limit or Ctrl-C): the trainer checkpoints, Slurm does the rest"
+    # Not passed on: Slurm sends SIGTERM to every process of the job (a terminal
+    # sends Ctrl-C's SIGINT to all of them too), python and torchrun included, and a
+    # second SIGTERM makes torchrun abandon the graceful shutdown of its workers
+    # (it stops waiting for their checkpoint).
+}
+trap on_usr1 USR1
+trap 'on_stop TERM' TERM
+trap 'on_stop INT' INT
+
+set -euo pipefail
+
+# ---- 2. which script --------------------------------------------------------
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")" && pwd)}}
+MODELS="gan dcgan wgan wgan_gp cyclegan pix2pix vae realnvp ddpm"
+available=""
+for m in $MODELS; do [ -f "$REPO_DIR/$m.py" ] && available="$available $m"; done
+name=${1:-}
+name=${name%.py}
+if [ -z "$name" ] || [[ " $available " != *" $name "* ]]; then
+    echo "submit.sh: unknown script '${1:-}'; the scripts in $REPO_DIR are:${available:- none}" >&2
+    echo "usage: sbatch submit.sh <script> [script args...]   (run sbatch from the repo, or set REPO_DIR)" >&2
+    exit 2
+fi
+shift
+script=$REPO_DIR/$name.py
+
+GPUS=${GPUS:-1}
+[[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { echo "submit.sh: GPUS must be a positive integer, not '$GPUS'" >&2; exit 2; }
+if [ "$GPUS" -gt 1 ]; then
+    grep -q torchrun "$script" || {
+        echo "submit.sh: $name.py does not support DDP (its docstring shows no torchrun command); run it with GPUS=1" >&2
+        exit 2; }
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+        visible=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
+        [ "$visible" -ge "$GPUS" ] || {
+            echo "submit.sh: GPUS=$GPUS but this job sees $visible GPU(s) (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES); submit with --gres=gpu:$GPUS" >&2
+            exit 2; }
+    fi
+    cmd=(torchrun --standalone --nproc_per_node="$GPUS" "$script" --resume "$@")
+else
+    cmd=(python -u "$script" --resume "$@")
+fi
+export PYTHONUNBUFFERED=1               # log lines appear live, torchrun's workers' too
+# Without CPU binding, torch would start one thread per core of the whole node in
+# every process; give each process its share of the job's CPUs instead.
+if [ -z "${OMP_NUM_THREADS:-}" ] && [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+    export OMP_NUM_THREADS=$(( SLURM_CPUS_PER_TASK / GPUS > 0 ? SLURM_CPUS_PER_TASK / GPUS : 1 ))
+fi
+
+# Without -J the job is named after this file; name it after the model (see top).
+if [ -n "${SLURM_JOB_ID:-}" ] && [[ "${SLURM_JOB_NAME:-}" == *.sh ]]; then
+    scontrol update JobId="$SLURM_JOB_ID" JobName="$name" 2>/dev/null || true
+fi
+
+# ---- 3. environment ---------------------------------------------------------
+if [ -n "${MODULES:-}" ]; then
+    set +u                              # init and activate scripts may read unset variables
+    for init in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh; do   # a batch shell is no login shell
+        if ! type module >/dev/null 2>&1 && [ -f "$init" ]; then
+            # shellcheck source=/dev/null
+            source "$init"
+        fi
+    done
+    set -u
+    type module >/dev/null 2>&1 || { echo "submit.sh: MODULES is set but there is no 'module' command" >&2; exit 2; }
+    # shellcheck disable=SC2086  # word splitting intended: a list of modules
+    module load $MODULES
+fi
+if [ -n "${VENV:-}" ]; then
+    [ -f "$VENV/bin/activate" ] || { echo "submit.sh: VENV=$VENV has no bin/activate" >&2; exit 2; }
+    set +u
+    # shellcheck source=/dev/null
+    source "$VENV/bin/activate"
+    set -u
+fi
+
+# What a later reader of the log needs to reproduce or debug this run.
+say "job ${SLURM_JOB_ID:-none (not under SLURM)} ($name) on $(hostname), SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}"
+if command -v nvidia-smi >/dev/null; then
+    gpus=$(timeout 20 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader 2>&1 | paste -sd ';' -) || true
+else
+    gpus="no nvidia-smi"
+fi
+say "gpu: ${gpus:-none}; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+if commit=$(git -C "$REPO_DIR" rev-parse --short=12 HEAD 2>/dev/null); then
+    git -C "$REPO_DIR" diff --quiet HEAD -- 2>/dev/null || commit="$commit + uncommitted changes"
+else
+    commit="unknown (not a git checkout, or git refuses it)"
+fi
+say "repo: $REPO_DIR at commit $commit"
+say "python: $(command -v python) ($(python -V 2>&1)), OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}; cwd: $(pwd)"
+say "log: $(readlink /proc/$$/fd/1 2>/dev/null || echo '?')"
+printf -v line '%q ' "${cmd[@]}"
+say "run: ${line% }"
+
+if [ "${DRY_RUN:-0}" = 1 ]; then exit 0; fi
+if [ "$got_stop" = 1 ]; then say "stop signal before the start: not starting"; exit 143; fi
+if [ "$early_usr1" = 1 ]; then
+    say "ERROR: USR1 came before the trainer started: the time limit is nearer than the --signal lead; give the job more --time" >&2
+    exit 1
+fi
+
+# ---- 4. run and wait ----------------------------------------------------------
+"${cmd[@]}" &
+child=$!
+# `wait` returns (status > 128) as soon as a trapped signal arrives, while the
+# child goes on writing its checkpoint: wait again until it is really gone. Bash
+# keeps the status of an exited child, so the last `wait` returns it.
+while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
+rc=0; wait "$child" || rc=$?
+
+# ---- 5. requeue or not ------------------------------------------------------
+if [ "$got_stop" = 1 ]; then
+    say "trainer exited with status $rc after a stop signal; Slurm requeues the job if it was preempted or requeued"
+    exit "$rc"
+fi
+if [ "$got_usr1" = 1 ]; then
+    if [ "$rc" != 0 ]; then
+        say "trainer exited with status $rc after USR1, without a checkpoint: not requeueing"
+        exit "$rc"
+    fi
+    if [ -z "${SLURM_JOB_ID:-}" ]; then say "checkpoint saved; not under SLURM, nothing to requeue"; exit 0; fi
+    say "checkpoint saved; requeueing job $SLURM_JOB_ID to continue after the time limit"
+    # Slurm now ends this run with SIGTERM, which needs no handling any more.
+    trap '' TERM
+    if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
+    say "ERROR: scontrol requeue failed (submitted with --no-requeue?); the checkpoint is saved: submit the same command again to continue" >&2
+    exit 1
+fi
+say "trainer exited with status $rc"
+exit "$rc"
