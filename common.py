@@ -591,7 +591,23 @@ class Run:
                             f"lower --lr or change --seed and --resume")
 
     def save_samples(self, step: int) -> None:
-        save_grid(self.sample_fn(), self.out / "samples" / f"{step:06d}.png", value_range=self.sample_range)
+        """The fixed-noise grid, drawn with every model in eval mode and no gradient, so that drawing it
+        changes nothing (no BatchNorm statistics, no RNG draw)."""
+        modes = {name: m.training for name, m in self.models.items()}
+        for m in self.models.values():
+            m.eval()
+        with torch.no_grad():
+            images = self.sample_fn()
+        for name, m in self.models.items():
+            m.train(modes[name])
+        save_grid(images, self.out / "samples" / f"{step:06d}.png", value_range=self.sample_range)
+
+    def write_generated(self, batches, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
+        """--sample: write the generated batches to --sample-out (default <out>/generated)."""
+        out = Path(self.cfg.sample_out or self.out / "generated")
+        n = save_images(batches, out, value_range)
+        print(f"wrote {n} images to {out}", flush=True)
+        return out
 
     def checkpoint(self, step: int) -> None:
         """Write ckpt.pt atomically, after checking that no loss or weight went NaN/inf since the last

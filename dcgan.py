@@ -216,9 +216,7 @@ def main():
     if run.sampling:
         run.track(models={"G": G}, optimizers={})
         run.restore()
-        out = cfg.sample_out or f"{cfg.out}/generated"
-        n = common.save_images(generate(G, cfg.sample, cfg, device), out)
-        print(f"wrote {n} images to {out}")
+        run.write_generated(generate(G, cfg.sample, cfg, device))
         if cfg.interpolate:
             path = f"{cfg.out}/interpolation.png"
             common.save_grid(interpolation_grid(G, cfg.interpolate, cfg, device), path, nrow=10)
@@ -231,15 +229,8 @@ def main():
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     fixed_noise = sample_z(64, cfg.nz, device)
 
-    @torch.no_grad()
-    def sample():
-        G.eval()
-        x = G(fixed_noise)
-        G.train()
-        return x
-
     run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, batches=batches,
-              extra={"fixed_noise": fixed_noise}, sample=sample)
+              extra={"fixed_noise": fixed_noise}, sample=lambda: G(fixed_noise))
     step = run.restore()
     while step < cfg.steps and not run.stop_requested:
         losses = train_step(G, D, opt_G, opt_D, batches.next(), cfg)

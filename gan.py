@@ -218,9 +218,7 @@ def main():
     if run.sampling:
         run.track(models={"G": G}, optimizers={})
         run.restore()
-        out = cfg.sample_out or f"{cfg.out}/generated"
-        n = common.save_images(generate(G, cfg.sample, cfg, device), out, value_range=(0, 1))
-        print(f"wrote {n} images to {out}")
+        run.write_generated(generate(G, cfg.sample, cfg, device), value_range=(0, 1))
         return
 
     images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
@@ -230,15 +228,8 @@ def main():
     opt_D = torch.optim.SGD(D.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     fixed_noise = torch.randn(64, cfg.nz, device=device)
 
-    @torch.no_grad()
-    def sample():
-        G.eval()
-        x = G(fixed_noise)
-        G.train()
-        return x
-
     run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, batches=batches,
-              extra={"fixed_noise": fixed_noise}, sample=sample, sample_range=(0.0, 1.0))
+              extra={"fixed_noise": fixed_noise}, sample=lambda: G(fixed_noise), sample_range=(0.0, 1.0))
     step = run.restore()
     while step < cfg.steps and not run.stop_requested:
         lr, momentum = schedules(cfg, step, batches.epoch)
