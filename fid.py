@@ -1,0 +1,690 @@
+"""Sample-quality metrics from one pass of Inception-v3: FID, KID, Inception Score, precision/recall.
+
+Papers
+    FID  Heusel, Ramsauer, Unterthiner, Nessler, Hochreiter. "GANs Trained by a Two Time-Scale Update Rule
+         Converge to a Local Nash Equilibrium". NeurIPS 2017, arXiv:1706.08500.
+    KID  Binkowski, Sutherland, Arbel, Gretton. "Demystifying MMD GANs". ICLR 2018, arXiv:1801.01401.
+    IS   Salimans, Goodfellow, Zaremba, Cheung, Radford, Chen. "Improved Techniques for Training GANs".
+         NeurIPS 2016, arXiv:1606.03498.
+    P/R  Kynkaanniemi, Karras, Laine, Lehtinen, Aila. "Improved Precision and Recall Metric for Assessing
+         Generative Models". NeurIPS 2019, arXiv:1904.06991.
+    Net  Szegedy, Vanhoucke, Ioffe, Shlens, Wojna. "Rethinking the Inception Architecture for Computer
+         Vision". CVPR 2016, arXiv:1512.00567 (Inception-v3).
+
+What is computed. Each image goes once through the FID Inception-v3: x = its 2048-d pool features,
+z = its 1008-way logits. With (mu, Sigma) the mean and covariance of x over a set of images:
+    FID = ||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2))
+    KID = unbiased MMD^2 between the feature sets, kernel k(x, y) = (x.y / d + 1)^3, d = 2048,
+          mean and std over 100 random subsets of 1000 (fewer if there are fewer images)
+    IS  = exp(E_x KL(p(y|x) || p(y))),  p(y|x) = softmax(z),  mean and std over 10 splits
+    precision = share of generated images inside the k-NN manifold of the real ones (k = 3),
+    recall    = share of real images inside the k-NN manifold of the generated ones.
+
+Same numbers as pytorch-fid (v0.3.0): the network is its FID Inception (the TensorFlow graph of
+2015-12-05 ported to PyTorch, with TF's average pooling that ignores padding and a max pool in the last
+block) and loads its weights file; the pre-processing is its own: RGB uint8 -> /255 -> bilinear resize
+to 299x299 (align_corners=False) -> 2x - 1; statistics are float64 (np.cov). Deviations, all deliberate:
+    - The Frechet distance uses symmetric eigendecompositions instead of scipy's sqrtm of the
+      non-symmetric product: same value (< 1e-6 relative), several times faster, see frechet_distance.
+    - IS takes the logits as the original code does (pool features times the softmax weights, no bias),
+      but from pytorch-fid's network and resize, so it is close to, not equal to, TensorFlow's number.
+    - Precision/recall use these Inception features instead of the paper's VGG-16 (as torch-fidelity).
+    - Folders are read recursively (pytorch-fid reads the top level only); float images given to
+      evaluate() are rounded to uint8 first, as when they are written to PNG, so both ways agree.
+
+Usage
+    python fid.py generated/ real/                        # FID of two folders of images
+    python fid.py generated.npz real_stats.npz --kid --isc --prc --device cuda --batch-size 200
+    python fid.py --save-stats real/ real_stats.npz       # cache mu, sigma (and features) of real images
+    python fid.py A B --weights pt_inception-2015-12-05-6726825d.pth     # offline: the weights file
+Each of A (generated) and B (reference) is a folder of images (png/jpg/..., searched recursively, all
+the same size), an .npz of uint8 images (key `images` or its only array; N x H x W x C or N x C x H x W;
+grayscale is repeated to 3 channels), or a statistics .npz (`mu`, `sigma`: pytorch-fid's format; KID and
+precision/recall also need the `features` that --save-stats stores). Without --weights the weights are
+read from, or downloaded into, the torch hub cache (pytorch-fid's file and place).
+
+Library
+    ref = fid.reference_stats("data/fid_cifar10.npz", real_images)   # computed once, then read back
+    scores = fid.evaluate(lambda b: G(torch.randn(b, 100, device=dev)), ref, n=10_000,
+                          metrics=("fid", "kid"), device=dev)          # {"fid": ..., "kid_mean": ..., ...}
+Images are N x C x H x W tensors/arrays, uint8 or float in [-1, 1]; `samples` may also be an iterable of
+such batches, a function batch_size -> batch (put the generator in eval mode), or a path as on the
+command line. Lower level: load_inception, extract, statistics, frechet_distance,
+kernel_inception_distance, inception_score, precision_recall, save_stats, load_stats.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import itertools
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's port of TF's graph
+IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's
+METRICS = ("fid", "kid", "isc", "prc")
+
+
+class FIDError(Exception):
+    """A problem the user can fix (missing weights, bad input): printed as one line by the CLI."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The FID Inception-v3, bottom-up. Module names are torchvision's, so pytorch-fid's state dict loads.
+# ----------------------------------------------------------------------------------------------
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> batch norm (TF's eps 1e-3) -> ReLU"""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def tf_avg_pool(x):
+    """3x3 average pool, stride 1, whose border windows average only the pixels inside (TF's padding)."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """35x35 grid: c_in -> 64 + 64 + 96 + pool_features channels."""
+
+    def __init__(self, c_in: int, pool_features: int):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, 1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, 1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(tf_avg_pool(x))
+        return torch.cat([b1, b5, b3, bp], 1)
+
+
+class InceptionB(nn.Module):
+    """Grid reduction 35x35 -> 17x17: c_in -> 384 + 96 + c_in channels."""
+
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3(x)
+        b3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([b3, b3dbl, bp], 1)
+
+
+class InceptionC(nn.Module):
+    """17x17 grid with factorized 7x7 convolutions (1x7 then 7x1): 768 -> 4 x 192 channels."""
+
+    def __init__(self, c_in: int, c7: int):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            b7dbl = conv(b7dbl)
+        bp = self.branch_pool(tf_avg_pool(x))
+        return torch.cat([b1, b7, b7dbl, bp], 1)
+
+
+class InceptionD(nn.Module):
+    """Grid reduction 17x17 -> 8x8: 768 -> 320 + 192 + 768 channels."""
+
+    def __init__(self, c_in: int):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        bp = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([b3, b7, bp], 1)
+
+
+class InceptionE(nn.Module):
+    """8x8 grid with expanded 1x3 / 3x1 outputs: c_in -> 320 + 768 + 768 + 192 = 2048 channels.
+    `pool`: the FID graph max-pools in its last block (Mixed_7c), where the paper average-pools."""
+
+    def __init__(self, c_in: int, pool: str):
+        super().__init__()
+        self.pool = tf_avg_pool if pool == "avg" else functools.partial(F.max_pool2d, kernel_size=3, stride=1,
+                                                                         padding=1)
+        self.branch1x1 = BasicConv2d(c_in, 320, 1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3dbl = torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], 1)
+        bp = self.branch_pool(self.pool(x))
+        return torch.cat([b1, b3, b3dbl, bp], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """Inception-v3 of TF's 2015-12-05 graph as ported by pytorch-fid: 23,850,960 parameters
+    (torchvision's 27.2M less the auxiliary classifier, 1008 classes instead of 1000).
+    forward: images in [0, 1], N x 3 x H x W -> (pool features N x 2048, logits N x 1008)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)  # 1001 ImageNet classes + 7 unused, as in TF's graph
+
+    def forward(self, x):
+        # pytorch-fid's order: resize the [0, 1] image, then scale to the [-1, 1] that TF's graph expects
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1                                                       # N x 3 x 299 x 299
+        x = self.Conv2d_1a_3x3(x)                                           # N x 32 x 149 x 149
+        x = self.Conv2d_2a_3x3(x)                                           # N x 32 x 147 x 147
+        x = self.Conv2d_2b_3x3(x)                                           # N x 64 x 147 x 147
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                        # N x 64 x 73 x 73
+        x = self.Conv2d_3b_1x1(x)                                           # N x 80 x 73 x 73
+        x = self.Conv2d_4a_3x3(x)                                           # N x 192 x 71 x 71
+        x = F.max_pool2d(x, kernel_size=3, stride=2)                        # N x 192 x 35 x 35
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                  # N x 288 x 35 x 35
+        x = self.Mixed_6a(x)                                                # N x 768 x 17 x 17
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))   # N x 768 x 17 x 17
+        x = self.Mixed_7a(x)                                                # N x 1280 x 8 x 8
+        x = self.Mixed_7c(self.Mixed_7b(x))                                 # N x 2048 x 8 x 8
+        pool = F.adaptive_avg_pool2d(x, 1).flatten(1)                       # N x 2048
+        # IS as in Salimans et al.'s code: pool_3 times the softmax weights, without the bias
+        logits = pool @ self.fc.weight.T                                    # N x 1008
+        return pool, logits
+
+
+@functools.lru_cache(maxsize=1)  # evaluate() runs every few thousand steps: read the 91 MB file once
+def load_inception(weights: str | None = None, device: str = "cpu") -> FIDInceptionV3:
+    """The FID Inception in eval mode on `device`, from the file `weights`, or else from the torch hub
+    cache, downloading pytorch-fid's file there when it is missing and the network allows."""
+    if weights is None:
+        weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
+        if not os.path.exists(weights):
+            os.makedirs(os.path.dirname(weights), exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(FID_WEIGHTS_URL, weights)
+            except OSError as e:
+                raise FIDError(f"cannot download the Inception weights ({e}): fetch {FID_WEIGHTS_URL} "
+                               f"and pass --weights PATH, or put the file at {weights}") from None
+    if not os.path.isfile(weights):
+        raise FIDError(f"--weights {weights}: no such file; get it from {FID_WEIGHTS_URL}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FIDError(f"--weights {weights}: not a readable PyTorch state dict ({type(e).__name__})") from None
+    model = FIDInceptionV3()
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):
+        raise FIDError(f"--weights {weights}: not pytorch-fid's Inception state dict "
+                       f"({os.path.basename(FID_WEIGHTS_URL)})") from None
+    return model.eval().requires_grad_(False).to(device)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto: cuda, else mps, else cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FIDError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FIDError(f"--device {name} asked for, but this machine has no CUDA device; use --device cpu")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: folders, image .npz, statistics .npz, tensors, iterables and functions -> uint8 batches
+# ----------------------------------------------------------------------------------------------
+def to_uint8(images) -> torch.Tensor:
+    """N x C x H x W images, uint8 or float in [-1, 1], C = 1 or 3 -> uint8 N x 3 x H x W tensor.
+    Floats are rounded as the model scripts write their PNGs, so evaluate() on a generator and
+    fid.py on its written samples give the same numbers."""
+    x = torch.as_tensor(images)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise FIDError(f"expected images N x C x H x W with C = 1 or 3, got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        x = ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    # grayscale -> RGB as PIL's convert("RGB"); contiguous N x C x H x W as in pytorch-fid, since the
+    # strides of an N x H x W x C source would select other convolution kernels (differences of 1e-6)
+    return x.expand(-1, 3, -1, -1).contiguous()
+
+
+def _read_image(path) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))  # H x W x 3 uint8, as pytorch-fid reads it
+
+
+def _folder_batches(files: list, batch_size: int, num_workers: int):
+    """Decode batches of images in `num_workers` threads, a few batches ahead of the network, in order."""
+    def read(chunk):
+        return torch.from_numpy(np.stack([_read_image(f) for f in chunk])).permute(0, 3, 1, 2)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        ahead = collections.deque()
+        for i in range(0, len(files), batch_size):
+            ahead.append(pool.submit(read, files[i:i + batch_size]))
+            if len(ahead) > num_workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+def _list_folder(path: Path) -> list:
+    """All images under `path`, sorted; checks from the headers alone that they can be batched."""
+    from PIL import Image
+    files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+    if not files:
+        raise FIDError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder")
+    size = None
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                if size is None:
+                    size, first = image.size, f
+                elif image.size != size:
+                    raise FIDError(f"{path}: images of different sizes ({first.name} is {size[0]}x{size[1]}, "
+                                   f"{f.name} is {image.size[0]}x{image.size[1]}); resize them to one size")
+        except OSError:
+            raise FIDError(f"{f}: not a readable image; remove it or fix it") from None
+    return files
+
+
+def read_input(path) -> dict:
+    """A path on the command line -> {"stats": {mu, sigma[, features]}} or {"images": files | array}."""
+    path = Path(path)
+    if path.is_dir():
+        return {"images": _list_folder(path)}
+    if not path.is_file():
+        raise FIDError(f"{path}: no such file or folder")
+    if path.suffix != ".npz":
+        raise FIDError(f"{path}: expected a folder of images, an .npz of images or a statistics .npz")
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception:
+        raise FIDError(f"{path}: not a readable .npz file") from None
+    if "mu" in arrays and "sigma" in arrays:
+        return {"stats": arrays}
+    images = arrays.get("images", next(iter(arrays.values())) if len(arrays) == 1 else None)
+    if images is None:
+        raise FIDError(f"{path}: has keys {sorted(arrays)}; expected 'mu' and 'sigma' (statistics) or one "
+                       f"uint8 image array (key 'images')")
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0:
+        raise FIDError(f"{path}: images must be uint8 N x H x W x C, N x C x H x W or N x H x W, "
+                       f"got {images.dtype} {images.shape}")
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.shape[-1] in (1, 3):  # channels last, as written by the model scripts and numpy users
+        images = images.transpose(0, 3, 1, 2)
+    if images.shape[1] not in (1, 3):
+        raise FIDError(f"{path}: images must have 1 or 3 channels, got shape {images.shape}")
+    return {"images": images}
+
+
+def _batches(samples, batch_size: int, num_workers: int):
+    """Images in any form evaluate() takes -> an iterable of batches."""
+    if callable(samples):
+        return (samples(batch_size) for _ in itertools.count())  # endless: extract() stops at n
+    if isinstance(samples, list) and samples and isinstance(samples[0], Path):
+        return _folder_batches(samples, batch_size, num_workers)
+    if isinstance(samples, (np.ndarray, torch.Tensor)):
+        return (samples[i:i + batch_size] for i in range(0, len(samples), batch_size))
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------
+# One pass of the network
+# ----------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def extract(model: FIDInceptionV3, batches, n: int | None = None, label: str = "images",
+            total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pool features (N x 2048) and logits (N x 1008), float32, of the first `n` images of `batches`
+    (all if n is None), with a progress line on stderr."""
+    device = next(model.parameters()).device
+    total = n or total
+    features, logits, done, t0 = [], [], 0, time.time()
+    for batch in batches:
+        x = to_uint8(batch)[:None if n is None else n - done]
+        # uint8 -> [0, 1] exactly as torchvision's ToTensor in pytorch-fid (a division, not a product)
+        f, z = model(x.to(device).float().div(255))
+        features.append(f.cpu().numpy())
+        logits.append(z.cpu().numpy())
+        done += len(x)
+        _progress(label, done, total, t0)
+        if done == n:
+            break
+    _progress(label, done, total, t0, final=True)
+    if n is not None and done < n:
+        raise FIDError(f"{label}: {n} images asked for, only {done} given")
+    if done < 2:
+        raise FIDError(f"{label}: at least 2 images are needed for a covariance, got {done}")
+    return np.concatenate(features), np.concatenate(logits)
+
+
+def _progress(label: str, done: int, total: int | None, t0: float, final: bool = False) -> None:
+    """In place on a terminal; one line at the end in a log file."""
+    if not (final or sys.stderr.isatty()):
+        return
+    rate = done / max(time.time() - t0, 1e-9)
+    print(f"\r{label}: {done}/{total or '?'} images, {rate:.1f} images/s", end="\n" if final else "",
+          file=sys.stderr, flush=True)
+
+
+def statistics(features: np.ndarray) -> dict:
+    """mu and sigma in float64 as pytorch-fid computes them, with the features kept for KID and P/R."""
+    x = np.asarray(features, dtype=np.float64)
+    return {"mu": x.mean(0), "sigma": np.cov(x, rowvar=False), "features": np.asarray(features, np.float32)}
+
+
+def save_stats(path, stats: dict) -> None:
+    """pytorch-fid's .npz (mu, sigma) plus `features`, written atomically (temp file + rename)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise FIDError(f"{path}: statistics are saved as .npz; name the file *.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **stats)
+    os.replace(tmp, path)
+
+
+def load_stats(path) -> dict:
+    source = read_input(path)
+    if "stats" not in source:
+        raise FIDError(f"{path}: not a statistics .npz (no 'mu' and 'sigma')")
+    return source["stats"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics
+# ----------------------------------------------------------------------------------------------
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between N(mu1, Sigma1) and N(mu2, Sigma2) (Heusel et al. 2017, eq. 6):
+
+        d^2 = ||mu1 - mu2||^2 + Tr(Sigma1) + Tr(Sigma2) - 2 Tr((Sigma1 Sigma2)^(1/2))
+
+    Tr((Sigma1 Sigma2)^(1/2)) = sum_i sqrt(lambda_i), lambda_i the eigenvalues of Sigma1 Sigma2. With
+    Sigma1 = A A^T, A = V diag(sqrt(w)) from Sigma1's eigendecomposition, eig(A A^T Sigma2) = eig(A^T Sigma2 A)
+    and A^T Sigma2 A is symmetric positive semi-definite: two symmetric eigensolvers replace scipy's sqrtm
+    of the non-symmetric product (pytorch-fid). Rounding leaves tiny negative eigenvalues where a
+    covariance is singular (fewer images than dimensions); they are set to 0, which is what pytorch-fid's
+    eps*I offset and dropping of the imaginary part approximate.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise FIDError(f"statistics of different dimensions: {mu1.shape} and {mu2.shape}")
+    w, V = np.linalg.eigh(sigma1)
+    A = V * np.sqrt(np.clip(w, 0, None))
+    lam = np.linalg.eigvalsh(A.T @ sigma2 @ A)
+    tr_covmean = np.sqrt(np.clip(lam, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def kernel_inception_distance(f1, f2, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
+                              device="cpu") -> tuple[float, float]:
+    """KID (Binkowski et al. 2018, eq. 4 with the kernel of Sec. 4): mean and std over `subsets` draws of
+    m = min(subset_size, n1, n2) features from each set, of the unbiased estimator
+
+        MMD^2_u = sum_{i != j} k(x_i, x_j) / (m(m-1)) + sum_{i != j} k(y_i, y_j) / (m(m-1))
+                  - 2 sum_{i, j} k(x_i, y_j) / m^2,        k(x, y) = (x.y / d + 1)^3.
+
+    float64 (on `device`; CPU for MPS, which has none): the estimate is a small difference of large sums.
+    """
+    device = torch.device("cpu") if torch.device(device).type == "mps" else device
+    f1 = torch.as_tensor(f1).to(device, torch.float64)
+    f2 = torch.as_tensor(f2).to(device, torch.float64)
+    m, d = min(subset_size, len(f1), len(f2)), f1.shape[1]
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same subsets on every device
+
+    def k(a, b):
+        return (a @ b.T / d + 1) ** 3
+
+    mmd = []
+    for _ in range(subsets):
+        x = f1[torch.randperm(len(f1), generator=generator)[:m].to(device)]
+        y = f2[torch.randperm(len(f2), generator=generator)[:m].to(device)]
+        k_xx, k_yy = k(x, x), k(y, y)
+        mmd.append((k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+                   + (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+                   - 2 * k(x, y).sum() / m ** 2)
+    mmd = torch.stack(mmd).cpu().numpy()
+    return float(mmd.mean()), float(mmd.std())
+
+
+def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+    """IS (Salimans et al. 2016, Sec. 4) as their code computes it: for each of `splits` consecutive parts,
+    exp(mean_x KL(p(y|x) || p(y))) with p(y) the part's mean of p(y|x); mean and std over the parts."""
+    log_p_yx = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)
+    n = len(log_p_yx)
+    if n < splits:
+        raise FIDError(f"the Inception Score needs at least {splits} images (one per split), got {n}")
+    scores = []
+    for i in range(splits):
+        part = log_p_yx[i * n // splits:(i + 1) * n // splits]
+        log_p_y = torch.logsumexp(part, dim=0) - np.log(len(part))  # log of the mean of p(y|x)
+        kl = (part.exp() * (part - log_p_y)).sum(1)
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def precision_recall(real, fake, k: int = 3, device="cpu", block: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, eqs. 1-3). The manifold of a set Phi is
+    the union of the balls B(phi, ||phi - NN_k(phi)||), NN_k the k-th nearest other point of Phi;
+    f(phi, Phi) = 1 if phi lies in that union.
+
+        precision = mean over generated phi_g of f(phi_g, Phi_real)
+        recall    = mean over real phi_r of f(phi_r, Phi_gen)
+
+    Distances in float32 on `device`, `block` rows at a time (a full 50k x 50k matrix would be 10 GB).
+    """
+    real = torch.as_tensor(real).to(device, torch.float32)
+    fake = torch.as_tensor(fake).to(device, torch.float32)
+
+    def radii(x):  # k + 1: the nearest point of x to itself is itself
+        return torch.cat([torch.cdist(b, x).kthvalue(k + 1, dim=1).values for b in x.split(block)])
+
+    def inside(queries, x, r):
+        return torch.cat([(torch.cdist(b, x) <= r).any(1) for b in queries.split(block)])
+
+    if min(len(real), len(fake)) <= k:
+        raise FIDError(f"precision/recall with k = {k} need more than {k} images on each side")
+    precision = inside(fake, real, radii(real)).double().mean().item()
+    recall = inside(real, fake, radii(fake)).double().mean().item()
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------------------------
+# The API the model scripts call, and the command line
+# ----------------------------------------------------------------------------------------------
+def _open(x, metrics, label: str) -> dict:
+    """Anything evaluate() takes -> {"stats": ...} or {"images": ...}, checked before any network pass."""
+    if isinstance(x, dict):
+        source = {"stats": x}
+    else:
+        source = read_input(x) if isinstance(x, (str, Path)) else {"images": x}
+    if "stats" in source:
+        stats = source["stats"]
+        if "isc" in metrics and "logits" not in stats:
+            raise FIDError(f"{label}: the Inception Score needs the generated images, not statistics")
+        for metric in ("kid", "prc"):
+            if metric in metrics and "features" not in stats:
+                raise FIDError(f"{label}: statistics with only mu and sigma (pytorch-fid's format) give FID, "
+                               f"not {metric}; give the images, or statistics saved by fid.py --save-stats")
+    return source
+
+
+def _stats_of(source: dict, model_fn, n, batch_size: int, num_workers: int, label: str) -> dict:
+    """{mu, sigma, features[, logits]}: read from the cache, or from one pass of the network."""
+    if "stats" in source:
+        return source["stats"]
+    images = source["images"]
+    total = len(images) if hasattr(images, "__len__") else None
+    features, logits = extract(model_fn(), _batches(images, batch_size, num_workers), n, label, total)
+    return {**statistics(features), "logits": logits}
+
+
+def evaluate(samples, reference, n: int | None = None, metrics=("fid",), batch_size: int = 50,
+             device="auto", weights: str | None = None, num_workers: int = 4) -> dict:
+    """Compare generated `samples` with a `reference`, from one pass of the network over each.
+
+    samples:   images N x C x H x W (tensor/array, uint8 or float in [-1, 1]), an iterable of such batches,
+               a function batch_size -> batch, or a path (folder, image .npz, statistics .npz).
+    reference: a path or a dict from reference_stats()/load_stats() (real images: cache their statistics).
+    n:         how many samples (needed for a function; default all).
+    metrics:   any of "fid", "kid", "isc" (Inception Score of the samples), "prc" (precision/recall).
+    Returns the keys of the metrics asked for among fid, kid_mean, kid_std, is_mean, is_std,
+    precision, recall.
+    """
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise FIDError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
+    if callable(samples) and n is None:
+        raise FIDError("evaluate(sample_fn, ...) needs n, the number of images to generate")
+    device = pick_device(device) if isinstance(device, str) else device
+    gen_label, ref_label = _name(samples, "samples"), _name(reference, "reference")
+    gen = _open(samples, metrics, gen_label)
+    ref = _open(reference, set(metrics) - {"isc"}, ref_label)
+    model_fn = functools.partial(load_inception, weights, str(device))  # loaded only if images are given
+    gen = _stats_of(gen, model_fn, n, batch_size, num_workers, gen_label)
+    ref = _stats_of(ref, model_fn, None, batch_size, num_workers, ref_label)
+    out = {}
+    if "fid" in metrics:
+        out["fid"] = frechet_distance(gen["mu"], gen["sigma"], ref["mu"], ref["sigma"])
+    if "kid" in metrics:
+        out["kid_mean"], out["kid_std"] = kernel_inception_distance(gen["features"], ref["features"], device=device)
+    if "isc" in metrics:
+        out["is_mean"], out["is_std"] = inception_score(gen["logits"])
+    if "prc" in metrics:
+        out["precision"], out["recall"] = precision_recall(ref["features"], gen["features"], device=device)
+    return out
+
+
+def _name(x, default: str) -> str:
+    return str(x) if isinstance(x, (str, Path)) else default
+
+
+def reference_stats(path, images, batch_size: int = 50, device="auto", weights: str | None = None,
+                    num_workers: int = 4) -> dict:
+    """Statistics of real `images` (anything evaluate() takes as samples) cached at `path`: read back if
+    the file exists, else computed once and saved there (pytorch-fid's mu and sigma, plus the features
+    that KID and precision/recall need: 8 kB per image)."""
+    if Path(path).exists():
+        return load_stats(path)
+    label = _name(images, f"reference for {path}")
+    source = _open(images, (), label)
+    device = pick_device(device) if isinstance(device, str) else device
+    model_fn = functools.partial(load_inception, weights, str(device))
+    stats = _stats_of(source, model_fn, None, batch_size, num_workers, label)
+    stats.pop("logits", None)
+    save_stats(path, stats)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs=2, metavar=("A", "B"), help="generated and reference images or "
+                        "statistics (with --save-stats: the images, then the .npz to write)")
+    parser.add_argument("--kid", action="store_true", help="also the Kernel Inception Distance")
+    parser.add_argument("--isc", action="store_true", help="also the Inception Score of A")
+    parser.add_argument("--prc", action="store_true", help="also precision and recall of A against B (k = 3)")
+    parser.add_argument("--save-stats", action="store_true", help="write the statistics of A to the .npz B")
+    parser.add_argument("--weights", default=None, help="the Inception weights file (default: the torch hub "
+                        "cache, downloaded there where the network allows)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | cuda:1 | mps")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per network pass (default: 50)")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="threads decoding image files (default: min(8, CPUs))")
+    args = parser.parse_args(argv)
+    a, b = args.paths
+    try:
+        if args.save_stats:
+            if Path(b).exists():
+                raise FIDError(f"{b} exists; delete it first or choose another name")
+            reference_stats(b, a, args.batch_size, args.device, args.weights, args.num_workers)
+            print(f"saved the statistics of {a} to {b}")
+            return
+        metrics = ["fid"] + [m for m in METRICS[1:] if getattr(args, m)]
+        scores = evaluate(a, b, metrics=metrics, batch_size=args.batch_size, device=args.device,
+                          weights=args.weights, num_workers=args.num_workers)
+    except FIDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for name, value in scores.items():
+        print(f"{name}: {value:.6f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""fid.py against pytorch-fid (network, pre-processing, Frechet distance), closed forms and direct
+implementations of each metric, and the command line as a user runs it. Offline: random Inception weights.
+
+The 2048-d comparison and the speed measurements run only when asked for:
+    FID_BENCHMARK=1 python -m pytest -q -s tests/test_fid.py -k benchmark
+"""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import fid
+from conftest import OFFLINE_ENV, ROOT, assert_clean_error, run_script
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: random weights that keep activations O(1), small images, pytorch-fid's network offline
+# ----------------------------------------------------------------------------------------------
+def random_inception_state(seed: int = 0) -> dict:
+    """He-initialized convolutions and non-trivial batch-norm statistics: features of size ~1 that
+    differ from image to image, so that comparisons to 1e-5 mean something."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in fid.FIDInceptionV3().state_dict().items():
+        if k.endswith("conv.weight"):
+            state[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif k.endswith(("bn.weight", "running_var")):
+            state[k] = 0.5 + torch.rand(v.shape, generator=g)
+        elif k.endswith(("bn.bias", "running_mean")):
+            state[k] = 0.1 * torch.randn(v.shape, generator=g)
+        elif k.startswith("fc."):
+            state[k] = torch.randn(v.shape, generator=g) / 2048 ** 0.5
+        else:
+            state[k] = v
+    return state
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "random-inception.pth"
+    torch.save(random_inception_state(), path)
+    return str(path)
+
+
+def images(n: int, size=(16, 16), seed: int = 0) -> np.ndarray:
+    """uint8 N x H x W x 3: a random smooth colour field per image plus noise."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    base = rng.integers(0, 256, (n, 1, 1, 3))
+    ramp = np.linspace(0, 1, w)[None, None, :, None] * rng.integers(-100, 100, (n, 1, 1, 3))
+    return np.clip(base + ramp + rng.normal(0, 20, (n, h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def write_folder(path, array) -> str:
+    path.mkdir(parents=True)
+    for i, image in enumerate(array):
+        Image.fromarray(image).save(path / f"{i:03d}.png")
+    return str(path)
+
+
+def pytorch_fid_network(monkeypatch, state):
+    """pytorch-fid's InceptionV3 (FID blocks, resize, [-1, 1] scaling) with `state` instead of a download."""
+    import pytorch_fid.inception
+    monkeypatch.setattr(pytorch_fid.inception, "load_state_dict_from_url", lambda *a, **k: state)
+    return pytorch_fid.inception.InceptionV3([3], resize_input=True, normalize_input=True).eval()
+
+
+def gaussian_features(n, d, seed, shift=0.0):
+    """Low-rank plus noise, rectified: covariances shaped like Inception pool features."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((d // 4, d)) / np.sqrt(d // 4)
+    return np.maximum(rng.standard_normal((n, d // 4)) @ w + shift + 0.1 * rng.standard_normal((n, d)), 0)
+
+
+def stats_of(x):
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frechet distance
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n1,n2", [(2000, 1500), (100, 150)])  # full rank; singular (n < d)
+def test_frechet_equals_pytorch_fid(n1, n2):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    a, b = stats_of(gaussian_features(n1, 256, 0)), stats_of(gaussian_features(n2, 256, 1, shift=0.05))
+    ours, theirs = fid.frechet_distance(*a, *b), calculate_frechet_distance(*a, *b)
+    assert abs(ours - theirs) / theirs < 1e-6
+
+
+def test_frechet_closed_forms():
+    rng = np.random.default_rng(0)
+    d = 64
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = rng.uniform(0, 2, d), rng.uniform(0, 2, d)
+    s1[:5] = 0  # singular
+    exact = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(exact, rel=1e-10)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))  # commuting, not diagonal
+    assert fid.frechet_distance(mu1, q * s1 @ q.T, mu2, q * s2 @ q.T) == pytest.approx(exact, rel=1e-9)
+    # 2 x 2, not commuting: Tr sqrt(M) = sqrt(Tr M + 2 sqrt(det M)) for M with eigenvalues >= 0
+    a, b = np.array([[2.0, 0.7], [0.7, 1.0]]), np.array([[0.5, -0.2], [-0.2, 3.0]])
+    m = a @ b
+    exact = np.trace(a) + np.trace(b) - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+    assert fid.frechet_distance(np.zeros(2), a, np.zeros(2), b) == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [40, 1000])  # singular and full-rank covariances of 128-d features
+def test_frechet_self_is_zero_and_symmetric(n):
+    a, b = stats_of(gaussian_features(n, 128, 0)), stats_of(gaussian_features(n, 128, 1, shift=0.1))
+    assert abs(fid.frechet_distance(*a, *a)) < 1e-6 * np.trace(a[1])  # sqrt of rounding-size eigenvalues
+    assert fid.frechet_distance(*a, *b) == pytest.approx(fid.frechet_distance(*b, *a), rel=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network and the pre-processing against pytorch-fid
+# ----------------------------------------------------------------------------------------------
+def test_state_dict_is_pytorch_fids():
+    """Built as pytorch_fid.inception.fid_inception_v3 builds it, without its download."""
+    import torchvision
+    from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = FIDInceptionA(192, 32), FIDInceptionA(256, 64), FIDInceptionA(288, 64)
+    net.Mixed_6b, net.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
+    net.Mixed_6d, net.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
+    net.Mixed_7b, net.Mixed_7c = FIDInceptionE_1(1280), FIDInceptionE_2(2048)
+    theirs = {k: v.shape for k, v in net.state_dict().items()}
+    ours = {k: v.shape for k, v in fid.FIDInceptionV3().state_dict().items()}
+    assert ours == theirs
+    assert sum(p.numel() for p in fid.FIDInceptionV3().parameters()) == 23_850_960
+
+
+def test_features_equal_pytorch_fids(tmp_path, monkeypatch, weights):
+    """Same PNG files, same random weights: pytorch-fid's loader, resize, scaling and network vs ours."""
+    from pytorch_fid.fid_score import get_activations
+    folder = write_folder(tmp_path / "png", images(3, size=(30, 40), seed=3))  # not square, not 299
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    theirs = get_activations(files, pytorch_fid_network(monkeypatch, torch.load(weights)), batch_size=3,
+                             dims=2048, device="cpu", num_workers=0)
+    model = fid.load_inception(weights, "cpu")
+    ours, _ = fid.extract(model, fid._batches(fid.read_input(folder)["images"], batch_size=3, num_workers=1))
+    assert ours.std(0).mean() > 0.05  # the images do give different features
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_floats_are_rounded_like_the_written_samples():
+    x = torch.linspace(-1.2, 1.2, 3 * 8 * 8 * 2).reshape(2, 3, 8, 8)
+    assert torch.equal(fid.to_uint8(x), common.to_uint8(x))
+    gray = torch.randint(0, 256, (2, 1, 5, 5), dtype=torch.uint8)
+    assert torch.equal(fid.to_uint8(gray), gray.repeat(1, 3, 1, 1))
+
+
+def test_npz_layouts(tmp_path):
+    x = images(3, size=(6, 7))
+    nchw = x.transpose(0, 3, 1, 2)
+    for name, array in {"nhwc": x, "nchw": nchw}.items():
+        np.savez(tmp_path / f"{name}.npz", images=array)
+        np.testing.assert_array_equal(fid.read_input(tmp_path / f"{name}.npz")["images"], nchw)
+    np.savez(tmp_path / "gray.npz", x[..., 0])  # N x H x W under numpy's default key
+    gray = fid.read_input(tmp_path / "gray.npz")["images"]
+    np.testing.assert_array_equal(fid.to_uint8(gray).numpy(), np.repeat(nchw[:, :1], 3, axis=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# KID, IS, precision/recall against direct implementations and known values
+# ----------------------------------------------------------------------------------------------
+def test_kid_is_the_unbiased_mmd():
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 2, (12, 6)), rng.uniform(0.3, 2, (12, 6))
+    d, m = x.shape[1], len(x)
+
+    def k(a, b):
+        return (a @ b / d + 1) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2
+    # subsets as large as the sets: every subset is a permutation of the whole set
+    mean, std = fid.kernel_inception_distance(x, y, subsets=3)
+    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-10) and std < 1e-12
+    # smaller subsets: random, but the same on every call
+    assert fid.kernel_inception_distance(x, y, subset_size=5) == fid.kernel_inception_distance(x, y, subset_size=5)
+
+
+def test_inception_score_extremes():
+    assert fid.inception_score(np.zeros((40, 1008))) == pytest.approx((1.0, 0.0))
+    confident = 100 * np.eye(10)[np.arange(100) % 10]  # each split of 10 sees every class once
+    assert fid.inception_score(confident) == pytest.approx((10.0, 0.0))
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(50, 8))
+    assert fid.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert fid.precision_recall(real, real + 100) == (0.0, 0.0)
+    # by hand, k = 1: every real point's ball has radius 1, so 0.5 is inside and 10 is not;
+    # both generated points have radius 9.5, which covers every real point
+    real = np.arange(5.0)[:, None]
+    assert fid.precision_recall(real, np.array([[0.5], [10.0]]), k=1) == (0.5, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The API the model scripts call
+# ----------------------------------------------------------------------------------------------
+def test_evaluate_with_a_generator_and_cached_reference(tmp_path, weights):
+    real = torch.from_numpy(images(4, seed=5)[..., :1]).permute(0, 3, 1, 2)  # uint8 grayscale N x 1 x H x W
+    path = tmp_path / "ref.npz"
+    ref = fid.reference_stats(path, real, batch_size=4, device="cpu", weights=weights)
+    assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and ref["features"].shape == (4, 2048)
+    assert fid.reference_stats(path, None)["mu"].tobytes() == ref["mu"].tobytes()  # read back, not recomputed
+
+    g = torch.Generator().manual_seed(0)
+    scores = fid.evaluate(lambda b: torch.rand(b, 3, 16, 16, generator=g) * 2 - 1, str(path), n=5,
+                          metrics=("kid", "prc"), batch_size=2, device="cpu", weights=weights)
+    assert set(scores) == {"kid_mean", "kid_std", "precision", "recall"}  # FID: the tests below
+    assert scores["kid_mean"] > 0 and 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line, as a user runs it
+# ----------------------------------------------------------------------------------------------
+def scores_of(stdout: str) -> dict:
+    return {k: float(v) for k, v in (line.split(": ") for line in stdout.strip().splitlines())}
+
+
+def test_cli_folder_against_npz(tmp_path, weights):
+    a = write_folder(tmp_path / "a", images(10, seed=1))  # 10 images: one per Inception Score split
+    b = tmp_path / "b.npz"
+    np.savez(b, images=images(4, seed=2))  # the model scripts' --sample format
+    proc = run_script("fid", a, b, "--kid", "--isc", "--prc", "--weights", weights, "--device", "cpu",
+                      "--batch-size", 7, cwd=tmp_path)
+    scores = scores_of(proc.stdout)
+    assert list(scores) == ["fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall"]
+    assert scores["fid"] > 0 and scores["is_mean"] >= 1 and 0 <= scores["precision"] <= 1
+    assert "a: 10/10 images" in proc.stderr and "b.npz: 4/4 images" in proc.stderr  # the progress lines
+
+
+def test_save_stats_round_trip(tmp_path, capsys, weights):
+    b = tmp_path / "b.npz"
+    np.savez(b, images=images(4, seed=2).transpose(0, 3, 1, 2))  # N x C x H x W this time
+    flags = ["--weights", weights, "--device", "cpu"]
+    fid.main(["--save-stats", str(b), str(tmp_path / "stats.npz"), *flags])
+    with np.load(tmp_path / "stats.npz") as saved:  # pytorch-fid's keys and dtypes, plus the features
+        assert saved["mu"].shape == (2048,) and saved["sigma"].shape == (2048, 2048)
+        assert saved["mu"].dtype == saved["sigma"].dtype == np.float64 and saved["features"].shape == (4, 2048)
+        trace = np.trace(saved["sigma"])
+    capsys.readouterr()
+    fid.main([str(b), str(tmp_path / "stats.npz"), "--kid", "--prc", *flags])  # images vs their own statistics
+    scores = scores_of(capsys.readouterr().out)
+    assert abs(scores["fid"]) < 1e-6 * trace and scores["precision"] == scores["recall"] == 1
+
+
+def bad_inputs(tmp_path, weights):
+    """(argv, words the one-line message must contain) for each mistake a user can make."""
+    good = write_folder(tmp_path / "good", images(3))
+    (tmp_path / "empty").mkdir()
+    mixed = write_folder(tmp_path / "mixed", images(2))
+    Image.fromarray(images(1, size=(8, 8))[0]).save(tmp_path / "mixed" / "small.png")
+    np.savez(tmp_path / "keys.npz", a=np.zeros(3), b=np.zeros(3))
+    np.savez(tmp_path / "float.npz", images=np.zeros((2, 8, 8, 3), np.float32))
+    np.savez(tmp_path / "pytorch-fid.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    w = ["--weights", weights]
+    return [
+        ([good, tmp_path / "empty", *w], ["empty", "no images"]),
+        ([good, mixed, *w], ["different sizes", "small.png"]),
+        ([good, tmp_path / "keys.npz", *w], ["keys", "'images'"]),
+        ([good, tmp_path / "float.npz", *w], ["uint8"]),
+        ([good, tmp_path / "missing", *w], ["missing", "no such file"]),
+        ([good, tmp_path / "pytorch-fid.npz", "--kid", *w], ["--save-stats", "kid"]),
+        ([tmp_path / "pytorch-fid.npz", good, "--isc", *w], ["Inception Score"]),
+        ([good, good, "--weights", tmp_path / "missing.pth"], ["missing.pth", "no such file"]),
+        ([good, good, "--weights", tmp_path / "garbage.pth"], ["garbage.pth", "state dict"]),
+        (["--save-stats", good, tmp_path / "keys.npz", *w], ["exists"]),
+    ]
+
+
+def test_bad_inputs_are_one_clear_line(tmp_path, capsys, weights):
+    for argv, words in bad_inputs(tmp_path, weights):
+        with pytest.raises(SystemExit) as stop:
+            fid.main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        for word in words:
+            assert word in err, (word, err)
+
+
+def test_missing_weights_offline(tmp_path):
+    """No --weights, nothing in the hub cache, no network: one line saying where to put the file."""
+    a = write_folder(tmp_path / "a", images(2))
+    env = {**OFFLINE_ENV, "TORCH_HOME": str(tmp_path / "hub")}
+    proc = subprocess.run([sys.executable, str(ROOT / "fid.py"), a, a], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert_clean_error(proc, "--weights", "pt_inception-2015-12-05-6726825d.pth", str(tmp_path / "hub"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark, on request: 2048-d equality with pytorch-fid and the speed of both
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not os.environ.get("FID_BENCHMARK"), reason="FID_BENCHMARK=1 to run")
+def test_benchmark(tmp_path, monkeypatch, weights):
+    from pytorch_fid.fid_score import calculate_activation_statistics, calculate_frechet_distance
+
+    def best_of(fn, repeat=3):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            value = fn()
+            times.append(time.perf_counter() - t0)
+        return value, min(times)
+
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    # Frechet distance on 2048-d statistics: full rank (n > d) and singular (n < d)
+    for n in (5000, 1000):
+        a, b = stats_of(gaussian_features(n, 2048, 0)), stats_of(gaussian_features(n, 2048, 1, shift=0.05))
+        theirs, t_theirs = best_of(lambda: calculate_frechet_distance(*a, *b))
+        ours, t_ours = best_of(lambda: fid.frechet_distance(*a, *b))
+        print(f"frechet 2048-d, n={n}: pytorch-fid {t_theirs:.2f} s, fid.py {t_ours:.2f} s "
+              f"({t_theirs / t_ours:.1f}x), relative difference {abs(ours - theirs) / theirs:.1e}")
+        assert abs(ours - theirs) / theirs < 1e-6
+    # feature extraction from the same PNG folder, batches of 50
+    folder = write_folder(tmp_path / "png", images(100, size=(32, 32), seed=7))
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    net = pytorch_fid_network(monkeypatch, torch.load(weights))
+    (mu1, s1), t_theirs = best_of(lambda: calculate_activation_statistics(files, net, 50, 2048, "cpu", 2), 2)
+    model = fid.load_inception(weights, "cpu")
+    source = fid.read_input(folder)["images"]
+    stats, t_ours = best_of(lambda: fid.statistics(fid.extract(model, fid._batches(source, 50, 2))[0]), 2)
+    print(f"features, 100 PNGs 32x32 on the CPU: pytorch-fid {100 / t_theirs:.1f} images/s, "
+          f"fid.py {100 / t_ours:.1f} images/s")
+    assert np.allclose(stats["mu"], mu1, atol=1e-5) and np.allclose(stats["sigma"], s1, atol=1e-5)
