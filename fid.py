@@ -3,10 +3,10 @@
 Papers
     FID  Heusel, Ramsauer, Unterthiner, Nessler, Hochreiter. "GANs Trained by a Two Time-Scale Update Rule
          Converge to a Local Nash Equilibrium". NeurIPS 2017, arXiv:1706.08500.
-    KID  Binkowski, Sutherland, Arbel, Gretton. "Demystifying MMD GANs". ICLR 2018, arXiv:1801.01401.
+    KID  Bińkowski, Sutherland, Arbel, Gretton. "Demystifying MMD GANs". ICLR 2018, arXiv:1801.01401.
     IS   Salimans, Goodfellow, Zaremba, Cheung, Radford, Chen. "Improved Techniques for Training GANs".
          NeurIPS 2016, arXiv:1606.03498.
-    P/R  Kynkaanniemi, Karras, Laine, Lehtinen, Aila. "Improved Precision and Recall Metric for Assessing
+    P/R  Kynkäänniemi, Karras, Laine, Lehtinen, Aila. "Improved Precision and Recall Metric for Assessing
          Generative Models". NeurIPS 2019, arXiv:1904.06991.
     Net  Szegedy, Vanhoucke, Ioffe, Shlens, Wojna. "Rethinking the Inception Architecture for Computer
          Vision". CVPR 2016, arXiv:1512.00567 (Inception-v3).
@@ -17,8 +17,8 @@ z = its 1008-way logits. With (mu, Sigma) the mean and covariance of x over a se
     KID = unbiased MMD^2 between the feature sets, kernel k(x, y) = (x.y / d + 1)^3, d = 2048,
           mean and std over 100 random subsets of 1000 (fewer if there are fewer images)
     IS  = exp(E_x KL(p(y|x) || p(y))),  p(y|x) = softmax(z),  mean and std over 10 splits
-    precision = share of generated images inside the k-NN manifold of the real ones (k = 3),
-    recall    = share of real images inside the k-NN manifold of the generated ones.
+    precision = mean over generated x of f(x, real),  recall = mean over real x of f(x, generated),
+          f(x, X) = 1 if ||x - x'|| <= ||x' - NN_3(x')|| for some x' in X (x inside X's k-NN balls)
 
 Same numbers as pytorch-fid (v0.3.0): the network is its FID Inception (the TensorFlow graph of
 2015-12-05 ported to PyTorch, with TF's average pooling that ignores padding and a max pool in the last
@@ -37,6 +37,7 @@ Usage
     python fid.py generated.npz real_stats.npz --kid --isc --prc --device cuda --batch-size 200
     python fid.py --save-stats real/ real_stats.npz       # cache mu, sigma (and features) of real images
     python fid.py A B --weights pt_inception-2015-12-05-6726825d.pth     # offline: the weights file
+It prints one `name: value` line per metric (fid, kid_mean, kid_std, is_mean, is_std, precision, recall).
 Each of A (generated) and B (reference) is a folder of images (png/jpg/..., searched recursively, all
 the same size), an .npz of uint8 images (key `images` or its only array; N x H x W x C or N x C x H x W;
 grayscale is repeated to 3 channels), or a statistics .npz (`mu`, `sigma`: pytorch-fid's format; KID and
@@ -44,7 +45,8 @@ precision/recall also need the `features` that --save-stats stores). Without --w
 read from, or downloaded into, the torch hub cache (pytorch-fid's file and place).
 
 Library
-    ref = fid.reference_stats("data/fid_cifar10.npz", real_images)   # computed once, then read back
+    ref = fid.reference_stats("data/fid_cifar10.npz", real_images)   # computed once, then read back;
+                                                                      # delete the file to recompute
     scores = fid.evaluate(lambda b: G(torch.randn(b, 100, device=dev)), ref, n=10_000,
                           metrics=("fid", "kid"), device=dev)          # {"fid": ..., "kid_mean": ..., ...}
 Images are N x C x H x W tensors/arrays, uint8 or float in [-1, 1]; `samples` may also be an iterable of
