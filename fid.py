@@ -324,8 +324,11 @@ def to_uint8(images) -> torch.Tensor:
 
 def _read_image(path) -> np.ndarray:
     from PIL import Image
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))  # H x W x 3 uint8, as pytorch-fid reads it
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))  # H x W x 3 uint8, as pytorch-fid reads it
+    except OSError:  # e.g. a truncated file whose header was fine
+        raise FIDError(f"{path}: not a readable image; remove it or fix it") from None
 
 
 def _folder_batches(files: list, batch_size: int, num_workers: int):
@@ -449,16 +452,27 @@ def statistics(features: np.ndarray) -> dict:
     return {"mu": x.mean(0), "sigma": np.cov(x, rowvar=False), "features": np.asarray(features, np.float32)}
 
 
+def _check_writable(path: Path) -> None:
+    """Before a long pass over the images: the statistics can be written there."""
+    if path.suffix != ".npz":
+        raise FIDError(f"{path}: statistics are saved as .npz; name the file *.npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FIDError(f"{path}: cannot write the statistics ({e.strerror})") from None
+
+
 def save_stats(path, stats: dict) -> None:
     """pytorch-fid's .npz (mu, sigma) plus `features`, written atomically (temp file + rename)."""
     path = Path(path)
-    if path.suffix != ".npz":
-        raise FIDError(f"{path}: statistics are saved as .npz; name the file *.npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **stats)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **stats)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FIDError(f"{path}: cannot write the statistics ({e.strerror})") from None
 
 
 def load_stats(path) -> dict:
@@ -645,6 +659,7 @@ def reference_stats(path, images, batch_size: int = 50, device="auto", weights: 
     that KID and precision/recall need: 8 kB per image)."""
     if Path(path).exists():
         return load_stats(path)
+    _check_writable(Path(path))
     label = _name(images, f"reference for {path}")
     source = _open(images, (), label)
     device = pick_device(device) if isinstance(device, str) else device
@@ -657,8 +672,8 @@ def reference_stats(path, images, batch_size: int = 50, device="auto", weights: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs=2, metavar=("A", "B"), help="generated and reference images or "
-                        "statistics (with --save-stats: the images, then the .npz to write)")
+    parser.add_argument("a", metavar="A", help="generated images or their statistics (--save-stats: any images)")
+    parser.add_argument("b", metavar="B", help="reference images or statistics (--save-stats: the .npz to write)")
     parser.add_argument("--kid", action="store_true", help="also the Kernel Inception Distance")
     parser.add_argument("--isc", action="store_true", help="also the Inception Score of A")
     parser.add_argument("--prc", action="store_true", help="also precision and recall of A against B (k = 3)")
@@ -670,7 +685,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads decoding image files (default: min(8, CPUs))")
     args = parser.parse_args(argv)
-    a, b = args.paths
+    if args.batch_size < 1 or args.num_workers < 0:
+        parser.error("--batch-size must be at least 1 and --num-workers at least 0")
+    a, b = args.a, args.b
     try:
         if args.save_stats:
             if Path(b).exists():

@@ -265,6 +265,9 @@ def bad_inputs(tmp_path, weights):
     np.savez(tmp_path / "float.npz", images=np.zeros((2, 8, 8, 3), np.float32))
     np.savez(tmp_path / "pytorch-fid.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    truncated = write_folder(tmp_path / "truncated", images(2))
+    png = tmp_path / "truncated" / "000.png"
+    png.write_bytes(png.read_bytes()[:100])  # the header is intact, the pixels are not
     w = ["--weights", weights]
     return [
         ([good, tmp_path / "empty", *w], ["empty", "no images"]),
@@ -277,6 +280,8 @@ def bad_inputs(tmp_path, weights):
         ([good, good, "--weights", tmp_path / "missing.pth"], ["missing.pth", "no such file"]),
         ([good, good, "--weights", tmp_path / "garbage.pth"], ["garbage.pth", "state dict"]),
         (["--save-stats", good, tmp_path / "keys.npz", *w], ["exists"]),
+        (["--save-stats", good, tmp_path / "keys.npz" / "stats.npz", *w], ["cannot write"]),
+        ([truncated, good, *w], ["000.png", "not a readable image"]),
     ]
 
 
@@ -288,6 +293,15 @@ def test_bad_inputs_are_one_clear_line(tmp_path, capsys, weights):
         assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
         for word in words:
             assert word in err, (word, err)
+
+
+def test_help_names_every_flag(capsys):
+    with pytest.raises(SystemExit) as stop:
+        fid.main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "Heusel" in out
+    for flag in ("--kid", "--isc", "--prc", "--save-stats", "--weights", "--device", "--batch-size", "--num-workers"):
+        assert flag in out
 
 
 def test_missing_weights_offline(tmp_path):
