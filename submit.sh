@@ -42,9 +42,11 @@
 #     5 minutes earlier (Slurm may send it up to 60 s earlier still; raise the
 #     lead if a step plus a checkpoint can take longer). Without "B:" Slurm would
 #     signal only job steps started with srun, and nothing here. This shell
-#     passes USR1 on to python, which finishes its step, saves ckpt.pt and exits 0;
-#     then this shell requeues the job (scontrol requeue). Slurm starts it again
-#     later, --resume continues from the checkpoint, SLURM_RESTART_COUNT counts up.
+#     passes USR1 on to python (once python has installed its handler, so that a
+#     USR1 during its start cannot kill it), which finishes its step, saves
+#     ckpt.pt and exits 0; then this shell requeues the job (scontrol requeue).
+#     Slurm starts it again later, --resume continues from the checkpoint, and
+#     SLURM_RESTART_COUNT counts up.
 #   - preemption, `scontrol requeue` from outside, `scancel`: Slurm sends SIGTERM
 #     to every process of the job. Python saves its checkpoint and exits; Slurm
 #     requeues the job by itself when it was preempted or requeued, so this shell
@@ -77,26 +79,63 @@
 # USR1's default action is to terminate the process: a USR1 that arrived before
 # this trap would kill the job with no checkpoint. Bash runs a trap only between
 # commands, which is why python runs in the background and this shell `wait`s.
+# No $(...) below this point: bash 5.2 loses a trapped signal that arrives while
+# it expands some command substitutions (measured: "$(date) $(hostname)" lost
+# 14 USR1 out of 20, with "trap: unexpected EOF while looking for matching `)'").
 child=""            # pid of python (or torchrun)
 got_usr1=0          # the time limit is near: requeue once python has checkpointed
 got_stop=0          # preempted, requeued from outside or cancelled: Slurm decides
-early_usr1=0        # USR1 before python started: --time is shorter than the lead
+pending_usr1=0      # USR1 came before python was started: pass it on after the start
 
-say() { echo "[submit.sh] $(date '+%F %T') $*"; }
+say() { printf '[submit.sh] %(%F %T)T %s\n' -1 "$*"; }
+say_n() { printf '[submit.sh] %(%F %T)T %s' -1 "$*"; }     # the command after it ends the line
+
+# usr1_ready PID -> 0: PID has a USR1 handler (bit 10 of SigCgt in /proc/PID/status),
+# 1: not yet (not yet python, still importing torch, or exiting), 2: PID has exited.
+usr1_ready() {
+    local key value state=Z mask=0
+    [ -r "/proc/$1/status" ] || return 2
+    while read -r key value _; do
+        case $key in State:) state=$value ;; SigCgt:) mask=$value ;; esac
+    done 2>/dev/null < "/proc/$1/status"
+    [ "$state" != Z ] || return 2
+    # Right after the fork, before it execs python, the child is a copy of this
+    # shell and shows this shell's USR1 trap: a USR1 sent then would be lost.
+    if [ "/proc/$1/exe" -ef "/proc/$$/exe" ]; then return 1; fi
+    (( (16#$mask >> 9) & 1 )) || return 1
+}
+# send_usr1 PID: send USR1 once PID catches it, so that python checkpoints instead
+# of dying (a USR1 during its start or its exit would kill it); fails if PID exits
+# first, e.g. a run that has just finished by itself, which must not be requeued.
+send_usr1() {
+    local rc i
+    for ((i = 0; i < 600; i++)); do     # up to 2 minutes
+        rc=0; usr1_ready "$1" || rc=$?
+        case $rc in
+            0) kill -USR1 "$1" 2>/dev/null; return $? ;;    # $?: a bare return in a trap gives the trapped command's status
+            2) return 1 ;;
+        esac
+        sleep 0.2
+    done
+    kill -USR1 "$1" 2>/dev/null         # no handler after 2 minutes: send it anyway
+}
 
 # shellcheck disable=SC2317  # trap handlers are called indirectly
 on_usr1() {
     say "got USR1 (time limit near): asking the trainer to save a checkpoint"
-    [ -n "$child" ] || { early_usr1=1; return 0; }
-    if [ "${GPUS:-1}" -gt 1 ]; then
-        # torchrun does not handle USR1, whose default action would kill torchrun
-        # and orphan the workers, so signal the workers: torchrun's children.
-        if pkill -USR1 -P "$child"; then got_usr1=1; else say "no torchrun worker to signal"; fi
-    else
-        # got_usr1 only if python was still there to get it: a run that just
-        # finished by itself must not be requeued
-        if kill -USR1 "$child" 2>/dev/null; then got_usr1=1; fi
+    if [ -n "$child" ]; then pass_usr1; else pending_usr1=1; fi
+}
+pass_usr1() {
+    local pid targets=("$child")
+    if [ "$GPUS" -gt 1 ]; then
+        # torchrun has no USR1 handler, so USR1 would kill it and orphan its
+        # workers: signal the workers, its children, instead.
+        mapfile -t targets < <(pgrep -P "$child")
     fi
+    for pid in "${targets[@]}"; do
+        if send_usr1 "$pid"; then got_usr1=1; fi
+    done
+    [ "$got_usr1" = 1 ] || say "the trainer has ended by itself or not started its workers: nothing to signal"
 }
 # shellcheck disable=SC2317
 on_stop() {
@@ -114,7 +153,9 @@ trap 'on_stop INT' INT
 set -euo pipefail
 
 # ---- 2. which script --------------------------------------------------------
-REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")" && pwd)}}
+here=.                                  # this file's folder, when run without sbatch
+if [[ $0 == */* ]]; then here=${0%/*}; fi
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$here}}
 MODELS="gan dcgan wgan wgan_gp cyclegan pix2pix vae realnvp ddpm"
 available=""
 for m in $MODELS; do [ -f "$REPO_DIR/$m.py" ] && available="$available $m"; done
@@ -135,9 +176,9 @@ if [ "$GPUS" -gt 1 ]; then
         echo "submit.sh: $name.py does not support DDP (its docstring shows no torchrun command); run it with GPUS=1" >&2
         exit 2; }
     if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-        visible=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
-        [ "$visible" -ge "$GPUS" ] || {
-            echo "submit.sh: GPUS=$GPUS but this job sees $visible GPU(s) (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES); submit with --gres=gpu:$GPUS" >&2
+        IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+        [ "${#visible[@]}" -ge "$GPUS" ] || {
+            echo "submit.sh: GPUS=$GPUS but this job sees ${#visible[@]} GPU(s) (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES); submit with --gres=gpu:$GPUS" >&2
             exit 2; }
     fi
     cmd=(torchrun --standalone --nproc_per_node="$GPUS" "$script" --resume "$@")
@@ -179,34 +220,34 @@ if [ -n "${VENV:-}" ]; then
 fi
 
 # What a later reader of the log needs to reproduce or debug this run.
-say "job ${SLURM_JOB_ID:-none (not under SLURM)} ($name) on $(hostname), SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}"
+say "job ${SLURM_JOB_ID:-none (not under SLURM)} ($name) on $HOSTNAME, SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}"
+say_n "gpu: CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset} "
 if command -v nvidia-smi >/dev/null; then
-    gpus=$(timeout 20 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader 2>&1 | paste -sd ';' -) || true
+    timeout 20 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | paste -sd ';' - || echo
 else
-    gpus="no nvidia-smi"
+    echo "(no nvidia-smi)"
 fi
-say "gpu: ${gpus:-none}; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
-if commit=$(git -C "$REPO_DIR" rev-parse --short=12 HEAD 2>/dev/null); then
-    git -C "$REPO_DIR" diff --quiet HEAD -- 2>/dev/null || commit="$commit + uncommitted changes"
+say_n "repo: $REPO_DIR at commit "
+if git -C "$REPO_DIR" log -1 --format='%h (%cd)' --date=short 2>/dev/null; then
+    git -C "$REPO_DIR" diff --quiet HEAD -- 2>/dev/null || say "repo: with uncommitted changes to tracked files"
 else
-    commit="unknown (not a git checkout, or git refuses it)"
+    echo "unknown (not a git checkout, or git refuses it)"
 fi
-say "repo: $REPO_DIR at commit $commit"
-say "python: $(command -v python) ($(python -V 2>&1)), OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}; cwd: $(pwd)"
-say "log: $(readlink /proc/$$/fd/1 2>/dev/null || echo '?')"
+say_n "python: "
+python -c 'import sys; print(sys.executable, sys.version.split()[0])'
+say "cwd: $PWD; OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+say_n "log: "
+readlink /proc/$$/fd/1 || echo "?"
 printf -v line '%q ' "${cmd[@]}"
 say "run: ${line% }"
 
 if [ "${DRY_RUN:-0}" = 1 ]; then exit 0; fi
 if [ "$got_stop" = 1 ]; then say "stop signal before the start: not starting"; exit 143; fi
-if [ "$early_usr1" = 1 ]; then
-    say "ERROR: USR1 came before the trainer started: the time limit is nearer than the --signal lead; give the job more --time" >&2
-    exit 1
-fi
 
 # ---- 4. run and wait ----------------------------------------------------------
 "${cmd[@]}" &
 child=$!
+if [ "$pending_usr1" = 1 ]; then pass_usr1; fi
 # `wait` returns (status > 128) as soon as a trapped signal arrives, while the
 # child goes on writing its checkpoint: wait again until it is really gone. Bash
 # keeps the status of an exited child, so the last `wait` returns it.
@@ -219,12 +260,14 @@ if [ "$got_stop" = 1 ]; then
     exit "$rc"
 fi
 if [ "$got_usr1" = 1 ]; then
-    if [ "$rc" != 0 ]; then
-        say "trainer exited with status $rc after USR1, without a checkpoint: not requeueing"
+    # 138 = killed by USR1: python was exiting just as it came (send_usr1 leaves
+    # only a moment for that); its last checkpoint is intact, so go on as usual.
+    if [ "$rc" != 0 ] && [ "$rc" != 138 ]; then
+        say "trainer exited with status $rc after USR1: not requeueing"
         exit "$rc"
     fi
     if [ -z "${SLURM_JOB_ID:-}" ]; then say "checkpoint saved; not under SLURM, nothing to requeue"; exit 0; fi
-    say "checkpoint saved; requeueing job $SLURM_JOB_ID to continue after the time limit"
+    say "checkpoint saved (status $rc); requeueing job $SLURM_JOB_ID to continue after the time limit"
     # Slurm now ends this run with SIGTERM, which needs no handling any more.
     trap '' TERM
     if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi

@@ -315,3 +315,16 @@ def test_usr1_reaches_every_torchrun_worker(tmp_path):
     for rank in (0, 1):
         assert f"rank {rank} checkpoint saved on SIGUSR1" in text, text
     assert "not under SLURM, nothing to requeue" in text, text
+
+
+def test_usr1_during_python_start_is_held_until_its_handler_is_installed(tmp_path):
+    """A USR1 before python catches it (while torch imports) would kill it: submit.sh waits, then sends it."""
+    proc = subprocess.Popen(["bash", str(SUBMIT), "gan", "--steps", str(STEPS), "--out", str(tmp_path / "run"),
+                             *TINY], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    time.sleep(0.3)                     # bash has set its traps; python is not running yet
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "checkpoint saved at step" in out and "not under SLURM, nothing to requeue" in out, out
+
