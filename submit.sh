@@ -111,8 +111,10 @@ send_usr1() {
     local rc i
     for ((i = 0; i < 600; i++)); do     # up to 2 minutes
         rc=0; usr1_ready "$1" || rc=$?
+        # "return $?", not "return": in a trap handler a bare return gives the
+        # status of the command the trap interrupted (wait's 138), not kill's.
         case $rc in
-            0) kill -USR1 "$1" 2>/dev/null; return $? ;;    # $?: a bare return in a trap gives the trapped command's status
+            0) kill -USR1 "$1" 2>/dev/null; return $? ;;
             2) return 1 ;;
         esac
         sleep 0.2
