@@ -71,13 +71,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's port of TF's graph
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's
 METRICS = ("fid", "kid", "isc", "prc")
 
 
-class FIDError(Exception):
+class FIDError(common.UserError):
     """A problem the user can fix (missing weights, bad input): printed as one line by the CLI."""
 
 
@@ -286,23 +288,6 @@ def load_inception(weights: str | None = None, device: str = "cpu") -> FIDIncept
         raise FIDError(f"--weights {weights}: not pytorch-fid's Inception state dict "
                        f"({os.path.basename(FID_WEIGHTS_URL)})") from None
     return model.eval().requires_grad_(False).to(device)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """auto: cuda, else mps, else cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FIDError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FIDError(f"--device {name} asked for, but this machine has no CUDA device; use --device cpu")
-    return device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,7 +617,7 @@ def evaluate(samples, reference, n: int | None = None, metrics=("fid",), batch_s
         raise FIDError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
     if callable(samples) and n is None:
         raise FIDError("evaluate(sample_fn, ...) needs n, the number of images to generate")
-    device = pick_device(device) if isinstance(device, str) else device
+    device = common.pick_device(device) if isinstance(device, str) else device
     gen_label, ref_label = _name(samples, "samples"), _name(reference, "reference")
     gen = _open(samples, metrics, gen_label)
     ref = _open(reference, set(metrics) - {"isc"}, ref_label)
@@ -665,7 +650,7 @@ def reference_stats(path, images, batch_size: int = 50, device="auto", weights: 
     _check_writable(Path(path))
     label = _name(images, f"reference for {path}")
     source = _open(images, (), label)
-    device = pick_device(device) if isinstance(device, str) else device
+    device = common.pick_device(device) if isinstance(device, str) else device
     model_fn = functools.partial(load_inception, weights, str(device))
     stats = _stats_of(source, model_fn, None, batch_size, num_workers, label)
     stats.pop("logits", None)
@@ -701,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = ["fid"] + [m for m in METRICS[1:] if getattr(args, m)]
         scores = evaluate(a, b, metrics=metrics, batch_size=args.batch_size, device=args.device,
                           weights=args.weights, num_workers=args.num_workers)
-    except FIDError as e:
+    except common.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for name, value in scores.items():
