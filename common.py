@@ -58,33 +58,32 @@ def run_main(main: Callable[[], None]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass per script, fields with help text, turned into argparse flags
 # ----------------------------------------------------------------------------------------------
-def arg(default, help: str):
-    """A config field with its --help line."""
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+def arg(default, help: str, run: bool = False):
+    """A config field with its --help line. ``run=True`` marks a field that may change when a run is
+    resumed because it does not change what is computed (where to write, how often to log...)."""
+    return dataclasses.field(default=default, metadata={"help": help, "run": run})
 
 
 @dataclasses.dataclass
 class RunConfig:
     """Run and plumbing flags shared by every script; each script subclasses it with the paper's values."""
     dataset: str = arg("fashion-mnist", "fashion-mnist | mnist | cifar10 | svhn | folder | synthetic | synthetic-rgb")
-    data_root: str = arg("data", "where datasets are read from (and downloaded to, where the network allows)")
-    out: str = arg("", "run folder (default runs/<script>-<dataset>)")
-    resume: str | None = arg(None, "continue from the latest checkpoint in --out if there is one (or from PATH)")
-    steps: int = arg(10_000, "optimizer steps of the main model")
+    data_root: str = arg("data", "where datasets are read from (and downloaded to, where the network allows)", run=True)
+    out: str = arg("", "run folder (default runs/<script>-<dataset>)", run=True)
+    resume: str | None = arg(None, "continue from --out's checkpoint if there is one, or from PATH", run=True)
+    steps: int = arg(10_000, "optimizer steps of the main model", run=True)
     seed: int = arg(0, "seed of every random number generator")
-    device: str = arg("auto", "auto (cuda, else mps, else cpu) | cpu | cuda | cuda:1 | mps")
-    log_every: int = arg(100, "print and append to metrics.csv every N steps")
-    sample_every: int = arg(1000, "write a sample grid from the fixed noise every N steps")
-    ckpt_every: int = arg(1000, "write ckpt.pt every N steps (also at the end and on SIGTERM/SIGUSR1)")
-    sample: int = arg(0, "no training: load the checkpoint and write N generated images to --sample-out")
-    sample_out: str = arg("", "folder of PNGs, or a .npz of uint8 images (default <out>/generated)")
+    device: str = arg("auto", "auto (cuda, else mps, else cpu) | cpu | cuda | cuda:1 | mps", run=True)
+    log_every: int = arg(100, "print and append to metrics.csv every N steps", run=True)
+    sample_every: int = arg(1000, "write a sample grid from the fixed noise every N steps", run=True)
+    ckpt_every: int = arg(1000, "write ckpt.pt every N steps (also at the end and on SIGTERM/SIGUSR1)", run=True)
+    sample: int = arg(0, "no training: load the checkpoint and write N generated images to --sample-out", run=True)
+    sample_out: str = arg("", "folder of PNGs, or a .npz of uint8 images (default <out>/generated)", run=True)
 
 
-# Fields that may change between a run and its resumption: they do not change what is computed.
-RUN_FIELDS = {"out", "resume", "steps", "device", "log_every", "sample_every", "ckpt_every",
-              "sample", "sample_out", "data_root", "interpolate"}
+def run_fields(cfg) -> set[str]:
+    """Names of the fields marked run=True: they may differ between a run and its resumption."""
+    return {f.name for f in dataclasses.fields(cfg) if f.metadata.get("run")}
 
 
 def parse_config(cls, argv: list[str] | None = None):
@@ -94,7 +93,7 @@ def parse_config(cls, argv: list[str] | None = None):
                                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default
         help = f"{f.metadata.get('help', '')} (default: {default})"
         if f.name == "resume":
             parser.add_argument(flag, nargs="?", const="auto", metavar="PATH", help=help)
@@ -456,12 +455,12 @@ class Run:
         return None
 
     def _merge_config(self, saved: dict) -> None:
-        fields = {f.name for f in dataclasses.fields(self.cfg)}
-        if fields - RUN_FIELDS != set(saved) - RUN_FIELDS:
+        fields, free = {f.name for f in dataclasses.fields(self.cfg)}, run_fields(self.cfg)
+        if fields - free != set(saved) - free:
             raise UserError(f"the checkpoint's config has other fields than {self.script}.py's: it comes from "
                             f"another version of the script; use another --out")
         clashes = []
-        for name in sorted(fields - RUN_FIELDS):
+        for name in sorted(fields - free):
             mine = getattr(self.cfg, name)
             if name not in getattr(self.cfg, "given", set()):
                 setattr(self.cfg, name, saved[name])
@@ -490,7 +489,7 @@ class Run:
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
-        config = {k: v for k, v in dataclasses.asdict(self.cfg).items()}
+        config = dataclasses.asdict(self.cfg)
         (self.out / "args.json").write_text(json.dumps(config, indent=2) + "\n")
         print(f"{self.script}: " + " ".join(f"{k}={v}" for k, v in config.items()), flush=True)
 
@@ -618,7 +617,7 @@ class Run:
         self._check_finite(pending, step)
         state = {
             "script": self.script, "format": CHECKPOINT_FORMAT, "step": step,
-            "config": {k: v for k, v in dataclasses.asdict(self.cfg).items()},
+            "config": dataclasses.asdict(self.cfg),
             "models": {k: m.state_dict() for k, m in self.models.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "data": self.batches.state_dict() if self.batches is not None else {},

@@ -58,8 +58,9 @@ from common import arg
 
 @dataclass
 class Config(common.RunConfig):
-    steps: int = arg(12_000, "G updates (about 26 epochs of Fashion-MNIST at batch 128)")
-    interpolate: int = arg(0, "with --sample: also write interpolation.png, N rows walking between z pairs")
+    steps: int = arg(12_000, "G updates (about 26 epochs of Fashion-MNIST at batch 128)", run=True)
+    interpolate: int = arg(0, "with --sample: also write interpolation.png, N rows walking between z pairs",
+                          run=True)
     # Paper hyper-parameters (section 4)
     image_size: int = arg(64, "28, or a power of two >= 16 (64: the paper)")
     batch_size: int = arg(128, "minibatch size")

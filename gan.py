@@ -62,7 +62,7 @@ from common import arg
 
 @dataclass
 class Config(common.RunConfig):
-    steps: int = arg(100_000, "G updates (the paper stopped on validation likelihood)")
+    steps: int = arg(100_000, "G updates (the paper stopped on validation likelihood)", run=True)
     # Paper hyper-parameters (official mnist.yaml)
     image_size: int = arg(28, "images are image_size x image_size (28: MNIST)")
     batch_size: int = arg(100, "m, the minibatch size")
