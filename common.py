@@ -2,28 +2,46 @@
 
 What lives here, in the order a training script calls it:
 
-    cfg = common.parse_config(Config)        # dataclass -> argparse, --help shows every field
-    run = common.Run(cfg, "dcgan")           # run folder, lock, resume/--sample config merge, signals
-    images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)   # uint8 N x C x H x W
+    cfg = common.parse_config(Config)        # dataclass -> argparse; bad values refused in one line
+    run = common.Run(cfg, "dcgan")           # resolves --out/--resume/--init and the config; writes nothing
+    G, D = build(cfg, run.device)            # the script's own checks (e.g. --image-size) come before...
+    images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)   # ...and data errors too
     batches = common.Batches(images, cfg.batch_size, cfg.seed, run.device)  # seeded epochs, resumable
-    start, extra = run.restore(models, optimizers, batches)   # (0, None) on a fresh run
+    run.track(models={...}, optimizers={...}, state={...}, data={"train": batches}, sample=fn)
+    step = run.start()                       # folder, lock, args.json, then the checkpoint (or --init)
     while step < cfg.steps and not run.stop_requested:
         ...one training step...; step += 1
         run.end_step(step, losses)           # averages, metrics.csv, sample grid, checkpoint
     run.finish(step)
 
-Checkpoint format (one dict, loaded with ``weights_only=True``): ``script``, ``format``, ``step``,
-``config`` (the resolved config), ``models`` / ``optimizers`` (name -> state_dict), ``data`` (epoch and
-index in that epoch's order), ``rng`` (python, numpy, torch CPU and CUDA states) and ``extra`` (the
-script's own tensors, e.g. the fixed sample noise).
+Resume semantics (README.md, "Resume and run folders", is the user's version):
+- ``--resume`` continues ``--out``'s checkpoint, or starts a new run there if it has none (so a requeued
+  job needs no edits). ``--resume PATH`` starts ``--out`` from PATH once; once ``--out`` has its own
+  checkpoint of the same run, that one is continued. A folder holding another run's checkpoint is never
+  written. Without ``--out``, ``--resume PATH`` continues PATH's run in the folder it was trained in.
+- Every config field not typed comes from the checkpoint. Typed fields marked ``run=True`` (where to
+  write, how often to log, how many steps) may differ; any other typed field that differs is refused.
+  Fields marked ``command=True`` (--resume, --init, --sample, --device...) belong to one command only.
+  A field the checkpoint lacks (written by an older script) takes its default, and says so.
+- ``--init PATH`` starts a new run whose model weights come from PATH; the fields not typed come from
+  PATH's config, the typed ones may differ (fine-tune on other data, lower the lr after a divergence).
+
+Checkpoint format 2 (one dict, loaded with ``weights_only=True``): ``script``, ``format``, ``run`` (an id
+kept across resumes), ``step``, ``time_s`` (training time so far), ``config``, ``models`` (plain
+state_dicts, without DDP's ``module.`` or torch.compile's ``_orig_mod.``), ``optimizers``, ``state``
+(registered tensors and objects with state_dict: schedulers, EMA, GradScaler, image pools), ``data``
+(epoch and index of every data stream) and ``rng`` (python, numpy, torch CPU and the run device's).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
+import errno
 import fcntl
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -31,6 +49,8 @@ import random
 import signal
 import sys
 import time
+import uuid
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +58,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+EXIT_NO_PROGRESS = 3   # stopped by a signal before any new step: submit.sh does not requeue such a job
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -46,66 +67,108 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing data, foreign checkpoint): printed as one line."""
 
 
+class Stopped(Exception):
+    """A stop signal arrived before training started: there is nothing new to save."""
+
+
 def run_main(main: Callable[[], None]) -> None:
-    """Run ``main`` and turn a UserError into one line on stderr and exit code 2, not a traceback."""
+    """Run ``main``: a UserError is one line on stderr and exit 2; a stop before the first step is exit 3."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        print(f"stopped by {e} before the first step: nothing new to save", flush=True)
+        sys.exit(EXIT_NO_PROGRESS)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass per script, fields with help text, turned into argparse flags
 # ----------------------------------------------------------------------------------------------
-def arg(default, help: str, run: bool = False):
-    """A config field with its --help line. ``run=True`` marks a field that may change when a run is
-    resumed because it does not change what is computed (where to write, how often to log...)."""
-    return dataclasses.field(default=default, metadata={"help": help, "run": run})
+def arg(default, help: str, run: bool = False, command: bool = False, min: float | None = None,
+        choices: tuple | None = None, metavar: str | None = None):
+    """A config field with its --help line.
+
+    run=True:     may differ when a run is resumed: it does not change what is computed (where to write,
+                  how often to log, how many steps). Not typed, it still comes from the checkpoint.
+    command=True: belongs to one command (--resume, --sample...): never taken from a checkpoint.
+    min, choices: refused in one line when typed outside them.
+    metavar:      the value's name in --help (default: its type, or the choices).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "run": run, "command": command,
+                                                       "min": min, "choices": choices, "metavar": metavar})
 
 
 @dataclasses.dataclass
 class RunConfig:
     """Run and plumbing flags shared by every script; each script subclasses it with the paper's values."""
-    dataset: str = arg("fashion-mnist", "fashion-mnist | mnist | cifar10 | svhn | folder | synthetic | synthetic-rgb")
-    data_root: str = arg("data", "where datasets are read from (and downloaded to, where the network allows)", run=True)
-    out: str = arg("", "run folder (default runs/<script>-<dataset>)", run=True)
-    resume: str | None = arg(None, "continue from --out's checkpoint if there is one, or from PATH", run=True)
-    steps: int = arg(10_000, "optimizer steps of the main model", run=True)
-    seed: int = arg(0, "seed of every random number generator")
-    device: str = arg("auto", "auto (cuda, else mps, else cpu) | cpu | cuda | cuda:1 | mps", run=True)
-    log_every: int = arg(100, "print and append to metrics.csv every N steps", run=True)
-    sample_every: int = arg(1000, "write a sample grid from the fixed noise every N steps", run=True)
-    ckpt_every: int = arg(1000, "write ckpt.pt every N steps (also at the end and on SIGTERM/SIGUSR1)", run=True)
-    sample: int = arg(0, "no training: load the checkpoint and write N generated images to --sample-out", run=True)
-    sample_out: str = arg("", "folder of PNGs, or a .npz of uint8 images (default <out>/generated)", run=True)
+    dataset: str = arg("fashion-mnist", "fashion-mnist | mnist | cifar10 | svhn | folder | synthetic | "
+                       "synthetic-rgb", metavar="NAME")
+    data_root: str = arg("data", "where datasets are read from (and downloaded to, where the network allows)",
+                         run=True, metavar="DIR")
+    out: str = arg("", "run folder (default: runs/<script>-<dataset>)", run=True, metavar="DIR")
+    resume: str | None = arg(None, "continue --out's checkpoint (a new run if it has none); with PATH: start "
+                             "--out from PATH until --out has its own (default: off)", command=True)
+    init: str = arg("", "a new run whose model weights come from the checkpoint PATH (default: none)",
+                    command=True, metavar="PATH")
+    steps: int = arg(10_000, "optimizer steps of the main model", run=True, min=0)
+    seed: int = arg(0, "seed of every random number generator (with --sample: of the samples)")
+    device: str = arg("auto", "auto (cuda, else mps, else cpu) | cpu | cuda | cuda:1 | mps", command=True,
+                      metavar="NAME")
+    log_every: int = arg(100, "print and append to metrics.csv every N steps", run=True, min=1)
+    sample_every: int = arg(1000, "write a sample grid from the fixed noise every N steps", run=True, min=1)
+    ckpt_every: int = arg(1000, "write ckpt.pt every N steps (also at the end and on SIGTERM/SIGUSR1)",
+                          run=True, min=1)
+    sample: int = arg(0, "no training: load the checkpoint and write N generated images to --sample-out",
+                      command=True, min=0)
+    sample_out: str = arg("", "a folder of PNGs, or a .npz of uint8 images (default: <out>/generated)",
+                          command=True, metavar="PATH")
 
 
-def run_fields(cfg) -> set[str]:
-    """Names of the fields marked run=True: they may differ between a run and its resumption."""
-    return {f.name for f in dataclasses.fields(cfg) if f.metadata.get("run")}
+def field_kinds(cfg) -> tuple[set[str], set[str]]:
+    """(run fields, command fields) of a config class or instance."""
+    fields = dataclasses.fields(cfg)
+    return ({f.name for f in fields if f.metadata.get("run")}, {f.name for f in fields if f.metadata.get("command")})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_config(cls, argv: list[str] | None = None):
     """Build argparse from the dataclass ``cls``; returns the config with ``cfg.given`` = flags typed."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+    parser = _Parser(description=sys.modules["__main__"].__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help = f"{f.metadata.get('help', '')} (default: {default})"
+        default, help = f.default, f.metadata.get("help", "")
+        if default not in ("", None):  # empty defaults say what they mean in their help text
+            help += f" (default: {default})"
         if f.name == "resume":
             parser.add_argument(flag, nargs="?", const="auto", metavar="PATH", help=help)
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        elif f.type in ("float", float):
-            parser.add_argument(flag, type=float, help=help)
-        elif f.type in ("int", int):
-            parser.add_argument(flag, type=int, help=help)
         else:
-            parser.add_argument(flag, type=str, help=help)
+            kind = {"float": float, "int": int}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            metavar = f.metadata.get("metavar") or (kind.__name__.upper() if kind is not str else None)
+            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help, metavar=metavar)
     given = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(cls):
+        low = f.metadata.get("min")
+        if f.name in given and low is not None and given[f.name] < low:
+            parser.error(f"--{f.name.replace('_', '-')} {given[f.name]}: must be at least {low}")
+    if given.get("resume") == "":
+        parser.error("--resume '': give a checkpoint path, or --resume alone")
     cfg = cls(**given)
     cfg.given = set(given)
     return cfg
@@ -114,24 +177,46 @@ def parse_config(cls, argv: list[str] | None = None):
 # ----------------------------------------------------------------------------------------------
 # Data: whole datasets held in memory as one uint8 tensor, batched by indexing
 # ----------------------------------------------------------------------------------------------
-_IDX_FILES = {"fashion-mnist": ("FashionMNIST", "train-images-idx3-ubyte"),
-              "mnist": ("MNIST", "train-images-idx3-ubyte")}
+# name -> (channels, native size); "folder" is any folder of images, RGB at the size asked for
+DATASETS = {"fashion-mnist": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "svhn": (3, 32),
+            "synthetic": (1, 28), "synthetic-rgb": (3, 28)}
+DATASET_NAMES = (*DATASETS, "folder")
+_IDX = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's folder names
+_IDX_STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def _read_idx_images(path: Path) -> torch.Tensor:
-    """Read an (optionally gzipped) idx3 file of uint8 images as N x 1 x H x W."""
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 0x0803:
-        raise UserError(f"{path} is not an idx3 image file; delete it and let the dataset be fetched again")
-    n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
-    if len(raw) != 16 + n * h * w:
-        raise UserError(f"{path} is truncated ({len(raw)} bytes for {n} images of {h}x{w}); fetch it again")
-    return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).view(n, 1, h, w)
+def check_dataset(name: str) -> None:
+    if name not in DATASET_NAMES:
+        raise UserError(f"unknown --dataset {name}; choose one of {', '.join(DATASET_NAMES)}")
 
 
-def _find_idx(dataset: str, root: Path) -> Path | None:
-    folder, stem = _IDX_FILES[dataset]
-    places = [root, root / dataset, root / folder / "raw"]
+def dataset_channels(dataset: str) -> int:
+    """Image channels of a dataset, known without loading it (so --sample can build the model)."""
+    return DATASETS[dataset][0] if dataset in DATASETS else 3
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """An (optionally gzipped) idx file: images (idx3) as N x 1 x H x W, labels (idx1) as N, uint8."""
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path} is unreadable or truncated ({type(e).__name__}: {e}); delete it and fetch "
+                        f"it again") from None
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else 0
+    if magic not in (0x0801, 0x0803):
+        raise UserError(f"{path} is not an idx file; delete it and let the dataset be fetched again")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(magic & 0xFF)]
+    start = 4 + 4 * len(dims)
+    if len(raw) != start + math.prod(dims):
+        raise UserError(f"{path} is truncated ({len(raw)} bytes for shape {dims}); fetch it again")
+    data = torch.frombuffer(bytearray(raw[start:]), dtype=torch.uint8)
+    return data.view(dims[0], 1, *dims[1:]) if len(dims) == 3 else data.view(dims[0])
+
+
+def _find_idx(dataset: str, root: Path, stem: str) -> Path | None:
+    places = [root, root / dataset, root / _IDX[dataset] / "raw"]
     if dataset == "fashion-mnist":
         places.append(FASHION_MNIST_DEBIAN)
     for place in places:
@@ -142,54 +227,98 @@ def _find_idx(dataset: str, root: Path) -> Path | None:
 
 
 def _download_hint(dataset: str, root: Path) -> str:
-    hint = {"fashion-mnist": "apt-get install dataset-fashion-mnist, or ",
-            "mnist": "", "cifar10": "", "svhn": ""}[dataset]
+    hint = "apt-get install dataset-fashion-mnist, or " if dataset == "fashion-mnist" else ""
     return (f"dataset {dataset} not found under {root} and could not be downloaded: {hint}"
             f"put it under --data-root (torchvision's layout), or run once on a machine with network access")
 
 
-def _torchvision_download(dataset: str, root: Path):
+def _torchvision(dataset: str, root: Path, train: bool):
     import torchvision.datasets as tvd
-    make = {"fashion-mnist": lambda: tvd.FashionMNIST(root, train=True, download=True),
-            "mnist": lambda: tvd.MNIST(root, train=True, download=True),
-            "cifar10": lambda: tvd.CIFAR10(root, train=True, download=True),
-            "svhn": lambda: tvd.SVHN(root, split="train", download=True)}[dataset]
+    make = {"fashion-mnist": lambda: tvd.FashionMNIST(root, train=train, download=True),
+            "mnist": lambda: tvd.MNIST(root, train=train, download=True),
+            "cifar10": lambda: tvd.CIFAR10(root, train=train, download=True),
+            "svhn": lambda: tvd.SVHN(root, split="train" if train else "test", download=True)}[dataset]
     try:
         return make()
     except Exception as e:  # urllib, ssl, socket and checksum errors all mean "not here"
         raise UserError(f"{_download_hint(dataset, root)} ({type(e).__name__})") from None
 
 
-def _load_folder(root: Path, size: int) -> torch.Tensor:
-    """Every image below ``root``, resized so the short side is ``size`` and center-cropped, as RGB."""
+def _decode(path: Path, size: int) -> torch.Tensor:
+    """One image as RGB, resized so its short side is ``size``, then center-cropped: 3 x size x size."""
     from PIL import Image
-    if not root.is_dir():
-        raise UserError(f"--data-root {root} is not a folder; --dataset folder reads every image below it")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
-    if not paths:
-        raise UserError(f"no images (png, jpg, bmp, webp) below {root}")
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    for i, p in enumerate(paths):
-        with Image.open(p) as im:
+    try:
+        with Image.open(path) as im:
             im = im.convert("RGB")
             scale = size / min(im.size)
             im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
                            Image.BICUBIC)
             left, top = (im.width - size) // 2, (im.height - size) // 2
             im = im.crop((left, top, left + size, top + size))
-            out[i] = torch.from_numpy(np.array(im)).permute(2, 0, 1)
+            return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... on a bad file
+        raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); fix or remove it") from None
+
+
+def _load_folder(root: Path, size: int) -> torch.Tensor:
+    """Every image below ``root`` as RGB size x size, decoded once (in threads, with progress) and cached
+    beside the images in ``.cache-<size>px-<key>.pt``, where the key hashes the file list, sizes and
+    modification times: a requeued job reads the cache in a second; any change of the files decodes again."""
+    if not root.is_dir():
+        raise UserError(f"--data-root {root} is not a folder; --dataset folder reads every image below it")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not paths:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below {root}")
+    listing = "\n".join(f"{p.relative_to(root)}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in paths)
+    key = hashlib.sha256(f"{size}\n{listing}".encode()).hexdigest()[:16]
+    cache = root / f".cache-{size}px-{key}.pt"
+    if cache.is_file():
+        try:
+            images = torch.load(cache, weights_only=True)
+            if images.shape == (len(paths), 3, size, size):
+                return images
+        except Exception:
+            pass  # a damaged cache is decoded again below
+    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    t0 = t_print = time.time()
+    print(f"decoding {len(paths)} images below {root} (once: cached in {cache.name})", flush=True)
+    pool = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # PIL decodes without the GIL
+    try:
+        chunk = 256  # a stop signal waits for one chunk at most
+        for i in range(0, len(paths), chunk):
+            out[i:i + chunk] = torch.stack(list(pool.map(_decode, paths[i:i + chunk], [size] * chunk)))
+            if time.time() - t_print > 5:
+                t_print = time.time()
+                done = min(i + chunk, len(paths))
+                eta = (t_print - t0) / done * (len(paths) - done)
+                print(f"  {done}/{len(paths)} images ({100 * done / len(paths):.0f}%), ETA {eta:.0f} s", flush=True)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    try:
+        save_checkpoint(out, cache)
+        for old in root.glob(f".cache-{size}px-*.pt"):
+            if old != cache:
+                old.unlink()
+    except OSError as e:
+        warn(f"cannot cache the decoded images in {root} ({e.strerror}): they are decoded again next time")
     return out
 
 
-def synthetic_images(n: int = 256, channels: int = 1, size: int = 28, seed: int = 0) -> torch.Tensor:
-    """Tiny deterministic dataset for tests: one bright disk per image at a random place, radius, tint."""
+def synthetic_images(n: int = 256, channels: int = 1, size: int = 28, seed: int = 0,
+                     labels: bool = False):
+    """Tiny deterministic dataset for tests: one bright disk per image at a random place, radius, tint.
+    Its label (with ``labels=True``) is the quadrant of the disk's center, 0 to 3."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     center = torch.rand(n, 2, 1, 1, generator=g) * size * 0.6 + size * 0.2
     radius = torch.rand(n, 1, 1, generator=g) * size * 0.2 + size * 0.1
     inside = ((yy - center[:, 0]) ** 2 + (xx - center[:, 1]) ** 2 <= radius ** 2).float()
     tint = torch.rand(n, channels, 1, 1, generator=g) * 0.5 + 0.5
-    return (inside[:, None] * tint * 255).round().to(torch.uint8)
+    images = (inside[:, None] * tint * 255).round().to(torch.uint8)
+    if not labels:
+        return images
+    quadrant = (center[:, 0, 0, 0] >= size / 2).long() * 2 + (center[:, 1, 0, 0] >= size / 2).long()
+    return images, quadrant
 
 
 def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
@@ -204,32 +333,39 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
     return out
 
 
-def dataset_channels(dataset: str) -> int:
-    """Image channels of a dataset, known without loading it (so --sample can build the model)."""
-    return 1 if dataset in ("fashion-mnist", "mnist", "synthetic") else 3
-
-
-def load_images(dataset: str, data_root: str, image_size: int) -> torch.Tensor:
-    """The training split of ``dataset`` as one uint8 tensor N x C x image_size x image_size."""
-    root = Path(data_root).expanduser()
-    if dataset in ("synthetic", "synthetic-rgb"):
-        images = synthetic_images(channels=3 if dataset == "synthetic-rgb" else 1, size=image_size)
-    elif dataset in _IDX_FILES:
-        path = _find_idx(dataset, root)
-        if path is None:
-            _torchvision_download(dataset, root)
-            path = _find_idx(dataset, root)
-        images = _read_idx_images(path)
-    elif dataset == "cifar10":
-        images = torch.from_numpy(_torchvision_download(dataset, root).data).permute(0, 3, 1, 2).contiguous()
-    elif dataset == "svhn":
-        images = torch.from_numpy(_torchvision_download(dataset, root).data)
-    elif dataset == "folder":
-        return _load_folder(root, image_size)
+def load_images(dataset: str, data_root: str, image_size: int | None = None, split: str = "train",
+                labels: bool = False):
+    """A split ("train" or "test") of ``dataset`` as one uint8 tensor N x C x S x S, S = ``image_size``
+    (default: the dataset's own size). With ``labels=True``: (images, int64 labels of length N)."""
+    check_dataset(dataset)
+    if split not in ("train", "test"):
+        raise UserError(f"split {split!r}: use train or test")
+    root, train = Path(data_root).expanduser(), split == "train"
+    if dataset == "folder":
+        if not train or labels:
+            raise UserError("--dataset folder has no test split and no labels: use a built-in dataset")
+        return _load_folder(root, image_size or 64)
+    if dataset.startswith("synthetic"):
+        channels, size = DATASETS[dataset]
+        images, y = synthetic_images(256 if train else 64, channels, image_size or size, seed=0 if train else 1,
+                                     labels=True)
+    elif dataset in _IDX:
+        stems = _IDX_STEMS[split][:2 if labels else 1]
+        if any(_find_idx(dataset, root, s) is None for s in stems):
+            _torchvision(dataset, root, train)
+        paths = [_find_idx(dataset, root, s) for s in stems]
+        if None in paths:
+            raise UserError(_download_hint(dataset, root))
+        images = _read_idx(paths[0])
+        y = _read_idx(paths[1]) if labels else None
     else:
-        raise UserError(f"unknown --dataset {dataset}; choose one of fashion-mnist, mnist, cifar10, svhn, "
-                        f"folder, synthetic, synthetic-rgb")
-    return resize_uint8(images, image_size)
+        ds = _torchvision(dataset, root, train)
+        if dataset == "cifar10":
+            images, y = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+        else:
+            images, y = torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
+    images = resize_uint8(images, image_size or DATASETS[dataset][1])
+    return (images, y.long()) if labels else images
 
 
 class Batches:
@@ -274,7 +410,7 @@ class Batches:
 
 
 # ----------------------------------------------------------------------------------------------
-# Images out: sample grids and --sample folders
+# Images out: sample grids and --sample output
 # ----------------------------------------------------------------------------------------------
 def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
     """Float images in ``value_range`` -> uint8 N x C x H x W on the CPU."""
@@ -300,36 +436,79 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
     Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
 
 
+def _is_generated_png(name: str) -> bool:
+    return len(name) == 10 and name.endswith(".png") and name[:6].isdigit()
+
+
+def prepare_output(path: str | Path) -> Path:
+    """Check, before anything is generated, that ``path`` (a .npz file or a folder of PNGs) can be written.
+
+    A folder must be new, empty, or hold only an earlier --sample's output (000000.png, 000001.png...),
+    which is deleted: fid.py reads every image of a folder, so stale or foreign images would be mixed in.
+    """
+    path = Path(path)
+    flag = f"--sample-out {path}"
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"{flag}: give a folder (one PNG per image) or a .npz file, not an image name")
+    folder = path.parent if path.suffix == ".npz" else path
+    if path.suffix == ".npz" and path.is_dir():
+        raise UserError(f"{flag} is a folder; give a .npz file name or a folder without the .npz suffix")
+    if path.suffix != ".npz" and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} is an existing file; give a folder or a .npz file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write to {folder} ({e.strerror}); choose a writable place") from None
+    if path.suffix != ".npz":
+        entries = list(path.iterdir())
+        foreign = [e.name for e in entries if not _is_generated_png(e.name)]
+        if foreign:
+            raise UserError(f"{flag} holds other files ({', '.join(sorted(foreign)[:3])}); fid.py would mix them "
+                            f"with the samples: choose a new or empty folder")
+        for e in entries:
+            e.unlink()
+    return path
+
+
 def save_images(batches, path: str | Path, value_range: tuple[float, float] = (-1.0, 1.0)) -> int:
     """Write generated images, batch by batch: one PNG each in a folder, or one .npz (key ``images``,
-    uint8 N x H x W x C) when ``path`` ends in .npz. Returns how many were written."""
+    uint8 N x H x W x C) when ``path`` ends in .npz. The destination is checked (``prepare_output``)
+    before the first batch is drawn. Returns how many were written."""
     from PIL import Image
-    path = Path(path)
-    as_npz = path.suffix == ".npz"
-    (path.parent if as_npz else path).mkdir(parents=True, exist_ok=True)
+    path = prepare_output(path)
     kept, n = [], 0
     for batch in batches:
         x = to_uint8(batch, value_range).permute(0, 2, 3, 1).numpy()
-        if as_npz:
+        if path.suffix == ".npz":
             kept.append(x)
-        else:
-            for image in x:
-                Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path / f"{n:06d}.png")
-                n += 1
-    if as_npz:
+            continue
+        for image in x:
+            Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path / f"{n:06d}.png")
+            n += 1
+    if path.suffix == ".npz":
         images = np.concatenate(kept)
-        np.savez(path, images=images)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, images=images)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         n = len(images)
     return n
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: atomic save, safe load, RNG states
+# Checkpoints: atomic save, safe load, plain model keys, RNG states
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(state: dict, path: str | Path) -> None:
+def save_checkpoint(state, path: str | Path) -> None:
     """Write ``state`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
-    ``os.replace`` is atomic on POSIX: a crash at any moment leaves either the old file or the new one.
+    ``os.replace`` is atomic on POSIX: a crash at any moment leaves either the old file or the new one
+    (and, after a SIGKILL mid-write, a ``.<name>.tmp<pid>`` file that the next Run removes).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -356,28 +535,88 @@ def load_checkpoint(path: str | Path, script: str) -> dict:
     if not isinstance(ckpt, dict) or "script" not in ckpt or "models" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project; nothing was loaded")
     if ckpt["script"] != script:
-        raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py: resume it with "
+        raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py: use it with "
                         f"{ckpt['script']}.py, or use another --out")
     return ckpt
 
 
-def rng_state() -> dict:
+def load_config(cls, path: str | Path, script: str):
+    """(config, checkpoint) of a checkpoint: its saved fields, and the defaults of fields it predates.
+    For using a trained model from Python (each script's ``load``)."""
+    ckpt = load_checkpoint(path, script)
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in ckpt["config"].items() if k in known}), ckpt
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP / DataParallel and torch.compile wrappers (their state_dict keys carry
+    ``module.`` and ``_orig_mod.`` prefixes that a plain model would not load)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _floating_tensors(tree, name: str = ""):
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            yield name, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _floating_tensors(v, f"{name}/{k}" if name else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _floating_tensors(v, f"{name}/{i}")
+
+
+def nonfinite(tree) -> list[str]:
+    """Names of the floating tensors in a nested dict/list that hold a NaN or an inf (one host sync per
+    device, not one per tensor)."""
+    by_device: dict = {}
+    for name, t in _floating_tensors(tree):
+        names, flags = by_device.setdefault(t.device, ([], []))
+        names.append(name)
+        flags.append(torch.isfinite(t.detach()).all())
+    bad = []
+    for names, flags in by_device.values():
+        ok = torch.stack(flags).cpu()
+        bad += [n for n, good in zip(names, ok.tolist()) if not good]
+    return bad
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """Python, numpy and torch CPU generators, and the run device's (CUDA or MPS) generator."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                       "has_gauss": has_gauss, "gauss": gauss}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device is not None and device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    kind = device.type if device is not None else "cpu"
+    saved = "cuda" if "cuda" in state else "mps" if "mps" in state else "cpu"
+    if saved != kind:
+        warn(f"the checkpoint was written on {saved} and this run is on {kind}: its {kind if kind != 'cpu' else saved} "
+             f"random generator is not restored, so the noise differs from an uninterrupted run")
+    elif kind == "cuda":
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # format 1 saved every device's generator
+            cuda = cuda[device.index or 0]
+        torch.cuda.set_rng_state(cuda, device)
+    elif kind == "mps":
+        torch.mps.set_rng_state(state["mps"])
 
 
 def seed_everything(seed: int) -> None:
@@ -387,18 +626,21 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not mps:
+        raise UserError(f"--device {name} asked for, but MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -407,73 +649,113 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# The run: folder, lock, config merge, signals, logging, sampling and checkpoint cadence
+# The run: config resolution, folder and lock, signals, logging, sampling and checkpoint cadence
 # ----------------------------------------------------------------------------------------------
 class Run:
-    """Everything around the training step. Creating it:
+    """Everything around the training step.
 
-    - resolves ``--out`` (default ``runs/<script>-<dataset>``), checks it is writable and locks it
-      (a second process on the same folder stops at once instead of overwriting the first's checkpoint);
-    - with ``--resume`` (or ``--sample``) loads the checkpoint, takes from it every config field not
-      given on the command line, and refuses one given with another value (naming the fields);
-    - seeds every generator, picks the device, writes ``args.json``, prints the config;
-    - for training, makes SIGTERM, SIGUSR1 and SIGINT finish the current step, checkpoint and exit 0.
+    ``Run(cfg, script)`` resolves the run and writes nothing: ``--out`` (default
+    ``runs/<script>-<dataset>``), which checkpoint to continue (module docstring: resume semantics), the
+    config (fields not typed come from that checkpoint), the device; it refuses a folder that another
+    process has locked. For training it makes SIGTERM, SIGUSR1 and SIGINT stop the run: during set-up at
+    once (nothing to save), later after the current step, with a checkpoint; a second Ctrl-C kills.
+
+    ``run.track(...)`` names what a checkpoint holds; ``run.start()`` creates and locks the folder, writes
+    args.json and loads the checkpoint (or --init's weights); ``end_step`` and ``finish`` do the rest.
     """
 
     def __init__(self, cfg, script: str):
         self.cfg, self.script = cfg, script
         self.sampling = cfg.sample > 0
-        cfg.out = cfg.out or f"runs/{script}-{cfg.dataset}"
-        self.out = Path(cfg.out)
-        self.ckpt_path = self.out / "ckpt.pt"
-        self.ckpt = self._find_checkpoint()
-        if self.ckpt is not None:
-            self._merge_config(self.ckpt["config"])
-        if self.sampling and self.ckpt is None:
-            raise UserError(f"--sample needs a checkpoint: none at {self.ckpt_path}; train first or pass "
-                            f"--resume PATH")
+        self.ckpt, self.init = self._resolve()
+        check_dataset(cfg.dataset)
         self.device = pick_device(cfg.device)
         seed_everything(cfg.seed)
-        self.stop_requested = False
-        self.models, self.optimizers, self.batches, self.extra = {}, {}, None, {}
+        self.out = Path(cfg.out)
+        self.ckpt_path = self.out / "ckpt.pt"
+        self.models, self.optimizers, self.state, self.data = {}, {}, {}, {}
         self.sample_fn: Callable[[], torch.Tensor] | None = None
         self.sample_range = (-1.0, 1.0)
+        self.stop_requested, self.stop_signal, self._started, self._lock = False, "", False, None
         if not self.sampling:
-            self._open_folder()
+            if self.out.is_dir():
+                self._lock_folder()  # a busy folder is refused now, not after loading the data
             for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
 
-    # -- setup ---------------------------------------------------------------------------------
-    def _find_checkpoint(self) -> dict | None:
-        resume = self.cfg.resume
-        if resume not in (None, "auto"):
-            return load_checkpoint(resume, self.script)
-        if (resume == "auto" or self.sampling) and self.ckpt_path.exists():
-            return load_checkpoint(self.ckpt_path, self.script)
-        if resume is None and not self.sampling and self.ckpt_path.exists():
-            raise UserError(f"{self.ckpt_path} exists: pass --resume to continue it, or another --out")
-        return None
+    # -- which checkpoint, which config ----------------------------------------------------------
+    def _resolve(self) -> tuple[dict | None, dict | None]:
+        """(checkpoint to continue or sample from, checkpoint whose weights --init loads)."""
+        cfg, given = self.cfg, self.cfg.given
+        path = cfg.resume if cfg.resume not in (None, "auto") else None
+        if cfg.init and (path or self.sampling):
+            raise UserError("--init PATH starts a new run: it goes with neither --resume PATH nor --sample")
+        src = load_checkpoint(path, self.script) if path else None
+        init = load_checkpoint(cfg.init, self.script) if cfg.init else None
+        if init is not None:
+            self._merge(init["config"], refuse=False)
+        if "out" not in given:
+            cfg.out = src["config"]["out"] if src else f"runs/{self.script}-{cfg.dataset}"
+        own_path = Path(cfg.out) / "ckpt.pt"
+        own = None
+        if own_path.is_file():
+            own = src if path and Path(path).resolve() == own_path.resolve() else load_checkpoint(own_path, self.script)
+        if self.sampling:
+            ckpt = src or own
+            if ckpt is None:
+                raise UserError(f"--sample needs a checkpoint: none at {own_path}; train first, or pass "
+                                f"--resume PATH or --out")
+        elif own is None:
+            ckpt = src
+            if cfg.resume == "auto":
+                print(f"no checkpoint in {cfg.out}: starting a new run", flush=True)
+            elif src is not None:
+                print(f"starting {cfg.out} from {path} (step {src['step']})", flush=True)
+        elif cfg.resume is None:
+            raise UserError(f"{own_path} exists: pass --resume to continue it, or another --out")
+        elif src is not None and own is not src and (own.get("run") is None or own.get("run") != src.get("run")):
+            raise UserError(f"{own_path} holds another run (step {own['step']}), which is never overwritten: pass "
+                            f"--out a new folder to start from {path}")
+        else:
+            ckpt = own
+            if src is not None and own is not src:
+                print(f"continuing {own_path} (step {own['step']}), this run's own checkpoint: --resume {path} "
+                      f"only starts a folder that has none", flush=True)
+            if init is not None:
+                print(f"continuing {own_path}: --init applies only when a run starts", flush=True)
+            init = None
+        if ckpt is not None:
+            self._merge(ckpt["config"], refuse=True)
+        return ckpt, init
 
-    def _merge_config(self, saved: dict) -> None:
-        fields, free = {f.name for f in dataclasses.fields(self.cfg)}, run_fields(self.cfg)
-        if fields - free != set(saved) - free:
-            raise UserError(f"the checkpoint's config has other fields than {self.script}.py's: it comes from "
-                            f"another version of the script; use another --out")
-        clashes = []
-        for name in sorted(fields - free):
-            mine = getattr(self.cfg, name)
-            if name not in getattr(self.cfg, "given", set()):
-                setattr(self.cfg, name, saved[name])
-            elif mine != saved[name]:
-                clashes.append(f"{name} {saved[name]!r} -> {mine!r}")
+    def _merge(self, saved: dict, refuse: bool) -> None:
+        """Take every field not typed from ``saved``; with ``refuse``, a typed field that changes what is
+        computed and differs from ``saved`` is an error. --sample's --seed picks the samples."""
+        cfg, given = self.cfg, self.cfg.given
+        run_fields, command_fields = field_kinds(cfg)
+        free = run_fields | ({"seed"} if self.sampling else set())
+        clashes, predates = [], []
+        fields = [f.name for f in dataclasses.fields(cfg) if f.name not in command_fields and f.name != "out"]
+        for name in fields:
+            if name not in saved:
+                if name not in given:
+                    predates.append(f"--{name.replace('_', '-')} (default {getattr(cfg, name)!r})")
+            elif name not in given:
+                setattr(cfg, name, saved[name])
+            elif refuse and name not in free and getattr(cfg, name) != saved[name]:
+                clashes.append(f"{name} {saved[name]!r} -> {getattr(cfg, name)!r}")
         if clashes:
             raise UserError(f"the checkpoint was trained with another config ({', '.join(clashes)}); drop those "
-                            f"flags to continue it, or use another --out")
+                            f"flags to continue it, or start a new run with --init and another --out")
+        if predates:
+            print(f"the checkpoint predates {', '.join(predates)}: using the default", flush=True)
+        gone = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
+        if gone:
+            print(f"ignoring the checkpoint's {', '.join(gone)}: no longer a flag of {self.script}.py", flush=True)
 
-    def _open_folder(self) -> None:
+    # -- folder, lock, signals -------------------------------------------------------------------
+    def _lock_folder(self) -> None:
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "samples").mkdir(exist_ok=True)
             self._lock = open(self.out / ".lock", "a+")
         except OSError as e:
             raise UserError(f"cannot write to the run folder {self.out} ({e.strerror}); pass --out a "
@@ -485,65 +767,112 @@ class Run:
             owner = self._lock.read().strip() or "?"
             raise UserError(f"run folder {self.out} is in use by another process (pid {owner}); wait for it "
                             f"to end or use another --out") from None
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise UserError(f"cannot lock the run folder {self.out}: its file system does not support flock "
+                                f"({e.strerror}; e.g. Lustre mounted without -o flock); put --out on a file system "
+                                f"that does (local disk, NFS, Lustre with flock)") from None
+            raise UserError(f"cannot lock the run folder {self.out} ({e.strerror})") from None
         self._lock.seek(0)
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
+
+    def _open_folder(self) -> None:
+        try:
+            (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write to the run folder {self.out} ({e.strerror}); pass --out a "
+                            f"writable folder") from None
+        if self._lock is None:
+            self._lock_folder()
+        for partial in self.out.glob(".*.tmp[0-9]*"):  # what a SIGKILL mid-save left behind
+            partial.unlink()
+            print(f"removed {partial.name}, a partial file left by a killed process", flush=True)
         config = dataclasses.asdict(self.cfg)
         (self.out / "args.json").write_text(json.dumps(config, indent=2) + "\n")
         print(f"{self.script}: " + " ".join(f"{k}={v}" for k, v in config.items()), flush=True)
 
     def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        if not self._started:
+            raise Stopped(self.stop_signal)  # loading data or state: nothing to save, stop at once
         self.stop_requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills, even inside a long C call
 
-    # -- resume ----------------------------------------------------------------------------------
-    def track(self, models: dict, optimizers: dict, batches: Batches | None = None,
-              extra: dict | None = None, sample: Callable[[], torch.Tensor] | None = None,
+    # -- state -----------------------------------------------------------------------------------
+    def track(self, models: dict, optimizers: dict | None = None, state: dict | None = None,
+              data: dict | None = None, sample: Callable[[], torch.Tensor] | None = None,
               sample_range: tuple[float, float] = (-1.0, 1.0)) -> None:
-        """Name what a checkpoint holds and how to draw the fixed-noise sample grid."""
-        self.models, self.optimizers, self.batches = models, optimizers, batches
-        self.extra = extra or {}
+        """Name what a checkpoint holds: ``models`` (saved with plain keys, checked for NaN/inf, in eval mode
+        for sample grids), ``optimizers``, ``state`` (tensors, or any object with state_dict and
+        load_state_dict: LR schedulers, GradScaler, EMA, image pools), ``data`` (Batches streams), and
+        ``sample``, which draws the fixed-noise grid in ``sample_range``."""
+        self.models, self.optimizers = models, optimizers or {}
+        self.state, self.data = state or {}, data or {}
         self.sample_fn, self.sample_range = sample, sample_range
 
-    def restore(self) -> int:
-        """Load the checkpoint (if resuming) into what ``track`` named; returns the step to start from.
-
-        Also rewinds metrics.csv to that step, so a resumed run's log has no duplicated rows.
-        """
-        step = 0
+    def start(self) -> int:
+        """Training: create and lock the folder, write args.json, load the checkpoint (or --init's model
+        weights) into what ``track`` named, rewind metrics.csv; returns the step to start from.
+        Sampling: load the models' weights only."""
+        if self.sampling:
+            self._load_models(self.ckpt, f"{self.cfg.resume or self.ckpt_path}")
+            return int(self.ckpt["step"])
+        self._open_folder()
+        step, self.elapsed, self.run_id, self.last_good = 0, 0.0, uuid.uuid4().hex, None
         if self.ckpt is not None:
-            ck = self.ckpt
-            for name, model in self.models.items():
-                model.load_state_dict(ck["models"][name])
-            if not self.sampling:
-                for name, opt in self.optimizers.items():
-                    opt.load_state_dict(ck["optimizers"][name])
-                if self.batches is not None:
-                    self.batches.load_state_dict(ck["data"])
-                set_rng_state(ck["rng"])
-            for name, tensor in self.extra.items():
-                tensor.copy_(ck["extra"][name])
-            step = int(ck["step"])
-            self.ckpt = None  # free the CPU copy
-        if not self.sampling:
-            self._metrics_rewind(step)
-            self.t0, self.t_last, self.step_last = time.time(), time.time(), step
-            self.sums, self.count = {}, 0
-            self.start_step = self.last_good = step
-            if step >= self.cfg.steps:
-                print(f"already done at step {step} (--steps {self.cfg.steps})", flush=True)
-            else:
-                print(f"training from step {step}" + (" (resumed)" if step else ""), flush=True)
+            step = self._restore(self.ckpt)
+        elif self.init is not None:
+            self._load_models(self.init, f"--init {self.cfg.init}")
+            print(f"model weights from {self.cfg.init} (step {self.init['step']}), a new run", flush=True)
+        self.ckpt = self.init = None  # free the CPU copies
+        self._metrics_open(step)
+        self.t0 = self.t_last = time.time()
+        self.step_last = self.start_step = self.saved_step = step
+        self.sums, self.count = {}, 0
+        if step >= self.cfg.steps:
+            print(f"already done at step {step} (--steps {self.cfg.steps})", flush=True)
+        else:
+            print(f"training from step {step}" + (" (resumed)" if step else ""), flush=True)
+        self._started = True
         return step
 
-    def _metrics_rewind(self, step: int) -> None:
-        path = self.out / "metrics.csv"
-        if path.exists():
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-            keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerows(keep)
+    def _load_models(self, ckpt: dict, label: str) -> None:
+        for name, model in self.models.items():
+            if name not in ckpt["models"]:
+                raise UserError(f"{label} has no model {name}; nothing was loaded")
+            try:
+                unwrap(model).load_state_dict(ckpt["models"][name])
+            except RuntimeError as e:
+                detail = str(e).strip().splitlines()[-1].strip()
+                raise UserError(f"{label}: its {name} does not fit this config ({detail}); give the architecture "
+                                f"flags it was trained with") from None
+
+    def _restore(self, ck: dict) -> int:
+        self._load_models(ck, str(self.cfg.resume if self.cfg.resume != "auto" else self.ckpt_path))
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(ck["optimizers"][name])
+        saved = ck.get("state", ck.get("extra", {}))  # format 1 called the registered tensors "extra"
+        for name, obj in self.state.items():
+            if name not in saved:
+                warn(f"the checkpoint has no {name} (an older version of {self.script}.py): it starts afresh")
+            elif isinstance(obj, torch.Tensor):
+                obj.copy_(saved[name])
+            else:
+                obj.load_state_dict(saved[name])
+        data = ck["data"]
+        if "epoch" in data:  # format 1: a single stream
+            data = {name: data for name in self.data}
+        for name, stream in self.data.items():
+            stream.load_state_dict(data[name])
+        set_rng_state(ck["rng"], self.device)
+        self.run_id = ck.get("run") or self.run_id
+        self.elapsed = float(ck.get("time_s", 0.0))
+        source = Path(self.cfg.resume) if self.cfg.resume not in (None, "auto") else self.ckpt_path
+        self.last_good = (self.ckpt_path if self.ckpt_path.is_file() else source, int(ck["step"]))
+        return int(ck["step"])
 
     # -- the loop --------------------------------------------------------------------------------
     def end_step(self, step: int, losses: dict[str, torch.Tensor]) -> None:
@@ -562,32 +891,73 @@ class Run:
         if step % cfg.ckpt_every == 0 or last:
             self.checkpoint(step)
 
+    def time_s(self) -> float:
+        """Training time of this run so far, across resumes."""
+        return self.elapsed + time.time() - self.t0
+
     def _log(self, step: int) -> None:
         if self.count == 0:
             return
         means = {k: (v / self.count).item() for k, v in self.sums.items()}
         self.sums, self.count = {}, 0
-        self._check_finite(means, step)
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            self._diverged(bad, step)
         now = time.time()
         rate = (step - self.step_last) * self.cfg.batch_size / max(now - self.t_last, 1e-9)
         self.t_last, self.step_last = now, step
-        row = {"step": step, "time_s": round(now - self.t0, 2), "images_per_s": round(rate, 1),
+        row = {"step": step, "time_s": round(self.time_s(), 2), "images_per_s": round(rate, 1),
                **{k: f"{v:.6g}" for k, v in means.items()}}
-        path = self.out / "metrics.csv"
-        new = not path.exists() or path.stat().st_size == 0
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        self.write_metrics(row)
         print(f"step {step:>7d} | " + " | ".join(f"{k} {v}" for k, v in list(row.items())[1:]), flush=True)
 
-    def _check_finite(self, values: dict[str, float], step: int) -> None:
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
-            raise UserError(f"{', '.join(bad)} became {values[bad[0]]} before step {step}: training diverged. "
-                            f"The last good checkpoint (step {self.last_good}) is kept in {self.ckpt_path}; "
-                            f"lower --lr or change --seed and --resume")
+    def _metrics_open(self, step: int) -> None:
+        """Read metrics.csv's columns and drop its rows after ``step`` (a resumed run logs them again)."""
+        path = self.out / "metrics.csv"
+        self.columns, rows = [], []
+        if path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                self.columns = list(reader.fieldnames or [])
+        kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        if len(kept) != len(rows):
+            self._rewrite_metrics(kept)
+
+    def _rewrite_metrics(self, rows: list[dict]) -> None:
+        path = self.out / "metrics.csv"
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+    def write_metrics(self, row: dict) -> None:
+        """Append a row to metrics.csv. Its columns are the union of every key logged so far, in order of
+        first appearance: a new key (FID every N steps, test NLL) adds a column, and the file is rewritten
+        once with it; rows without a key leave its cell empty."""
+        path = self.out / "metrics.csv"
+        new = [k for k in row if k not in self.columns]
+        if new or not path.is_file():
+            rows = []
+            if path.is_file():
+                with open(path, newline="") as f:
+                    rows = list(csv.DictReader(f))
+            self.columns += new
+            self._rewrite_metrics(rows + [row])
+            return
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(row)
+
+    def _diverged(self, names: list[str], step: int) -> None:
+        if self.last_good is not None:
+            path, good = self.last_good
+            advice = (f"the last good checkpoint, {path} (step {good}), is kept: continue from it with a lower "
+                      f"learning rate in a new run, e.g. --init {path} --lr <lower> --out <new folder>")
+        else:
+            advice = "no checkpoint was written yet: start again with a lower --lr or another --seed"
+        raise UserError(f"{', '.join(names[:3])} became NaN or inf by step {step}: training diverged; {advice}")
 
     def save_samples(self, step: int) -> None:
         """The fixed-noise grid, drawn with every model in eval mode and no gradient, so that drawing it
@@ -602,36 +972,42 @@ class Run:
         save_grid(images, self.out / "samples" / f"{step:06d}.png", value_range=self.sample_range)
 
     def write_generated(self, batches, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
-        """--sample: write the generated batches to --sample-out (default <out>/generated)."""
+        """--sample: write the generated batches to --sample-out (default <out>/generated), checked first."""
         out = Path(self.cfg.sample_out or self.out / "generated")
         n = save_images(batches, out, value_range)
         print(f"wrote {n} images to {out}", flush=True)
         return out
 
     def checkpoint(self, step: int) -> None:
-        """Write ckpt.pt atomically, after checking that no loss or weight went NaN/inf since the last
-        good checkpoint: a diverged run never overwrites it."""
-        pending = {k: (v / self.count).item() for k, v in self.sums.items()} if self.count else {}
-        pending.update({f"weights of {k}": torch.stack([p.detach().float().sum() for p in m.parameters()])
-                        .sum().item() for k, m in self.models.items()})
-        self._check_finite(pending, step)
+        """Write ckpt.pt atomically, after checking that no loss since the last log and no floating tensor
+        of the state (weights, buffers, optimizer moments, EMA...) is NaN/inf: a diverged run never
+        overwrites the last good checkpoint."""
         state = {
-            "script": self.script, "format": CHECKPOINT_FORMAT, "step": step,
-            "config": dataclasses.asdict(self.cfg),
-            "models": {k: m.state_dict() for k, m in self.models.items()},
+            "script": self.script, "format": CHECKPOINT_FORMAT, "run": self.run_id, "step": step,
+            "time_s": self.time_s(), "config": dataclasses.asdict(self.cfg),
+            "models": {k: unwrap(m).state_dict() for k, m in self.models.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "data": self.batches.state_dict() if self.batches is not None else {},
-            "rng": rng_state(),
-            "extra": self.extra,
+            "state": {k: v if isinstance(v, torch.Tensor) else v.state_dict() for k, v in self.state.items()},
+            "data": {k: d.state_dict() for k, d in self.data.items()},
+            "rng": rng_state(self.device),
         }
+        losses = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        bad = nonfinite({"loss": losses, "models": state["models"], "optimizers": state["optimizers"],
+                         "state": state["state"]})
+        if bad:
+            self._diverged(bad, step)
         save_checkpoint(state, self.ckpt_path)
-        self.last_good = step
+        self.saved_step, self.last_good = step, (self.ckpt_path, step)
 
     def finish(self, step: int) -> None:
-        """After the loop: make sure the last step is saved (a signal may land after end_step's check)."""
-        if step != self.last_good:
+        """After the loop: save the last step (a signal may land after end_step's check) and say how the
+        run ended. A stop before any new step raises Stopped: run_main exits with EXIT_NO_PROGRESS."""
+        if step != self.saved_step:
             self.checkpoint(step)
-        if step < self.cfg.steps:
-            print(f"checkpoint saved at step {step} (stop requested); continue with --resume", flush=True)
+        if step >= self.cfg.steps:
+            if step > self.start_step:
+                print(f"done at step {step}: {self.ckpt_path}", flush=True)
         elif step > self.start_step:
-            print(f"done at step {step}: {self.ckpt_path}", flush=True)
+            print(f"checkpoint saved at step {step} ({self.stop_signal}); continue with --resume", flush=True)
+        else:
+            raise Stopped(self.stop_signal)

@@ -27,9 +27,11 @@ the length of the ladder: 4 x 4 -> 8 -> ... -> size for powers of two (32: one b
 Deviations, each deliberate:
 - D outputs a logit and the loss is BCE-with-logits: the same as the paper's sigmoid + log, without
   its overflow.
-- BatchNorm scales start at N(1, 0.02) (pytorch/examples, and the authors' Theano code); the course
-  notes in shared/seeds 002 draw them from N(0, 0.02), which silences most units at the start.
-  (Seed 001 also says G uses LeakyReLU; the paper says ReLU, and ReLU it is.)
+- BatchNorm scales start at N(1, 0.02) (pytorch/examples, and the authors' Theano code); some course
+  notes draw them from N(0, 0.02), which silences most units at the start. (Others say G uses
+  LeakyReLU; the paper says ReLU, and ReLU it is.)
+- No weight decay: the authors' Theano code (Newmu/dcgan_code) adds an L2 penalty of 1e-5 to both
+  Adams; the paper does not mention it and pytorch/examples leaves it out, as we do.
 - Sample grids and --sample use G in eval mode (BatchNorm running statistics), so drawing samples
   never changes the model.
 - --steps 12000 (about 26 Fashion-MNIST epochs at batch 128) is our default; the paper reports
@@ -41,7 +43,10 @@ Usage:
     python dcgan.py --resume                          # continue the run in runs/dcgan-fashion-mnist
     python dcgan.py --dataset folder --data-root ~/celeba   # any folder of images
     python dcgan.py --sample 10000 --sample-out dcgan.npz --interpolate 8   # images + latent walks
+    python dcgan.py --init runs/dcgan-fashion-mnist/ckpt.pt --dataset folder --data-root ~/mine --out runs/ft
     sbatch submit.sh dcgan --image-size 32
+
+From Python: G = dcgan.load("runs/dcgan-fashion-mnist/ckpt.pt"); images = G(dcgan.sample_z(64, G.nz, "cpu")).
 """
 from __future__ import annotations
 
@@ -58,18 +63,18 @@ from common import arg
 
 @dataclass
 class Config(common.RunConfig):
-    steps: int = arg(12_000, "G updates (about 26 epochs of Fashion-MNIST at batch 128)", run=True)
-    interpolate: int = arg(0, "with --sample: also write interpolation.png, N rows walking between z pairs",
-                          run=True)
+    steps: int = arg(12_000, "G updates (about 26 epochs of Fashion-MNIST at batch 128)", run=True, min=0)
+    interpolate: int = arg(0, "with --sample: also write <out>/interpolation.png, N rows walking between z "
+                           "pairs", command=True, min=0)
     # Paper hyper-parameters (section 4)
     image_size: int = arg(64, "28, or a power of two >= 16 (64: the paper)")
-    batch_size: int = arg(128, "minibatch size")
+    batch_size: int = arg(128, "minibatch size", min=1)
     lr: float = arg(2e-4, "Adam learning rate (0.001 was too high, section 4)")
     beta1: float = arg(0.5, "Adam beta1 (0.9 oscillated, section 4)")
     beta2: float = arg(0.999, "Adam beta2 (PyTorch's default)")
-    nz: int = arg(100, "dimension of z ~ U[-1, 1]")
-    ngf: int = arg(64, "G's channels at its last hidden layer (doubled at each block towards z)")
-    ndf: int = arg(64, "D's channels at its first layer (doubled at each block)")
+    nz: int = arg(100, "dimension of z ~ U[-1, 1]", min=1)
+    ngf: int = arg(64, "G's channels at its last hidden layer (doubled at each block towards z)", min=1)
+    ndf: int = arg(64, "D's channels at its first layer (doubled at each block)", min=1)
     leak: float = arg(0.2, "LeakyReLU slope in D")
     init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation")
 
@@ -94,6 +99,7 @@ class Generator(nn.Module):
 
     def __init__(self, nz: int, ngf: int, channels: int, image_size: int):
         super().__init__()
+        self.nz = nz
         base, n = ladder(image_size)
         ch = ngf * 2 ** (n - 1)
         layers = [nn.ConvTranspose2d(nz, ch, base, 1, 0, bias=False),           # ch x base x base
@@ -208,6 +214,18 @@ def interpolation_grid(G, rows: int, cfg: Config, device, steps: int = 10):
     return G(z)
 
 
+def load(path: str, device="cpu") -> Generator:
+    """G of a checkpoint, in eval mode, its config rebuilt from the checkpoint:
+
+        G = dcgan.load("runs/dcgan-fashion-mnist/ckpt.pt")
+        images = G(dcgan.sample_z(64, G.nz, "cpu"))      # in [-1, 1], 64 x C x H x W
+    """
+    cfg, ckpt = common.load_config(Config, path, "dcgan")
+    G = Generator(cfg.nz, cfg.ngf, common.dataset_channels(cfg.dataset), cfg.image_size)
+    G.load_state_dict(ckpt["models"]["G"])
+    return G.to(device).eval()
+
+
 def main():
     cfg = common.parse_config(Config)
     run = common.Run(cfg, "dcgan")
@@ -215,11 +233,12 @@ def main():
     G, D = build(cfg, device)
 
     if run.sampling:
-        run.track(models={"G": G}, optimizers={})
-        run.restore()
+        run.track(models={"G": G})
+        run.start()
         run.write_generated(generate(G, cfg.sample, cfg, device))
         if cfg.interpolate:
-            path = f"{cfg.out}/interpolation.png"
+            run.out.mkdir(parents=True, exist_ok=True)
+            path = run.out / "interpolation.png"
             common.save_grid(interpolation_grid(G, cfg.interpolate, cfg, device), path, nrow=10)
             print(f"wrote {path}")
         return
@@ -230,9 +249,9 @@ def main():
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     fixed_noise = sample_z(64, cfg.nz, device)
 
-    run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, batches=batches,
-              extra={"fixed_noise": fixed_noise}, sample=lambda: G(fixed_noise))
-    step = run.restore()
+    run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
+              state={"fixed_noise": fixed_noise}, sample=lambda: G(fixed_noise))
+    step = run.start()
     while step < cfg.steps and not run.stop_requested:
         losses = train_step(G, D, opt_G, opt_D, batches.next(), cfg)
         step += 1

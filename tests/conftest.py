@@ -42,7 +42,7 @@ def digest(path: Path) -> str:
 def assert_same_state(a: dict, b: dict) -> None:
     """Bit-identical models and optimizers, and the same step and data position."""
     assert a["step"] == b["step"] and a["data"] == b["data"]
-    for group in ("models", "optimizers"):
+    for group in ("models", "optimizers", "state"):
         fa, fb = flatten(a[group]), flatten(b[group])
         assert fa.keys() == fb.keys()
         for k in fa:
@@ -85,13 +85,21 @@ def check_smoke(script: str, small: list, tmp: Path) -> None:
 
 
 def check_exact_resume(script: str, small: list, tmp: Path, n: int = 3) -> None:
-    """2n steps straight == n steps, stop, resume, n steps: bit-identical weights and optimizers."""
+    """2n steps straight == n steps, stop, resume, n steps: bit-identical weights and optimizers. Batches of
+    64 of the 256 synthetic images: the resumed half crosses an epoch boundary; the log, sample and
+    checkpoint cadences differ between the three runs (drawing or saving must change nothing)."""
     straight, split = tmp / "straight", tmp / "split"
-    run_script(script, *small, "--steps", 2 * n, "--out", straight, cwd=tmp)
-    run_script(script, *small, "--steps", n, "--out", split, cwd=tmp)
-    proc = run_script(script, "--resume", "--steps", 2 * n, "--out", split, cwd=tmp)
+    small = [*small, "--batch-size", 64]
+    run_script(script, *small, "--steps", 2 * n, "--out", straight, "--log-every", 1, "--ckpt-every", 4, cwd=tmp)
+    run_script(script, *small, "--steps", n, "--out", split, "--log-every", 2, "--sample-every", 2,
+               "--ckpt-every", 2, cwd=tmp)
+    assert load(split / "ckpt.pt")["data"]["train"]["epoch"] == 0
+    proc = run_script(script, "--resume", "--steps", 2 * n, "--out", split, "--log-every", 3, "--sample-every", 1,
+                      "--ckpt-every", 5, cwd=tmp)
     assert f"training from step {n} (resumed)" in proc.stdout
-    assert_same_state(load(straight / "ckpt.pt"), load(split / "ckpt.pt"))
+    resumed = load(split / "ckpt.pt")
+    assert resumed["data"]["train"]["epoch"] == 1, "the test must cross an epoch boundary"
+    assert_same_state(load(straight / "ckpt.pt"), resumed)
     rows = (split / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == sorted({int(r.split(",")[0]) for r in rows})
 
@@ -125,16 +133,29 @@ def check_signal_resume(script: str, small: list, tmp: Path, sig=signal.SIGTERM)
 
 
 def check_sample(script: str, small: list, tmp: Path) -> None:
-    """--sample N writes N PNGs (or one .npz of uint8 N x H x W x C), the same for the same seed."""
+    """--sample N writes N PNGs (or one .npz of uint8 N x H x W x C), the same for the same --seed and
+    others for another; a second --sample replaces the first's images; bad destinations are refused."""
     import numpy as np
     out = tmp / "to-sample"
     run_script(script, *small, "--steps", 2, "--out", out, cwd=tmp)
+    before = digest(out / "ckpt.pt")
     run_script(script, "--out", out, "--sample", 5, cwd=tmp)
-    assert sorted(p.name for p in (out / "generated").iterdir()) == [f"{i:06d}.png" for i in range(5)]
-    for name in ("a.npz", "b.npz"):
-        run_script(script, "--out", out, "--sample", 7, "--sample-out", tmp / name, cwd=tmp)
-    a, b = np.load(tmp / "a.npz")["images"], np.load(tmp / "b.npz")["images"]
+    run_script(script, "--out", out, "--sample", 3, cwd=tmp)  # replaces the 5: no stale images for fid.py
+    assert sorted(p.name for p in (out / "generated").iterdir()) == [f"{i:06d}.png" for i in range(3)]
+    for name, seed in (("a.npz", 0), ("b.npz", 0), ("c.npz", 5)):
+        run_script(script, "--out", out, "--sample", 7, "--seed", seed, "--sample-out", tmp / name, cwd=tmp)
+    a, b, c = (np.load(tmp / f"{n}.npz")["images"] for n in "abc")
     assert a.dtype == np.uint8 and a.shape[0] == 7 and a.ndim == 4 and np.array_equal(a, b)
+    assert not np.array_equal(a, c), "--seed picks the samples"
+    (tmp / "mixed").mkdir()
+    (tmp / "mixed" / "real.png").write_bytes(b"")
+    (tmp / "file").write_text("")
+    for dest, words in ((tmp / "x.png", ["x.png", "folder"]), (tmp / "mixed", ["holds other files"]),
+                        (tmp / "file", ["existing file"]), (tmp / "file" / "sub.npz", ["cannot write"])):
+        proc = run_script(script, "--out", out, "--sample", 2, "--sample-out", dest, cwd=tmp, check=False)
+        assert_clean_error(proc, *words)
+    assert not (tmp / "x.png").exists() and os.listdir(tmp / "mixed") == ["real.png"]
+    assert digest(out / "ckpt.pt") == before
 
 
 def assert_clean_error(proc, *words) -> None:
@@ -184,3 +205,19 @@ def check_bad_inputs(script: str, small: list, other_script: str, other_small: l
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+BAD_FLAGS = [(["--sample-every", 0], ["--sample-every 0", "at least 1"]), (["--log-every", 0], ["--log-every 0"]),
+             (["--ckpt-every", -1], ["--ckpt-every -1"]), (["--batch-size", 0], ["--batch-size 0"]),
+             (["--steps", -5], ["--steps -5"]), (["--device", "mps"], ["--device mps"]),
+             (["--dataset", "nosuch"], ["--dataset nosuch"])]
+
+
+def check_bad_flags(script: str, small: list, tmp: Path, cases: list) -> None:
+    """Each bad flag is one line and exit 2, before anything is written: no run folder is left behind."""
+    for i, (flags, words) in enumerate(BAD_FLAGS + cases):
+        out = tmp / f"bad{i}"
+        proc = run_script(script, *small, "--steps", 2, *flags, "--out", out, cwd=tmp, check=False)
+        assert proc.returncode == 2, (flags, proc.stdout, proc.stderr)
+        assert_clean_error(proc, *words)
+        assert not out.exists(), f"{flags} left {out} behind"

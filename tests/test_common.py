@@ -1,7 +1,14 @@
-"""common.py: data order across resume, atomic checkpoints, safe loading, config merge, lock, NaN stop."""
+"""common.py: data order across resume, atomic checkpoints, safe loading, resume semantics, lock, signals,
+NaN stop, registered state, metrics.csv, datasets (splits, labels, folder cache, bad files)."""
+import errno
 import fcntl
+import gzip
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +17,7 @@ import torch
 
 import common
 from common import arg
-from conftest import OFFLINE_ENV, run_script
+from conftest import OFFLINE_ENV, ROOT, assert_clean_error, digest, load, run_script
 
 CPU = torch.device("cpu")
 
@@ -96,21 +103,46 @@ class Toy(common.RunConfig):
     width: int = arg(3, "")
 
 
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """Run installs its handlers in this process: give pytest its own back after each test."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 def toy_run(tmp_path, argv):
     cfg = common.parse_config(Toy, ["--dataset", "synthetic", "--out", str(tmp_path / "run"), *argv])
     return common.Run(cfg, "toy")
 
 
+def toy(argv, steps=None, model=None):
+    """A Run of the toy script (default --out relative to the cwd); with ``steps``, a checkpoint at that
+    step, after which the folder is unlocked. Returns (run, model)."""
+    run = common.Run(common.parse_config(Toy, ["--dataset", "synthetic", *argv]), "toy")
+    model = model or torch.nn.Linear(run.cfg.width, 1)
+    run.track({"m": model})
+    if steps is not None:
+        run.start()
+        run.checkpoint(steps)
+        run._lock.close()
+    return run, model
+
+
 def test_resume_takes_unspecified_fields_from_the_checkpoint(tmp_path):
     run = toy_run(tmp_path, ["--width", "5", "--steps", "2"])
     model = torch.nn.Linear(run.cfg.width, 1)
-    run.track({"m": model}, {})
-    run.restore()
+    run.track({"m": model})
+    run.start()
     run.checkpoint(2)
     run._lock.close()
     resumed = toy_run(tmp_path, ["--resume", "--steps", "4", "--lr", "0.1"])
     assert resumed.cfg.width == 5 and resumed.cfg.steps == 4
     resumed._lock.close()
+    bare = toy_run(tmp_path, ["--resume"])  # run fields too: --steps is the checkpoint's, not the default
+    assert bare.cfg.steps == 2 and bare.cfg.width == 5
+    bare._lock.close()
     with pytest.raises(common.UserError, match=r"width 5 -> 6, .*lr 0.1 -> 0.2|lr 0.1 -> 0.2, width 5 -> 6"):
         toy_run(tmp_path, ["--resume", "--width", "6", "--lr", "0.2"])
 
@@ -118,20 +150,46 @@ def test_resume_takes_unspecified_fields_from_the_checkpoint(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run = toy_run(tmp_path, ["--steps", "10", "--log-every", "100", "--ckpt-every", "2"])
     model = torch.nn.Linear(3, 1)
-    run.track({"m": model}, {})
-    run.restore()
+    run.track({"m": model})
+    run.start()
     run.end_step(1, {"loss": torch.tensor(1.0)})
     run.end_step(2, {"loss": torch.tensor(1.0)})
-    good = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    path = tmp_path / "run" / "ckpt.pt"
+    good = path.read_bytes()
     run.end_step(3, {"loss": torch.tensor(float("nan"))})
-    with pytest.raises(common.UserError, match=r"loss became nan .*step 2"):
+    # the advice works: --init the last good checkpoint with a lower lr in a new folder
+    with pytest.raises(common.UserError, match=rf"loss became NaN or inf by step 4.*{path} \(step 2\).*--init {path} --lr"):
         run.end_step(4, {"loss": torch.tensor(1.0)})
-    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == good
+    assert path.read_bytes() == good
     with torch.no_grad():
         model.weight.fill_(float("inf"))
-    with pytest.raises(common.UserError, match="weights of m"):
+    with pytest.raises(common.UserError, match="models/m/weight"):
         run.checkpoint(5)
-    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == good
+    assert path.read_bytes() == good
+
+
+def test_nan_before_any_checkpoint_names_none(tmp_path):
+    run = toy_run(tmp_path, ["--steps", "10", "--log-every", "1"])
+    run.track({"m": torch.nn.Linear(3, 1)})
+    run.start()
+    with pytest.raises(common.UserError, match="no checkpoint was written yet: start again with a lower --lr"):
+        run.end_step(1, {"loss": torch.tensor(float("inf"))})
+
+
+def test_nan_check_covers_buffers_and_registered_state(tmp_path):
+    run = toy_run(tmp_path, ["--steps", "10"])
+    bn, ema = torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 1)
+    run.track({"bn": bn}, state={"ema": ema})
+    run.start()
+    bn.running_var[1] = float("nan")
+    with pytest.raises(common.UserError, match="models/bn/running_var"):
+        run.checkpoint(1)
+    bn.running_var.fill_(1.0)
+    with torch.no_grad():
+        ema.bias.fill_(float("-inf"))
+    with pytest.raises(common.UserError, match="state/ema/bias"):
+        run.checkpoint(1)
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 def test_run_folder_lock(tmp_path):
@@ -189,3 +247,321 @@ def test_save_grid_is_square(tmp_path):
     from PIL import Image
     common.save_grid(torch.zeros(16, 3, 8, 8), tmp_path / "g.png")
     assert Image.open(tmp_path / "g.png").size == (4 * 10 + 2, 4 * 10 + 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume semantics: which checkpoint, which folder, which config
+# ----------------------------------------------------------------------------------------------
+def test_resume_path_without_out_never_writes_another_runs_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    toy(["--steps", "5"], steps=5)                                  # runs/toy-synthetic: an unrelated run
+    unrelated = digest(tmp_path / "runs/toy-synthetic/ckpt.pt")
+    toy(["--out", "other", "--width", "4"], steps=3)
+    run, _ = toy(["--resume", "other/ckpt.pt", "--steps", "8"])     # continues PATH's run where it was trained
+    assert run.out == common.Path("other")
+    assert run.cfg.width == 4 and run.start() == 3
+    run.checkpoint(8)
+    run._lock.close()
+    assert load(tmp_path / "other/ckpt.pt")["step"] == 8
+    (tmp_path / "copy.pt").write_bytes((tmp_path / "other/ckpt.pt").read_bytes())
+    with pytest.raises(common.UserError, match="holds another run .*never overwritten.*--out a new folder"):
+        toy(["--resume", "copy.pt", "--out", "runs/toy-synthetic"])
+    assert digest(tmp_path / "runs/toy-synthetic/ckpt.pt") == unrelated
+
+
+def test_resume_path_starts_a_folder_once_then_its_own_checkpoint_wins(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    toy(["--out", "a"], steps=5)
+    argv = ["--resume", "a/ckpt.pt", "--out", "b", "--steps", "9"]  # what every requeue of submit.sh runs
+    run, _ = toy(argv)
+    assert run.start() == 5
+    run.checkpoint(7)
+    run._lock.close()
+    run, _ = toy(argv)
+    assert run.start() == 7, "a requeue must continue b's progress, not restart from a"
+    assert "continuing b/ckpt.pt (step 7)" in capsys.readouterr().out
+    assert load(tmp_path / "a/ckpt.pt")["step"] == 5
+
+
+def test_bare_resume_without_a_checkpoint_says_so_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run, _ = toy(["--resume", "--out", "new"])
+    assert capsys.readouterr().out.splitlines()[0] == "no checkpoint in new: starting a new run"
+    assert run.start() == 0
+
+
+def test_resume_of_a_folder_run_needs_no_data_root(tmp_path):
+    from PIL import Image
+    (tmp_path / "imgs").mkdir()
+    for i in range(8):
+        Image.new("RGB", (20, 20), (30 * i, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
+    small = ["--dataset", "folder", "--data-root", "imgs", "--image-size", 16, "--batch-size", 4, "--ngf", 4,
+             "--ndf", 4, "--device", "cpu", "--out", "run"]
+    run_script("dcgan", *small, "--steps", 2, cwd=tmp_path)
+    proc = run_script("dcgan", "--resume", "--out", "run", "--steps", 3, cwd=tmp_path)
+    assert "training from step 2 (resumed)" in proc.stdout and "done at step 3" in proc.stdout
+
+
+def test_init_starts_a_new_run_from_trained_weights(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _, trained = toy(["--out", "a", "--width", "5", "--lr", "0.3"], steps=4)
+    parent = load(tmp_path / "a/ckpt.pt")
+    argv = ["--init", "a/ckpt.pt", "--lr", "0.01", "--out", "b"]
+    run, model = toy(argv)
+    assert (run.cfg.width, run.cfg.lr, run.cfg.steps) == (5, 0.01, 10_000)  # the rest from a; a new length
+    assert run.start() == 0 and torch.equal(model.weight, trained.weight)
+    run.checkpoint(1)
+    run._lock.close()
+    assert load(tmp_path / "b/ckpt.pt")["run"] != parent["run"]
+    run, _ = toy(["--resume", *argv])                      # requeued by submit.sh: b continues
+    assert run.start() == 1 and "--init applies only when a run starts" in capsys.readouterr().out
+    run._lock.close()
+    run, _ = toy(["--init", "a/ckpt.pt", "--width", "6", "--out", "c"])
+    with pytest.raises(common.UserError, match="its m does not fit this config"):
+        run.start()
+    with pytest.raises(common.UserError, match="--init PATH starts a new run"):
+        toy(["--init", "a/ckpt.pt", "--resume", "a/ckpt.pt", "--out", "d"])
+
+
+def test_a_checkpoint_from_an_older_script_still_resumes(tmp_path, capsys):
+    toy_run(tmp_path, []).track({"m": torch.nn.Linear(3, 1)})
+    run, _ = toy(["--out", str(tmp_path / "run")], steps=2)
+    ckpt = load(tmp_path / "run/ckpt.pt")
+    del ckpt["config"]["width"]                          # a field added to the script since
+    ckpt["config"]["gone"] = 1                           # a field removed since
+    common.save_checkpoint(ckpt, tmp_path / "run/ckpt.pt")
+    run = toy_run(tmp_path, ["--resume"])
+    out = capsys.readouterr().out
+    assert run.cfg.width == 3 and "predates --width (default 3)" in out and "ignoring the checkpoint's gone" in out
+    run._lock.close()
+    with pytest.raises(common.UserError, match="lr 0.1 -> 0.5"):   # a real change is still refused
+        toy_run(tmp_path, ["--resume", "--lr", "0.5"])
+
+
+def test_sampling_takes_its_own_seed(tmp_path):
+    toy(["--out", str(tmp_path / "run")], steps=2)
+    run = toy_run(tmp_path, ["--sample", "3", "--seed", "9"])
+    assert run.cfg.seed == 9
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals, partial files, metrics.csv, cumulative time
+# ----------------------------------------------------------------------------------------------
+def test_a_signal_during_set_up_stops_at_once_and_saves_nothing(tmp_path):
+    run = toy_run(tmp_path, ["--steps", "10"])
+    with pytest.raises(common.Stopped, match="SIGTERM"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)   # the handler raises in this thread as soon as the signal lands
+    run.track({"m": torch.nn.Linear(3, 1)})
+    assert run.start() == 0
+    os.kill(os.getpid(), signal.SIGINT)       # in the loop: finish the step...
+    assert run.stop_requested and signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # ...a second one kills
+    with pytest.raises(common.Stopped, match="SIGINT"):
+        run.finish(0)                          # no step done: nothing to save, no "checkpoint saved at step 0"
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_sigterm_while_decoding_a_folder_exits_at_once(tmp_path):
+    from PIL import Image
+    (tmp_path / "imgs").mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    for i in range(3000):
+        Image.fromarray(np.roll(noise, i, axis=0)).save(tmp_path / "imgs" / f"{i:04d}.png")
+    cmd = [sys.executable, str(ROOT / "dcgan.py"), "--dataset", "folder", "--data-root", "imgs", "--image-size", "16",
+           "--device", "cpu", "--out", "run"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=OFFLINE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    while not lines or not lines[-1].startswith("decoding"):
+        lines.append(proc.stdout.readline())
+        assert lines[-1], "".join(lines) + proc.stderr.read()
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 5, "a stop during loading must not wait for the whole folder"
+    assert proc.returncode == common.EXIT_NO_PROGRESS, out + err
+    assert "stopped by SIGTERM before the first step: nothing new to save" in out, out + err
+    assert "Traceback" not in err and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_partial_files_of_a_killed_save_are_removed(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".ckpt.pt.tmp4242").write_bytes(b"half a checkpoint")
+    run = toy_run(tmp_path, [])
+    run.track({"m": torch.nn.Linear(3, 1)})
+    run.start()
+    assert not (tmp_path / "run" / ".ckpt.pt.tmp4242").exists()
+    assert "removed .ckpt.pt.tmp4242" in capsys.readouterr().out
+
+
+def test_metrics_columns_are_stable_and_time_is_cumulative(tmp_path):
+    import csv
+    run = toy_run(tmp_path, [])
+    run.track({"m": torch.nn.Linear(3, 1)})
+    run.start()
+    run.write_metrics({"step": 1, "time_s": 0.1, "loss": 1.0})
+    run.write_metrics({"step": 2, "time_s": 0.2, "fid": 50.0})       # FID every N steps: a new column
+    run.write_metrics({"step": 3, "time_s": 0.3, "loss": 3.0})
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["loss"], r["fid"]) for r in rows] == [("1", "1.0", ""), ("2", "", "50.0"), ("3", "3.0", "")]
+    time.sleep(0.2)
+    run.checkpoint(3)
+    run._lock.close()
+    resumed = toy_run(tmp_path, ["--resume"])
+    resumed.track({"m": torch.nn.Linear(3, 1)})
+    resumed.start()
+    assert resumed.time_s() >= 0.2, "time_s goes on from the checkpoint's, it does not restart at 0"
+
+
+def test_rng_state_from_another_device_warns(capsys):
+    state = common.rng_state(torch.device("cpu"))
+    state["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    common.set_rng_state(state, torch.device("cpu"))
+    assert "warning: the checkpoint was written on cuda and this run is on cpu" in capsys.readouterr().err
+
+
+def test_a_file_system_without_flock_is_one_clear_line(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(common.UserError, match="does not support flock .*Lustre"):
+        toy_run(tmp_path, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered state, data streams, plain keys
+# ----------------------------------------------------------------------------------------------
+class Pool:
+    """Stands for CycleGAN's pool of past fakes: grows from empty, state as a dict of tensors."""
+
+    def __init__(self):
+        self.images = torch.empty(0, 2)
+
+    def add(self, x):
+        self.images = torch.cat([self.images, x])[-3:]
+
+    def state_dict(self):
+        return {"images": self.images}
+
+    def load_state_dict(self, state):
+        self.images = state["images"].clone()
+
+
+def stateful(tmp_path, argv):
+    run = toy_run(tmp_path, argv)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    objects = {"sched": torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5),
+               "scaler": torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1), "ema": torch.nn.Linear(3, 1),
+               "pool": Pool(), "noise": torch.zeros(4)}
+    data = {"A": common.Batches(common.synthetic_images(40, size=4), 8, 0, CPU),
+            "B": common.Batches(common.synthetic_images(24, size=4, seed=1), 8, 1, CPU)}
+    run.track({"m": model}, {"opt": opt}, state=objects, data=data)
+    return run, model, opt, objects, data
+
+
+def test_registered_state_and_every_data_stream_resume_exactly(tmp_path):
+    run, model, opt, objects, data = stateful(tmp_path, [])
+    run.start()
+    for i in range(5):
+        opt.zero_grad()
+        objects["scaler"].scale(model(data["A"].next().flatten(1)[:, :3]).mean()).backward()
+        objects["scaler"].step(opt)
+        objects["scaler"].update()
+        objects["sched"].step()
+        objects["pool"].add(torch.full((1, 2), float(i)))
+        data["B"].next(), data["B"].next()
+    objects["noise"].normal_()
+    with torch.no_grad():
+        objects["ema"].weight.fill_(0.5)
+    run.checkpoint(5)
+    run._lock.close()
+    again, _, _, restored, streams = stateful(tmp_path, ["--resume"])
+    assert again.start() == 5
+    assert restored["sched"].state_dict() == objects["sched"].state_dict()
+    assert restored["scaler"].get_scale() == objects["scaler"].get_scale() == 1024.0 * 2 ** 5
+    assert torch.equal(restored["pool"].images, objects["pool"].images) and len(restored["pool"].images) == 3
+    assert torch.equal(restored["noise"], objects["noise"]) and torch.equal(restored["ema"].weight, objects["ema"].weight)
+    for name in "AB":
+        assert streams[name].state_dict() == data[name].state_dict()
+        assert torch.equal(streams[name].next(), data[name].next())
+
+
+def test_compiled_and_ddp_models_save_plain_keys(tmp_path):
+    import torch.distributed as dist
+    plain = torch.nn.Linear(3, 1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        wrapped = {"compiled": torch.compile(torch.nn.Linear(3, 1)),
+                   "ddp": torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))}
+        run = toy_run(tmp_path, [])
+        run.track(wrapped)
+        run.start()
+        run.checkpoint(1)
+    finally:
+        dist.destroy_process_group()
+    saved = load(tmp_path / "run" / "ckpt.pt")["models"]
+    for name, model in wrapped.items():
+        assert set(saved[name]) == {"weight", "bias"}, saved[name].keys()
+        plain.load_state_dict(saved[name])   # a plain --sample run loads it
+        assert torch.equal(plain.weight, common.unwrap(model).weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: splits, labels, folder cache, bad files
+# ----------------------------------------------------------------------------------------------
+def test_synthetic_splits_and_labels():
+    train, y = common.load_images("synthetic", "", labels=True)
+    test, y_test = common.load_images("synthetic", "", split="test", labels=True)
+    assert train.shape == (256, 1, 28, 28) and test.shape == (64, 1, 28, 28) and y.shape == (256,)
+    assert y.dtype == torch.int64 and set(y.tolist()) == {0, 1, 2, 3} and not torch.equal(train[:64], test)
+    with pytest.raises(common.UserError, match="no test split"):
+        common.load_images("folder", "", 16, split="test")
+
+
+@pytest.mark.skipif(not common.FASHION_MNIST_DEBIAN.is_dir(),
+                    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+def test_fashion_mnist_test_split_and_labels(tmp_path):
+    x, y = common.load_images("fashion-mnist", str(tmp_path), split="test", labels=True)
+    assert x.shape == (10_000, 1, 28, 28) and y.shape == (10_000,)
+    assert torch.bincount(y).tolist() == [1000] * 10   # ten balanced classes
+
+
+def test_folder_is_decoded_once_and_cached_by_content(tmp_path, monkeypatch):
+    from PIL import Image
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(5):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(root / f"{i}.png")
+    first = common.load_images("folder", str(root), 8)
+    monkeypatch.setattr(common, "_decode", lambda *a: pytest.fail("decoded again although nothing changed"))
+    assert torch.equal(common.load_images("folder", str(root), 8), first)
+    monkeypatch.undo()
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(root / "0.png")   # a changed file is decoded again
+    changed = common.load_images("folder", str(root), 8)
+    assert changed[0, 1].min() == 255 and torch.equal(changed[1:], first[1:])
+    assert len(list(root.glob(".cache-8px-*.pt"))) == 1   # the stale cache is gone
+
+
+def test_bad_data_files_are_one_line_before_the_run_folder(tmp_path):
+    from PIL import Image
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "imgs" / "good.png")
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "mnist").mkdir()
+    raw = (0x0803).to_bytes(4, "big") + (100).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(1000)
+    with gzip.open(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw)
+    (tmp_path / "cut").mkdir()
+    full = gzip.compress(raw + bytes(100 * 784 - 1000))
+    (tmp_path / "cut" / "train-images-idx3-ubyte.gz").write_bytes(full[:len(full) // 2])
+    small = ["--image-size", 16, "--ngf", 4, "--ndf", 4, "--device", "cpu", "--steps", 1]
+    for data, words in ((["--dataset", "folder", "--data-root", "imgs"], ["bad.png"]),
+                        (["--dataset", "mnist", "--data-root", "mnist"], ["truncated"]),
+                        (["--dataset", "mnist", "--data-root", "cut"], ["train-images-idx3-ubyte.gz", "truncated"])):
+        proc = run_script("dcgan", *small, *data, "--out", "run", cwd=tmp_path, check=False)
+        assert_clean_error(proc, *words)
+        assert not (tmp_path / "run").exists()

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import common
 import dcgan
-from conftest import (check_bad_inputs, check_exact_resume, check_sample, check_signal_resume, check_smoke,
+from conftest import (check_bad_flags, check_bad_inputs, check_exact_resume, check_sample, check_signal_resume, check_smoke,
                       run_script)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 16, "--batch-size", 16, "--ngf", 4, "--ndf", 4,
@@ -99,3 +99,16 @@ def test_bad_inputs(tmp):
     check_bad_inputs("dcgan", SMALL, "gan", GAN_SMALL, tmp)
     proc = run_script("dcgan", *SMALL, "--image-size", 48, "--out", tmp / "odd", cwd=tmp, check=False)
     assert proc.returncode == 2 and "--image-size 48" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_flags(tmp):
+    check_bad_flags("dcgan", SMALL, tmp, [(["--image-size", 48], ["--image-size 48"])])
+
+
+def test_load_from_python(tmp):
+    """The documented notebook use: the generator from a checkpoint alone, config rebuilt from it."""
+    run_script("dcgan", *SMALL, "--steps", 1, "--out", tmp / "run", cwd=tmp)
+    G = dcgan.load(tmp / "run" / "ckpt.pt")
+    saved = torch.load(tmp / "run" / "ckpt.pt", weights_only=True)["models"]["G"]
+    assert not G.training and all(torch.equal(v, saved[k]) for k, v in G.state_dict().items())
+    assert G(torch.zeros(2, G.nz)).shape[0] == 2

@@ -7,7 +7,8 @@ import torch
 
 import common
 import gan
-from conftest import check_bad_inputs, check_exact_resume, check_sample, check_signal_resume, check_smoke
+from conftest import (check_bad_flags, check_bad_inputs, check_exact_resume, check_sample, check_signal_resume,
+                      check_smoke, run_script)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 12, "--batch-size", 16, "--g-hidden", 32,
          "--d-units", 8, "--device", "cpu"]
@@ -105,3 +106,16 @@ def test_sample(tmp):
 
 def test_bad_inputs(tmp):
     check_bad_inputs("gan", SMALL, "dcgan", DCGAN_SMALL, tmp)
+
+
+def test_bad_flags(tmp):
+    check_bad_flags("gan", SMALL, tmp, [(["--image-size", 0], ["--image-size 0"]), (["--loss", "wasserstein"], ["--loss"])])
+
+
+def test_load_from_python(tmp):
+    """The documented notebook use: the generator from a checkpoint alone, config rebuilt from it."""
+    run_script("gan", *SMALL, "--steps", 1, "--out", tmp / "run", cwd=tmp)
+    G = gan.load(tmp / "run" / "ckpt.pt")
+    saved = torch.load(tmp / "run" / "ckpt.pt", weights_only=True)["models"]["G"]
+    assert not G.training and all(torch.equal(v, saved[k]) for k, v in G.state_dict().items())
+    assert G(torch.zeros(2, G.nz)).shape[0] == 2
