@@ -54,6 +54,11 @@
 #     KillWait seconds (often 30) Slurm sends SIGKILL.
 #   - the trainer fails (bad argument, NaN, run folder in use by another job):
 #     its exit status becomes the job's, FAILED, no requeue.
+#   - USR1 before the trainer's first step (still loading data): it exits 3 with
+#     nothing new to save, and the job is not requeued: a job that makes no
+#     progress between two requeues would otherwise requeue forever.
+#   - --resume PATH in the arguments: PATH starts --out only while --out has no
+#     checkpoint of its own; every requeue after that continues --out's.
 #
 # Job name: #SBATCH lines are read by sbatch before anything runs, so they cannot
 # compute a name from the arguments. Pass -J <script> to name the job and its log.
@@ -264,6 +269,12 @@ fi
 if [ "$got_usr1" = 1 ]; then
     # 138 = killed by USR1: python was exiting just as it came (send_usr1 leaves
     # only a moment for that); its last checkpoint is intact, so go on as usual.
+    # 3 = stopped before its first step (common.EXIT_NO_PROGRESS): a requeue would
+    # most likely stop at the same place again, so the job ends instead of looping.
+    if [ "$rc" = 3 ]; then
+        say "the trainer made no progress in this job (no step since it started): not requeueing; submit it again once the cause is fixed"
+        exit "$rc"
+    fi
     if [ "$rc" != 0 ] && [ "$rc" != 138 ]; then
         say "trainer exited with status $rc after USR1: not requeueing"
         exit "$rc"

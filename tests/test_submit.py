@@ -318,13 +318,35 @@ def test_usr1_reaches_every_torchrun_worker(tmp_path):
 
 
 def test_usr1_during_python_start_is_held_until_its_handler_is_installed(tmp_path):
-    """A USR1 before python catches it (while torch imports) would kill it: submit.sh waits, then sends it."""
+    """A USR1 before python catches it (while torch imports) would kill it: submit.sh waits, then sends it.
+    Python then either stops during its set-up (nothing to save: exit 3, and no requeue, since a job that
+    made no progress would requeue forever) or, if its first steps won the race, checkpoints them."""
     proc = subprocess.Popen(["bash", str(SUBMIT), "gan", "--steps", str(STEPS), "--out", str(tmp_path / "run"),
                              *TINY], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     time.sleep(0.3)                     # bash has set its traps; python is not running yet
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert "checkpoint saved at step" in out and "not under SLURM, nothing to requeue" in out, out
+    if "before the first step" in out:
+        assert proc.returncode == 3, out
+        assert "stopped by SIGUSR1 before the first step: nothing new to save" in out, out
+        assert "made no progress in this job" in out and not (tmp_path / "run" / "ckpt.pt").exists(), out
+    else:
+        assert proc.returncode == 0, out
+        assert "checkpoint saved at step" in out and "not under SLURM, nothing to requeue" in out, out
 
+
+def test_usr1_before_any_progress_is_not_requeued(tmp_path):
+    """A trainer that stops before its first step exits 3 (common.EXIT_NO_PROGRESS): no requeue, or a job
+    that never gets past its set-up would requeue forever."""
+    repo = fake_repo(tmp_path)
+    (repo / "gan.py").write_text('import signal, sys, time\n'
+                                 'signal.signal(signal.SIGUSR1, lambda s, f: sys.exit(3))\n'
+                                 'print("ready", flush=True)\ntime.sleep(60)\n')
+    proc = subprocess.Popen(["bash", str(SUBMIT), "gan"], cwd=repo, env={**ENV, "REPO_DIR": str(repo)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while "ready" not in proc.stdout.readline():
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3 and "made no progress in this job" in out and "requeueing job" not in out, out
