@@ -32,26 +32,37 @@ to 299x299 (align_corners=False) -> 2x - 1; statistics are float64 (np.cov). Dev
     - Folders are read recursively (pytorch-fid reads the top level only); float images given to
       evaluate() are rounded to uint8 first, as when they are written to PNG, so both ways agree.
 
+Few images. The 2048x2048 covariance of 2048 images or fewer is singular, and FID is biased upwards,
+the more so the fewer the images (Bińkowski et al. 2018): FID on fewer than 10,000 images on either side
+comes with a warning that says which (on the command line one `warning:` line on stderr; from a script a
+FIDWarning, shown once per calling line by Python's default filter).
+
 Usage
     python fid.py generated/ real/                        # FID of two folders of images
     python fid.py generated.npz real_stats.npz --kid --isc --prc --device cuda --batch-size 200
     python fid.py --save-stats real/ real_stats.npz       # cache mu, sigma (and features) of real images
+    python fid.py --save-stats fashion-mnist fmnist_train.npz    # ... of a built-in dataset's training split
+    python fid.py generated.npz cifar10 --data-root data  # a dataset name: its training split, as stored
     python fid.py A B --weights pt_inception-2015-12-05-6726825d.pth     # offline: the weights file
 It prints one `name: value` line per metric (fid, kid_mean, kid_std, is_mean, is_std, precision, recall).
 Each of A (generated) and B (reference) is a folder of images (png/jpg/..., searched recursively, all
 the same size), an .npz of uint8 images (key `images` or its only array; N x H x W x C or N x C x H x W;
 grayscale is repeated to 3 channels), or a statistics .npz (`mu`, `sigma`: pytorch-fid's format; KID and
-precision/recall also need the `features` that --save-stats stores). Without --weights the weights are
-read from, or downloaded into, the torch hub cache (pytorch-fid's file and place).
+precision/recall also need the `features` that --save-stats stores), or the name of a built-in dataset
+(fashion-mnist, mnist, cifar10, svhn, synthetic, synthetic-rgb: its training images at their stored
+size, read from --data-root as the model scripts read them; a path that exists wins over a name).
+Without --weights the weights are read from, or downloaded into, the torch hub cache (pytorch-fid's
+file and place).
 
 Library
-    ref = fid.reference_stats("data/fid_cifar10.npz", real_images)   # computed once, then read back;
-                                                                      # delete the file to recompute
+    ref = fid.reference_stats("data/fid_cifar10.npz", real_images)   # computed once, then read back
     scores = fid.evaluate(lambda b: G(torch.randn(b, 100, device=dev)), ref, n=10_000,
                           metrics=("fid", "kid"), device=dev)          # {"fid": ..., "kid_mean": ..., ...}
-Images are N x C x H x W tensors/arrays, uint8 or float in [-1, 1]; `samples` may also be an iterable of
-such batches, a function batch_size -> batch (put the generator in eval mode), or a path as on the
-command line. Lower level: load_inception, extract, statistics, frechet_distance,
+Images are N x C x H x W tensors/arrays, uint8 or float in `value_range` (default (-1, 1); pass (0, 1)
+for images in [0, 1]); `samples` may also be an iterable of such batches, a function batch_size -> batch
+(put the generator in eval mode), or a path as on the command line. reference_stats records in its file
+what the statistics were computed from, and computes them again when it is asked for other images.
+Lower level: load_inception, extract, statistics, frechet_distance,
 kernel_inception_distance, inception_score, precision_recall, save_stats, load_stats.
 """
 from __future__ import annotations
@@ -59,10 +70,12 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import hashlib
 import itertools
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,6 +94,10 @@ METRICS = ("fid", "kid", "isc", "prc")
 
 class FIDError(common.UserError):
     """A problem the user can fix (missing weights, bad input): printed as one line by the CLI."""
+
+
+class FIDWarning(UserWarning):
+    """A number that is computed but should not be trusted or compared as it is (too few images)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,15 +310,19 @@ def load_inception(weights: str | None = None, device: str = "cpu") -> FIDIncept
 # ----------------------------------------------------------------------------------------------
 # Inputs: folders, image .npz, statistics .npz, tensors, iterables and functions -> uint8 batches
 # ----------------------------------------------------------------------------------------------
-def to_uint8(images) -> torch.Tensor:
-    """N x C x H x W images, uint8 or float in [-1, 1], C = 1 or 3 -> uint8 N x 3 x H x W tensor.
-    Floats are rounded as the model scripts write their PNGs, so evaluate() on a generator and
-    fid.py on its written samples give the same numbers."""
+def to_uint8(images, value_range=(-1.0, 1.0)) -> torch.Tensor:
+    """N x C x H x W images, uint8 or float in `value_range`, C = 1 or 3 -> uint8 N x 3 x H x W tensor.
+    Floats are mapped and rounded as common.to_uint8 writes the model scripts' PNGs, so evaluate() on a
+    generator and fid.py on its written samples give the same numbers."""
     x = torch.as_tensor(images)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise FIDError(f"expected images N x C x H x W with C = 1 or 3, got shape {tuple(x.shape)}")
     if x.dtype != torch.uint8:
-        x = ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        low, high = value_range
+        if not low < high:
+            raise FIDError(f"value_range {tuple(value_range)}: expected (low, high) with low < high")
+        # common.to_uint8's mapping, without its move to the CPU: a generator's batch stays on its GPU
+        x = ((x.detach().float() - low) * (255.0 / (high - low))).round().clamp(0, 255).to(torch.uint8)
     # grayscale -> RGB as PIL's convert("RGB"); contiguous N x C x H x W as in pytorch-fid, since the
     # strides of an N x H x W x C source would select other convolution kernels (differences of 1e-6)
     return x.expand(-1, 3, -1, -1).contiguous()
@@ -398,14 +419,14 @@ def _batches(samples, batch_size: int, num_workers: int):
 # ----------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def extract(model: FIDInceptionV3, batches, n: int | None = None, label: str = "images",
-            total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+            total: int | None = None, value_range=(-1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
     """Pool features (N x 2048) and logits (N x 1008), float32, of the first `n` images of `batches`
-    (all if n is None), with a progress line on stderr."""
+    (all if n is None; float images in `value_range`), with a progress line on stderr."""
     device = next(model.parameters()).device
     total = n or total
     features, logits, done, t0 = [], [], 0, time.time()
     for batch in batches:
-        x = to_uint8(batch)[:None if n is None else n - done]
+        x = to_uint8(batch, value_range)[:None if n is None else n - done]
         # uint8 -> [0, 1] exactly as torchvision's ToTensor in pytorch-fid (a division, not a product)
         f, z = model(x.to(device).float().div(255))
         features.append(f.cpu().numpy())
@@ -590,27 +611,48 @@ def _open(x, metrics, label: str) -> dict:
     return source
 
 
-def _stats_of(source: dict, model_fn, n, batch_size: int, num_workers: int, label: str) -> dict:
+def _stats_of(source: dict, model_fn, n, batch_size: int, num_workers: int, label: str,
+              value_range=(-1.0, 1.0)) -> dict:
     """{mu, sigma, features[, logits]}: read from the cache, or from one pass of the network."""
     if "stats" in source:
         return source["stats"]
     images = source["images"]
     total = len(images) if hasattr(images, "__len__") else None
-    features, logits = extract(model_fn(), _batches(images, batch_size, num_workers), n, label, total)
+    features, logits = extract(model_fn(), _batches(images, batch_size, num_workers), n, label, total,
+                               value_range)
     return {**statistics(features), "logits": logits}
 
 
+def _warn_if_few(stats: dict) -> None:
+    """A FIDWarning when the smaller of the sets (label -> statistics) is too small for a trustworthy or
+    comparable FID. Statistics without features (pytorch-fid's) do not say how many images they had."""
+    sizes = {label: len(s["features"]) for label, s in stats.items() if "features" in s}
+    if not sizes:
+        return
+    label = min(sizes, key=sizes.get)
+    n, d = sizes[label], len(stats[label]["mu"])
+    if n <= d:  # the covariance of n images has rank n - 1 at most
+        message = f"the {d}x{d} covariance is singular: FID on N <= {d} images is unreliable and not comparable"
+    elif n < 10_000:
+        message = "FID is biased upwards on fewer than 10,000 images; compare only numbers computed with the same N"
+    else:
+        return
+    warnings.warn(f"{message} ({label}: N = {n})", FIDWarning, stacklevel=3)  # names evaluate()'s caller
+
+
 def evaluate(samples, reference, n: int | None = None, metrics=("fid",), batch_size: int = 50,
-             device="auto", weights: str | None = None, num_workers: int = 4) -> dict:
+             device="auto", weights: str | None = None, num_workers: int = 4, value_range=(-1.0, 1.0)) -> dict:
     """Compare generated `samples` with a `reference`, from one pass of the network over each.
 
-    samples:   images N x C x H x W (tensor/array, uint8 or float in [-1, 1]), an iterable of such batches,
-               a function batch_size -> batch, or a path (folder, image .npz, statistics .npz).
-    reference: a path or a dict from reference_stats()/load_stats() (real images: cache their statistics).
-    n:         how many samples (needed for a function; default all).
-    metrics:   any of "fid", "kid", "isc" (Inception Score of the samples), "prc" (precision/recall).
+    samples:     images N x C x H x W (tensor/array, uint8 or float in value_range), an iterable of such
+                 batches, a function batch_size -> batch, or a path (folder, image .npz, statistics .npz).
+    reference:   a path or a dict from reference_stats()/load_stats() (real images: cache their statistics).
+    n:           how many samples (needed for a function; default all).
+    metrics:     any of "fid", "kid", "isc" (Inception Score of the samples), "prc" (precision/recall).
+    value_range: (low, high) of float images, mapped to 0..255: (-1, 1) by default, (0, 1) for images in
+                 [0, 1] (gan.py's); uint8 images and files are read as they are.
     Returns the keys of the metrics asked for among fid, kid_mean, kid_std, is_mean, is_std,
-    precision, recall.
+    precision, recall. FID on fewer than 10,000 images on either side comes with a FIDWarning.
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -622,11 +664,12 @@ def evaluate(samples, reference, n: int | None = None, metrics=("fid",), batch_s
     gen = _open(samples, metrics, gen_label)
     ref = _open(reference, set(metrics) - {"isc"}, ref_label)
     model_fn = functools.partial(load_inception, weights, str(device))  # loaded only if images are given
-    gen = _stats_of(gen, model_fn, n, batch_size, num_workers, gen_label)
-    ref = _stats_of(ref, model_fn, None, batch_size, num_workers, ref_label)
+    gen = _stats_of(gen, model_fn, n, batch_size, num_workers, gen_label, value_range)
+    ref = _stats_of(ref, model_fn, None, batch_size, num_workers, ref_label, value_range)
     out = {}
     if "fid" in metrics:
         out["fid"] = frechet_distance(gen["mu"], gen["sigma"], ref["mu"], ref["sigma"])
+        _warn_if_few({gen_label: gen, ref_label: ref})
     if "kid" in metrics:
         out["kid_mean"], out["kid_std"] = kernel_inception_distance(gen["features"], ref["features"], device=device)
     if "isc" in metrics:
@@ -640,32 +683,89 @@ def _name(x, default: str) -> str:
     return str(x) if isinstance(x, (str, Path)) else default
 
 
-def reference_stats(path, images, batch_size: int = 50, device="auto", weights: str | None = None,
-                    num_workers: int = 4) -> dict:
-    """Statistics of real `images` (anything evaluate() takes as samples) cached at `path`: read back if
-    the file exists, else computed once and saved there (pytorch-fid's mu and sigma, plus the features
-    that KID and precision/recall need: 8 kB per image)."""
-    if Path(path).exists():
+def _record(given, source: dict, weights: str | None, value_range) -> dict:
+    """What statistics are computed from (`given`, opened as `source`), as stored beside them: `key`, a
+    sha256 of the uint8 images the network sees (of a folder: of its file names, sizes and modification
+    times, which needs no decoding), and `weights`, the weights file's name (pytorch-fid's ends in the
+    start of its sha256: hashing 91 MB at every call would cost more than the check is worth)."""
+    h = hashlib.sha256()
+    if "stats" in source:  # statistics already: keep the record of the images they came from
+        stats = source["stats"]
+        if "key" in stats:
+            return {"key": stats["key"], "weights": stats["weights"]}
+        h.update(np.ascontiguousarray(stats["mu"]).tobytes() + np.ascontiguousarray(stats["sigma"]).tobytes())
+        return {"key": np.array(h.hexdigest()), "weights": np.array("")}
+    images = source["images"]
+    if isinstance(images, list):  # a folder's files; names relative to it, so that it may be moved
+        for f in images:
+            st = f.stat()
+            h.update(f"{f.relative_to(given)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:  # converted as extract() converts them: floats and their uint8 images share a key
+        h.update(str(tuple(images.shape[2:])).encode())
+        for i in range(0, len(images), 4096):
+            h.update(to_uint8(images[i:i + 4096], value_range).cpu().numpy())
+    return {"key": np.array(h.hexdigest()), "weights": np.array(os.path.basename(weights or FID_WEIGHTS_URL))}
+
+
+def reference_stats(path, images=None, batch_size: int = 50, device="auto", weights: str | None = None,
+                    num_workers: int = 4, value_range=(-1.0, 1.0)) -> dict:
+    """Statistics of real `images` (a tensor/array, uint8 or float in value_range, or a path as on the
+    command line) cached at `path`: pytorch-fid's mu and sigma, the features that KID and precision/recall
+    need (8 kB per image), and a record of what they were computed from (a sha256 of the images, or of a
+    folder's file names, sizes and times; the weights file's name). The file is read back when its record
+    matches `images` and `weights`; it is computed again and overwritten, with a line on stderr, when it
+    does not or when it has no record (pytorch-fid's, an older fid.py's). images=None: read it as it is."""
+    path = Path(path)
+    if images is None:
         return load_stats(path)
-    _check_writable(Path(path))
+    if not isinstance(images, (str, Path, np.ndarray, torch.Tensor)):  # batches cannot be hashed up front
+        raise FIDError(f"reference_stats({str(path)!r}, images): give the images as one tensor/array or a "
+                       f"path, not {type(images).__name__}")
     label = _name(images, f"reference for {path}")
     source = _open(images, (), label)
+    record = _record(images, source, weights, value_range)
+    if path.exists():
+        cached = load_stats(path)
+        if "key" not in cached:
+            why = "records no source images (pytorch-fid's or an older fid.py's)"
+        elif str(cached["key"]) != str(record["key"]):
+            why = "was computed from other images"
+        elif str(cached["weights"]) != str(record["weights"]):
+            why = f"was computed with other Inception weights ({cached['weights']})"
+        else:
+            return cached
+        print(f"{path} {why}: computing it again", file=sys.stderr)
+    _check_writable(path)
     device = common.pick_device(device) if isinstance(device, str) else device
     model_fn = functools.partial(load_inception, weights, str(device))
-    stats = _stats_of(source, model_fn, None, batch_size, num_workers, label)
+    stats = _stats_of(source, model_fn, None, batch_size, num_workers, label, value_range)
     stats.pop("logits", None)
+    stats = {**stats, **record}
     save_stats(path, stats)
     return stats
 
 
+def _cli_input(arg: str, data_root: str):
+    """A or B on the command line: a path that exists, else a built-in dataset's training images."""
+    if Path(arg).exists():
+        return arg
+    if arg in common.DATASETS:  # at the size it is stored in: Inception resizes to 299 itself
+        return common.load_images(arg, data_root)
+    raise FIDError(f"{arg}: no such file or folder, nor a dataset ({', '.join(common.DATASETS)})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("a", metavar="A", help="generated images or their statistics (--save-stats: any images)")
-    parser.add_argument("b", metavar="B", help="reference images or statistics (--save-stats: the .npz to write)")
+    parser.add_argument("a", metavar="A", help="generated images, their statistics, or a dataset name "
+                        "(--save-stats: any images or dataset)")
+    parser.add_argument("b", metavar="B", help="reference images, their statistics, or a dataset name "
+                        "(--save-stats: the .npz to write)")
     parser.add_argument("--kid", action="store_true", help="also the Kernel Inception Distance")
     parser.add_argument("--isc", action="store_true", help="also the Inception Score of A")
     parser.add_argument("--prc", action="store_true", help="also precision and recall of A against B (k = 3)")
     parser.add_argument("--save-stats", action="store_true", help="write the statistics of A to the .npz B")
+    parser.add_argument("--data-root", default="data", help="where a dataset named as A or B is read from "
+                        "(and downloaded to, where the network allows), as by the model scripts (default: data)")
     parser.add_argument("--weights", default=None, help="the Inception weights file (default: the torch hub "
                         "cache, downloaded there where the network allows)")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | cuda:1 | mps")
@@ -675,17 +775,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
         parser.error("--batch-size must be at least 1 and --num-workers at least 0")
-    a, b = args.a, args.b
     try:
         if args.save_stats:
-            if Path(b).exists():
-                raise FIDError(f"{b} exists; delete it first or choose another name")
-            reference_stats(b, a, args.batch_size, args.device, args.weights, args.num_workers)
-            print(f"saved the statistics of {a} to {b}")
+            if Path(args.b).exists():
+                raise FIDError(f"{args.b} exists; delete it first or choose another name")
+            reference_stats(args.b, _cli_input(args.a, args.data_root), args.batch_size, args.device,
+                            args.weights, args.num_workers)
+            print(f"saved the statistics of {args.a} to {args.b}")
             return
         metrics = ["fid"] + [m for m in METRICS[1:] if getattr(args, m)]
-        scores = evaluate(a, b, metrics=metrics, batch_size=args.batch_size, device=args.device,
-                          weights=args.weights, num_workers=args.num_workers)
+        a, b = _cli_input(args.a, args.data_root), _cli_input(args.b, args.data_root)
+        with warnings.catch_warnings():  # one `warning:` line on stderr, as the errors, every time
+            warnings.simplefilter("always", FIDWarning)
+            warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+            scores = evaluate(a, b, metrics=metrics, batch_size=args.batch_size, device=args.device,
+                              weights=args.weights, num_workers=args.num_workers)
     except common.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -151,8 +152,26 @@ def test_features_equal_pytorch_fids(tmp_path, monkeypatch, weights):
 def test_floats_are_rounded_like_the_written_samples():
     x = torch.linspace(-1.2, 1.2, 3 * 8 * 8 * 2).reshape(2, 3, 8, 8)
     assert torch.equal(fid.to_uint8(x), common.to_uint8(x))
+    assert torch.equal(fid.to_uint8(x, (0, 1)), common.to_uint8(x, (0, 1)))  # gan.py's images
     gray = torch.randint(0, 256, (2, 1, 5, 5), dtype=torch.uint8)
     assert torch.equal(fid.to_uint8(gray), gray.repeat(1, 3, 1, 1))
+
+
+def test_float_images_in_either_value_range(tmp_path, weights):
+    """The same images as uint8, as floats in [-1, 1] and as floats in [0, 1] (gan.py's, the VAE's)
+    with their value_range: the same features, so the same statistics and scores."""
+    x = torch.from_numpy(images(2, seed=4)).permute(0, 3, 1, 2).contiguous()  # uint8 N x 3 x H x W
+    in_pm1, in_01 = x / 127.5 - 1, x / 255
+    flags = dict(batch_size=2, device="cpu", weights=weights)
+    ref = fid.reference_stats(tmp_path / "uint8.npz", x, **flags)
+    floats = fid.reference_stats(tmp_path / "floats.npz", in_01, value_range=(0, 1), **flags)
+    for k in ("mu", "sigma", "features"):
+        np.testing.assert_array_equal(floats[k], ref[k])
+    kid = fid.evaluate(x, ref, metrics=("kid",), **flags)  # KID: cheap on 2 images, FID needs a 2048-d eigh
+    for samples, value_range in ((in_pm1, (-1, 1)), (in_01, (0, 1))):
+        assert fid.evaluate(samples, ref, metrics=("kid",), value_range=value_range, **flags) == kid
+    with pytest.raises(fid.FIDError, match="low < high"):
+        fid.to_uint8(in_01, (1, 0))
 
 
 def test_npz_layouts(tmp_path):
@@ -221,6 +240,79 @@ def test_evaluate_with_a_generator_and_cached_reference(tmp_path, weights):
     assert scores["kid_mean"] > 0 and 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
 
 
+def no_network(*args, **kwargs):
+    raise AssertionError("the Inception network ran")
+
+
+def test_reference_stats_are_recomputed_for_other_images(tmp_path, monkeypatch, capsys, weights):
+    """The cache is keyed by the images: the same images read it back, other images (or a file that
+    records no images, as pytorch-fid's) compute it again and overwrite it."""
+    x = torch.from_numpy(images(2, seed=6)).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(images(2, seed=7)).permute(0, 3, 1, 2).contiguous()
+    path, flags = tmp_path / "ref.npz", dict(batch_size=2, device="cpu", weights=weights)
+    first = fid.reference_stats(path, x, **flags)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(fid, "extract", no_network)
+        m.setattr(fid, "load_inception", no_network)
+        assert fid.reference_stats(path, x, **flags)["mu"].tobytes() == first["mu"].tobytes()
+        fid.reference_stats(path, x.numpy() / 255, value_range=(0, 1), **flags)  # the same images as floats
+    assert capsys.readouterr().err == ""
+
+    other = fid.reference_stats(path, y, **flags)
+    assert "was computed from other images: computing it again" in capsys.readouterr().err
+    assert not np.allclose(other["mu"], first["mu"])
+    assert fid.load_stats(path)["mu"].tobytes() == other["mu"].tobytes()  # overwritten
+
+    np.savez(path, mu=first["mu"], sigma=first["sigma"])  # pytorch-fid's format: no record of the images
+    again = fid.reference_stats(path, x, **flags)
+    assert "records no source images" in capsys.readouterr().err
+    assert again["mu"].tobytes() == first["mu"].tobytes() and "key" in fid.load_stats(path)
+    with pytest.raises(fid.FIDError, match="one tensor/array or a path"):
+        fid.reference_stats(path, iter([x]))  # batches cannot be keyed before they are read
+
+
+def test_few_images_come_with_a_warning():
+    """With no more images than dimensions (2048; 16 here) the covariance is singular; below 10,000,
+    FID is biased upwards. Statistics without features (pytorch-fid's) do not say how many."""
+    def stats(n):
+        return fid.statistics(gaussian_features(n, 16, seed=n))
+
+    big = stats(10_000)
+    with pytest.warns(fid.FIDWarning, match=r"the 16x16 covariance is singular: .*\(samples: N = 10\)"):
+        fid.evaluate(stats(10), big)
+    with pytest.warns(fid.FIDWarning, match=r"biased upwards on fewer than 10,000 .*\(reference: N = 500\)"):
+        fid.evaluate(big, stats(500))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fid.evaluate(big, stats(20_000))
+        small = stats(10)
+        fid.evaluate(big, {"mu": small["mu"], "sigma": small["sigma"]})
+        fid.evaluate(stats(10), big, metrics=("kid",))  # KID is unbiased
+
+
+def test_cache_keys(tmp_path):
+    """What reference_stats compares, without the network: the uint8 images (whatever their layout or
+    value range), a folder's names, sizes and times, and the weights file's name."""
+    def key(given, weights=None, value_range=(-1.0, 1.0)):
+        source = fid._open(given, (), "test")
+        return {k: str(v) for k, v in fid._record(given, source, weights, value_range).items()}
+
+    x = images(3, seed=8)
+    np.savez(tmp_path / "x.npz", images=x)  # N x H x W x C
+    nchw = torch.from_numpy(x).permute(0, 3, 1, 2)
+    assert key(nchw) == key(str(tmp_path / "x.npz")) == key(nchw / 255, value_range=(0, 1))
+    assert key(nchw)["key"] != key(nchw.flip(0))["key"]
+    assert key(nchw, "/weights/other.pth")["weights"] == "other.pth" != key(nchw)["weights"]
+
+    folder = write_folder(tmp_path / "png", x)
+    before = key(folder)
+    assert key(folder) == before
+    time.sleep(0.01)
+    Image.fromarray(x[0] // 2).save(tmp_path / "png" / "001.png")  # rewritten in place
+    assert key(folder)["key"] != before["key"]
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line, as a user runs it
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +330,9 @@ def test_cli_folder_against_npz(tmp_path, weights):
     assert list(scores) == ["fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall"]
     assert scores["fid"] > 0 and scores["is_mean"] >= 1 and 0 <= scores["precision"] <= 1
     assert "a: 10/10 images" in proc.stderr and "b.npz: 4/4 images" in proc.stderr  # the progress lines
+    warned = [line for line in proc.stderr.splitlines() if "arning" in line]  # one line, not Python's two
+    assert len(warned) == 1 and warned[0].startswith("warning: the 2048x2048 covariance is singular: ")
+    assert warned[0].endswith(f"({b}: N = 4)")
 
 
 def test_save_stats_round_trip(tmp_path, capsys, weights):
@@ -253,6 +348,44 @@ def test_save_stats_round_trip(tmp_path, capsys, weights):
     fid.main([str(b), str(tmp_path / "stats.npz"), "--kid", "--prc", *flags])  # images vs their own statistics
     scores = scores_of(capsys.readouterr().out)
     assert abs(scores["fid"]) < 1e-6 * trace and scores["precision"] == scores["recall"] == 1
+
+
+def test_dataset_by_name(tmp_path, monkeypatch, weights):
+    """A built-in dataset named as A or B is its training split, as common.load_images gives it at its
+    stored size, read from --data-root: the same statistics as those images written to an .npz."""
+    load_images, calls = common.load_images, []
+
+    def first_three(*args):  # 3 of the 256 synthetic images: seconds, not minutes, of Inception on a CPU
+        calls.append(args)
+        return load_images(*args)[:3]
+
+    monkeypatch.setattr(common, "load_images", first_three)
+    monkeypatch.chdir(tmp_path)
+    flags = ["--weights", weights, "--device", "cpu", "--data-root", "root"]
+    fid.main(["--save-stats", "synthetic", "named.npz", *flags])
+    assert calls == [("synthetic", "root")]
+    np.savez("images.npz", images=load_images("synthetic", "root", 28)[:3].permute(0, 2, 3, 1).numpy())
+    fid.main(["--save-stats", "images.npz", "from-npz.npz", *flags])
+    named, from_npz = fid.load_stats("named.npz"), fid.load_stats("from-npz.npz")
+    for k in ("mu", "sigma", "features", "key"):
+        np.testing.assert_array_equal(named[k], from_npz[k])
+    # as A or B of a comparison (main reads both through _cli_input; its FID would cost a 2048-d eigh)
+    assert torch.equal(fid._cli_input("synthetic", "root"), load_images("synthetic", "root", 28)[:3])
+    assert calls[-1] == ("synthetic", "root")
+
+    # a path that exists is a path, even with a dataset's name; anything else is named in the error
+    write_folder(tmp_path / "mnist", images(2))
+    assert fid._cli_input("mnist", "root") == "mnist"
+    with pytest.raises(fid.FIDError, match="no-such: no such file or folder, nor a dataset"):
+        fid._cli_input("no-such", "root")
+
+
+def test_missing_dataset_offline(tmp_path):
+    """A dataset that is not under --data-root and cannot be downloaded: common's one line, no file."""
+    proc = run_script("fid", "--save-stats", "mnist", "out.npz", "--data-root", tmp_path / "empty", cwd=tmp_path,
+                      check=False)
+    assert_clean_error(proc, "mnist", "--data-root")
+    assert not (tmp_path / "out.npz").exists()
 
 
 def bad_inputs(tmp_path, weights):
@@ -300,7 +433,8 @@ def test_help_names_every_flag(capsys):
         fid.main(["--help"])
     out = capsys.readouterr().out
     assert stop.value.code == 0 and "Heusel" in out
-    for flag in ("--kid", "--isc", "--prc", "--save-stats", "--weights", "--device", "--batch-size", "--num-workers"):
+    for flag in ("--kid", "--isc", "--prc", "--save-stats", "--data-root", "--weights", "--device", "--batch-size",
+                 "--num-workers"):
         assert flag in out
 
 
