@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -46,6 +47,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -131,6 +133,17 @@ class RunConfig:
                       command=True, min=0)
     sample_out: str = arg("", "a folder of PNGs, or a .npz of uint8 images (default: <out>/generated)",
                           command=True, metavar="PATH")
+    keep_every: int = arg(0, "also keep ckpt-<step>.pt every N steps, to go back to (default: 0, off)", run=True,
+                          min=0)
+    eval_every: int = arg(0, "every N steps: FID of --eval-n samples against the training data, to metrics.csv; "
+                          "best.pt keeps the best (default: 0, off)", run=True, min=0)
+    eval_n: int = arg(10_000, "samples per evaluation", run=True, min=2)
+    eval_metrics: str = arg("fid", "comma-separated, among fid, kid, prc (precision/recall)", run=True,
+                            metavar="LIST")
+    # Speed: none changes the mathematics, so each may change when a run is resumed
+    amp: bool = arg(False, "mixed precision: bf16 autocast (fp16 with a GradScaler on GPUs without bf16)",
+                    run=True)
+    compile: bool = arg(False, "torch.compile the networks", run=True)
 
 
 def field_kinds(cfg) -> tuple[set[str], set[str]]:
@@ -374,14 +387,22 @@ class Batches:
     Epoch e visits the images in the order ``randperm(N)`` seeded by (seed, e), so the position in the
     data is just (epoch, index): that pair is all a checkpoint needs to continue the same order.
     The last incomplete batch of an epoch is dropped (constant batch size for BatchNorm).
+    Under DDP ``batch_size`` is the global batch: process ``rank`` of ``world`` takes its slice of each
+    global batch, so the images of a step are the same whatever the number of processes.
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int, device: torch.device,
-                 value_range: tuple[float, float] = (-1.0, 1.0)):
+                 value_range: tuple[float, float] = (-1.0, 1.0), rank: int = 0, world: int = 1,
+                 memory_format=torch.contiguous_format):
         if len(images) < batch_size:
             raise UserError(f"--batch-size {batch_size} is larger than the dataset ({len(images)} images)")
+        if batch_size % world:
+            raise UserError(f"--batch-size {batch_size} is the global batch: it must divide among the {world} "
+                            f"processes")
         self.images = images.to(device)
-        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.global_batch, self.seed, self.device = batch_size, seed, device
+        self.batch_size = batch_size // world  # this process's share of every global batch
+        self.rank, self.memory_format = rank, memory_format
         self.low, self.high = value_range
         self.epoch, self.index = 0, 0
         self.batches_per_epoch = len(images) // batch_size
@@ -397,10 +418,11 @@ class Batches:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         if self._order is None:
             self._order = self._epoch_order()
-        idx = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        start = self.index * self.global_batch + self.rank * self.batch_size
+        idx = self._order[start:start + self.batch_size]
         self.index += 1
-        x = self.images[idx].float()
-        return x * ((self.high - self.low) / 255.0) + self.low
+        x = self.images[idx].float() * ((self.high - self.low) / 255.0) + self.low
+        return x.contiguous(memory_format=self.memory_format)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -649,6 +671,199 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Several processes (torchrun): who writes, agreeing on a stop, averaging what is logged
+# ----------------------------------------------------------------------------------------------
+class Distributed:
+    """The process group of a torchrun launch (WORLD_SIZE > 1), or a stand-in for one process.
+
+    Rank 0 alone writes files; every rank trains on its share of each global batch with its own noise.
+    Small flags and RNG states travel through a gloo group on the CPU, so that agreeing on a stop every
+    ``STOP_SYNC`` steps costs one tiny message and never waits for the GPU.
+    """
+    STOP_SYNC = 10  # steps between two agreements on a stop request: all ranks stop at the same step
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        self.is_main, self.device, self.group = self.rank == 0, device, None
+        if self.world == 1:
+            return
+        import datetime
+        import torch.distributed as dist
+        if device.type == "cuda":
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        elif device.type != "cpu":
+            raise UserError(f"--device {device}: several processes need cuda (one GPU each) or cpu")
+        # a long evaluation on rank 0 keeps the others waiting in their next collective
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+        self.group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+    def from_main(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The average of ``x`` over the ranks (on its device: NCCL for CUDA tensors)."""
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)  # SUM: gloo has no AVG
+        return x / self.world
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()  # a rank that leaves while another still talks aborts gloo
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.csv and curves.png
+# ----------------------------------------------------------------------------------------------
+class MetricsFile:
+    """metrics.csv with stable, named columns: the union of every key logged so far, in order of first
+    appearance. A new key (FID every N steps, a test NLL) adds a column and rewrites the file once;
+    a row without a key leaves its cell empty. ``rewind(step)`` drops the rows after a resumed step."""
+
+    def __init__(self, path: Path):
+        self.path, self.columns = path, []
+
+    def _read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            self.columns = list(reader.fieldnames or [])
+        return rows
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def rewind(self, step: int) -> None:
+        rows = self._read()
+        kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        if len(kept) != len(rows):
+            self._rewrite(kept)
+
+    def write(self, row: dict) -> None:
+        new = [k for k in row if k not in self.columns]
+        if new or not self.path.is_file():
+            rows = self._read()
+            self.columns += [k for k in row if k not in self.columns]
+            self._rewrite(rows + [row])
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(row)
+
+    def plot(self, path: Path) -> None:
+        """curves.png: one panel per logged quantity against the step (matplotlib, drawn off-screen)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        rows = self._read()
+        names = [c for c in self.columns if c not in ("step", "time_s")]
+        if not rows or not names:
+            return
+        cols = min(3, len(names))
+        fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(names) / cols)),
+                                 squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            points = [(int(r["step"]), float(r[name])) for r in rows if r.get(name) not in ("", None)]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in axes.flat[len(names):]:
+            ax.axis("off")
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        fig.savefig(tmp, dpi=80, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training (--eval-every)
+# ----------------------------------------------------------------------------------------------
+EVAL_METRICS = ("fid", "kid", "prc")
+
+
+class Evaluation:
+    """FID (and KID, precision/recall) of ``n`` generated images against the training images, every
+    --eval-every steps, with fid.py. The reference statistics are computed once and cached by content
+    (``~/.cache/gen-models``); samples come from their own seeded generator, so the training noise is
+    untouched and exact resume holds; ``should_stop`` interrupts a long evaluation (SLURM gives five
+    minutes after USR1). A missing metric network (offline, no weights) turns evaluation off with one
+    line: the run goes on."""
+
+    def __init__(self, cfg, real: torch.Tensor, generate: Callable, value_range, device, should_stop: Callable):
+        self.metrics = [m for m in cfg.eval_metrics.split(",")]
+        self.n, self.seed, self.real, self.generate = cfg.eval_n, cfg.seed + 1, real, generate
+        self.value_range, self.device, self.should_stop = value_range, device, should_stop
+        key = cfg.dataset if cfg.dataset != "folder" else f"folder-{hashlib.sha256(str(Path(cfg.data_root).resolve()).encode()).hexdigest()[:8]}"
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "gen-models"
+        self.ref_path = cache / f"ref-{key}-{real.shape[-1]}px.npz"
+        self.ref, self.off = None, False
+
+    def __call__(self) -> dict | None:
+        """The scores, or None when interrupted or off."""
+        import fid
+        if self.off:
+            return None
+        try:
+            if self.ref is None:
+                self.ref_path.parent.mkdir(parents=True, exist_ok=True)
+                self.ref = fid.reference_stats(self.ref_path, self.real, device=self.device)
+            g = torch.Generator(self.device).manual_seed(self.seed)  # the same noise at every evaluation
+            return fid.evaluate(lambda n: self.generate(n, g), self.ref, n=self.n, metrics=self.metrics,
+                                device=self.device, value_range=self.value_range, should_stop=self.should_stop)
+        except fid.Interrupted:
+            print("evaluation interrupted by the stop request: skipped", flush=True)
+        except UserError as e:
+            self.off = True
+            print(f"evaluation off for this run: {e}", flush=True)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
 # The run: config resolution, folder and lock, signals, logging, sampling and checkpoint cadence
 # ----------------------------------------------------------------------------------------------
 class Run:
@@ -656,32 +871,53 @@ class Run:
 
     ``Run(cfg, script)`` resolves the run and writes nothing: ``--out`` (default
     ``runs/<script>-<dataset>``), which checkpoint to continue (module docstring: resume semantics), the
-    config (fields not typed come from that checkpoint), the device; it refuses a folder that another
-    process has locked. For training it makes SIGTERM, SIGUSR1 and SIGINT stop the run: during set-up at
-    once (nothing to save), later after the current step, with a checkpoint; a second Ctrl-C kills.
+    config (fields not typed come from that checkpoint), the device and, under torchrun, the process
+    group; it refuses a folder that another process has locked. For training it makes SIGTERM, SIGUSR1
+    and SIGINT stop the run: during set-up at once (nothing to save), later after the current step,
+    with a checkpoint; a second Ctrl-C kills.
 
     ``run.track(...)`` names what a checkpoint holds; ``run.start()`` creates and locks the folder, writes
     args.json and loads the checkpoint (or --init's weights); ``end_step`` and ``finish`` do the rest.
+    Under torchrun only rank 0 writes; the pieces it uses are Distributed, MetricsFile and Evaluation.
     """
 
     def __init__(self, cfg, script: str):
         self.cfg, self.script = cfg, script
         self.sampling = cfg.sample > 0
+        self.is_main = os.environ.get("RANK", "0") == "0"
         self.ckpt, self.init = self._resolve()
         check_dataset(cfg.dataset)
-        self.device = pick_device(cfg.device)
-        seed_everything(cfg.seed)
+        unknown = set(cfg.eval_metrics.split(",")) - set(EVAL_METRICS)
+        if unknown:
+            raise UserError(f"--eval-metrics {cfg.eval_metrics}: choose among {', '.join(EVAL_METRICS)}")
+        if self.sampling and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--sample runs in one process: start it with python, not torchrun")
+        self.dist = Distributed(pick_device(cfg.device))
+        self.device, self.rank, self.world = self.dist.device, self.dist.rank, self.dist.world
+        seed_everything(cfg.seed + self.rank)  # each rank its own noise; DDP copies rank 0's initial weights
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        # --amp: bf16 where the device has it (no loss scaling needed), else fp16 with a GradScaler
+        bf16 = self.device.type == "cpu" or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.amp = (torch.bfloat16 if bf16 else torch.float16) if cfg.amp else None
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "ckpt.pt"
+        self.metrics = MetricsFile(self.out / "metrics.csv")
         self.models, self.optimizers, self.state, self.data = {}, {}, {}, {}
         self.sample_fn: Callable[[], torch.Tensor] | None = None
-        self.sample_range = (-1.0, 1.0)
-        self.stop_requested, self.stop_signal, self._started, self._lock = False, "", False, None
+        self.sample_range, self.evaluation, self.best_fid = (-1.0, 1.0), None, math.inf
+        self.stop_requested, self._stop_local, self.stop_signal = False, False, ""
+        self._started, self._lock = False, None
         if not self.sampling:
-            if self.out.is_dir():
+            if self.out.is_dir() and self.is_main:
                 self._lock_folder()  # a busy folder is refused now, not after loading the data
             for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
+
+    def say(self, *args, **kwargs) -> None:
+        """print, on rank 0 only."""
+        if self.is_main:
+            print(*args, **{"flush": True, **kwargs})
 
     # -- which checkpoint, which config ----------------------------------------------------------
     def _resolve(self) -> tuple[dict | None, dict | None]:
@@ -708,9 +944,9 @@ class Run:
         elif own is None:
             ckpt = src
             if cfg.resume == "auto":
-                print(f"no checkpoint in {cfg.out}: starting a new run", flush=True)
+                self.say(f"no checkpoint in {cfg.out}: starting a new run")
             elif src is not None:
-                print(f"starting {cfg.out} from {path} (step {src['step']})", flush=True)
+                self.say(f"starting {cfg.out} from {path} (step {src['step']})")
         elif cfg.resume is None:
             raise UserError(f"{own_path} exists: pass --resume to continue it, or another --out")
         elif src is not None and own is not src and (own.get("run") is None or own.get("run") != src.get("run")):
@@ -719,10 +955,10 @@ class Run:
         else:
             ckpt = own
             if src is not None and own is not src:
-                print(f"continuing {own_path} (step {own['step']}), this run's own checkpoint: --resume {path} "
-                      f"only starts a folder that has none", flush=True)
+                self.say(f"continuing {own_path} (step {own['step']}), this run's own checkpoint: --resume {path} "
+                      f"only starts a folder that has none")
             if init is not None:
-                print(f"continuing {own_path}: --init applies only when a run starts", flush=True)
+                self.say(f"continuing {own_path}: --init applies only when a run starts")
             init = None
         if ckpt is not None:
             self._merge(ckpt["config"], refuse=True)
@@ -748,10 +984,10 @@ class Run:
             raise UserError(f"the checkpoint was trained with another config ({', '.join(clashes)}); drop those "
                             f"flags to continue it, or start a new run with --init and another --out")
         if predates:
-            print(f"the checkpoint predates {', '.join(predates)}: using the default", flush=True)
+            self.say(f"the checkpoint predates {', '.join(predates)}: using the default")
         gone = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
         if gone:
-            print(f"ignoring the checkpoint's {', '.join(gone)}: no longer a flag of {self.script}.py", flush=True)
+            self.say(f"ignoring the checkpoint's {', '.join(gone)}: no longer a flag of {self.script}.py")
 
     # -- folder, lock, signals -------------------------------------------------------------------
     def _lock_folder(self) -> None:
@@ -779,6 +1015,8 @@ class Run:
         self._lock.flush()
 
     def _open_folder(self) -> None:
+        if not self.is_main:
+            return
         try:
             (self.out / "samples").mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -788,30 +1026,36 @@ class Run:
             self._lock_folder()
         for partial in self.out.glob(".*.tmp[0-9]*"):  # what a SIGKILL mid-save left behind
             partial.unlink()
-            print(f"removed {partial.name}, a partial file left by a killed process", flush=True)
+            self.say(f"removed {partial.name}, a partial file left by a killed process")
         config = dataclasses.asdict(self.cfg)
         (self.out / "args.json").write_text(json.dumps(config, indent=2) + "\n")
-        print(f"{self.script}: " + " ".join(f"{k}={v}" for k, v in config.items()), flush=True)
+        self.say(f"{self.script}: " + " ".join(f"{k}={v}" for k, v in config.items()))
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signal.Signals(signum).name
         if not self._started:
             raise Stopped(self.stop_signal)  # loading data or state: nothing to save, stop at once
-        self.stop_requested = True
+        self._stop_local = True
+        self.stop_requested = self.world == 1  # under torchrun the ranks agree first (end_step)
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills, even inside a long C call
 
     # -- state -----------------------------------------------------------------------------------
     def track(self, models: dict, optimizers: dict | None = None, state: dict | None = None,
               data: dict | None = None, sample: Callable[[], torch.Tensor] | None = None,
-              sample_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+              sample_range: tuple[float, float] = (-1.0, 1.0), generate: Callable | None = None,
+              real: torch.Tensor | None = None) -> None:
         """Name what a checkpoint holds: ``models`` (saved with plain keys, checked for NaN/inf, in eval mode
         for sample grids), ``optimizers``, ``state`` (tensors, or any object with state_dict and
         load_state_dict: LR schedulers, GradScaler, EMA, image pools), ``data`` (Batches streams), and
-        ``sample``, which draws the fixed-noise grid in ``sample_range``."""
+        ``sample``, which draws the fixed-noise grid in ``sample_range``. For --eval-every: ``generate(n,
+        generator)`` draws n images with a torch.Generator, ``real`` are the uint8 training images."""
         self.models, self.optimizers = models, optimizers or {}
         self.state, self.data = state or {}, data or {}
         self.sample_fn, self.sample_range = sample, sample_range
+        if self.cfg.eval_every and self.is_main and generate is not None:
+            self.evaluation = Evaluation(self.cfg, real, generate, sample_range, self.device,
+                                         should_stop=lambda: self._stop_local)
 
     def start(self) -> int:
         """Training: create and lock the folder, write args.json, load the checkpoint (or --init's model
@@ -826,16 +1070,17 @@ class Run:
             step = self._restore(self.ckpt)
         elif self.init is not None:
             self._load_models(self.init, f"--init {self.cfg.init}")
-            print(f"model weights from {self.cfg.init} (step {self.init['step']}), a new run", flush=True)
+            self.say(f"model weights from {self.cfg.init} (step {self.init['step']}), a new run")
         self.ckpt = self.init = None  # free the CPU copies
-        self._metrics_open(step)
+        if self.is_main:
+            self.metrics.rewind(step)
         self.t0 = self.t_last = time.time()
         self.step_last = self.start_step = self.saved_step = step
         self.sums, self.count = {}, 0
         if step >= self.cfg.steps:
-            print(f"already done at step {step} (--steps {self.cfg.steps})", flush=True)
+            self.say(f"already done at step {step} (--steps {self.cfg.steps})")
         else:
-            print(f"training from step {step}" + (" (resumed)" if step else ""), flush=True)
+            self.say(f"training from step {step}" + (" (resumed)" if step else ""))
         self._started = True
         return step
 
@@ -867,7 +1112,13 @@ class Run:
             data = {name: data for name in self.data}
         for name, stream in self.data.items():
             stream.load_state_dict(data[name])
-        set_rng_state(ck["rng"], self.device)
+        rng, world = ck["rng"], int(ck.get("world", 1))
+        if world != self.world:
+            self.say(f"the checkpoint was written by {world} process(es), this run has {self.world}: the global "
+                     f"batch and the data order are the same, the per-process noise and batch statistics are "
+                     f"not, so training goes on but not bit-identically to an uninterrupted run")
+        set_rng_state(rng[min(self.rank, len(rng) - 1)] if isinstance(rng, list) else rng, self.device)
+        self.best_fid = float(ck.get("best_fid", math.inf))
         self.run_id = ck.get("run") or self.run_id
         self.elapsed = float(ck.get("time_s", 0.0))
         source = Path(self.cfg.resume) if self.cfg.resume not in (None, "auto") else self.ckpt_path
@@ -877,19 +1128,24 @@ class Run:
     # -- the loop --------------------------------------------------------------------------------
     def end_step(self, step: int, losses: dict[str, torch.Tensor]) -> None:
         """After optimizer step ``step``: accumulate the losses (on the device, no host sync), and on
-        schedule log their averages, draw the sample grid and write the checkpoint."""
+        schedule log their averages, draw the sample grid, evaluate and write the checkpoint."""
         for k, v in losses.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
         cfg = self.cfg
+        if self.world > 1 and step % Distributed.STOP_SYNC == 0:
+            self.stop_requested = self.dist.agree(self._stop_local)  # every rank stops at this same step
         last = step >= cfg.steps or self.stop_requested
         if step % cfg.log_every == 0 or last:
             self._log(step)
-        if self.sample_fn is not None and step % cfg.sample_every == 0:
+        if self.sample_fn is not None and step % cfg.sample_every == 0 and self.is_main:
             self.save_samples(step)
-        if step % cfg.ckpt_every == 0 or last:
-            self.checkpoint(step)
+        best = False
+        if cfg.eval_every and step % cfg.eval_every == 0 and not self.stop_requested:
+            best = self._evaluate(step)
+        if step % cfg.ckpt_every == 0 or last or best or (cfg.keep_every and step % cfg.keep_every == 0):
+            self.checkpoint(step, best=best)
 
     def time_s(self) -> float:
         """Training time of this run so far, across resumes."""
@@ -898,57 +1154,46 @@ class Run:
     def _log(self, step: int) -> None:
         if self.count == 0:
             return
-        means = {k: (v / self.count).item() for k, v in self.sums.items()}
+        names = list(self.sums)
+        means = self.dist.mean(torch.stack([self.sums[k] for k in names]) / self.count).tolist()
+        means = dict(zip(names, means))
         self.sums, self.count = {}, 0
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
             self._diverged(bad, step)
         now = time.time()
         rate = (step - self.step_last) * self.cfg.batch_size / max(now - self.t_last, 1e-9)
+        eta = (self.cfg.steps - step) * (now - self.t_last) / max(step - self.step_last, 1)
         self.t_last, self.step_last = now, step
         row = {"step": step, "time_s": round(self.time_s(), 2), "images_per_s": round(rate, 1),
                **{k: f"{v:.6g}" for k, v in means.items()}}
-        self.write_metrics(row)
-        print(f"step {step:>7d} | " + " | ".join(f"{k} {v}" for k, v in list(row.items())[1:]), flush=True)
-
-    def _metrics_open(self, step: int) -> None:
-        """Read metrics.csv's columns and drop its rows after ``step`` (a resumed run logs them again)."""
-        path = self.out / "metrics.csv"
-        self.columns, rows = [], []
-        if path.is_file():
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                rows = list(reader)
-                self.columns = list(reader.fieldnames or [])
-        kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        if len(kept) != len(rows):
-            self._rewrite_metrics(kept)
-
-    def _rewrite_metrics(self, rows: list[dict]) -> None:
-        path = self.out / "metrics.csv"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        if self.is_main:
+            self.metrics.write(row)
+        self.say(f"step {step}/{self.cfg.steps} | {_duration(self.time_s())} | ETA {_duration(eta)} | "
+                 + " | ".join(f"{k} {v}" for k, v in list(row.items())[2:]))
 
     def write_metrics(self, row: dict) -> None:
-        """Append a row to metrics.csv. Its columns are the union of every key logged so far, in order of
-        first appearance: a new key (FID every N steps, test NLL) adds a column, and the file is rewritten
-        once with it; rows without a key leave its cell empty."""
-        path = self.out / "metrics.csv"
-        new = [k for k in row if k not in self.columns]
-        if new or not path.is_file():
-            rows = []
-            if path.is_file():
-                with open(path, newline="") as f:
-                    rows = list(csv.DictReader(f))
-            self.columns += new
-            self._rewrite_metrics(rows + [row])
-            return
-        with open(path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(row)
+        """Add a row to metrics.csv (rank 0); a new key adds a column (MetricsFile)."""
+        if self.is_main:
+            self.metrics.write(row)
+
+    def _evaluate(self, step: int) -> bool:
+        """--eval-every on rank 0, the models in eval mode; True if the FID is the best so far."""
+        best = False
+        if self.evaluation is not None:
+            t = time.time()
+            with self._eval_mode():
+                scores = self.evaluation()
+            if scores:
+                self.metrics.write({"step": step, "time_s": round(self.time_s(), 2),
+                                    **{k: f"{v:.6g}" for k, v in scores.items()}})
+                self.say(f"step {step}/{self.cfg.steps} | evaluation in {_duration(time.time() - t)} | "
+                         + " | ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+                best = scores.get("fid", math.inf) < self.best_fid
+                if best:
+                    self.best_fid = scores["fid"]
+            self.t_last += time.time() - t  # images/s counts training only
+        return self.dist.from_main(best)
 
     def _diverged(self, names: list[str], step: int) -> None:
         if self.last_good is not None:
@@ -959,55 +1204,96 @@ class Run:
             advice = "no checkpoint was written yet: start again with a lower --lr or another --seed"
         raise UserError(f"{', '.join(names[:3])} became NaN or inf by step {step}: training diverged; {advice}")
 
-    def save_samples(self, step: int) -> None:
-        """The fixed-noise grid, drawn with every model in eval mode and no gradient, so that drawing it
-        changes nothing (no BatchNorm statistics, no RNG draw)."""
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Every model in eval mode and no gradient, then back: drawing samples changes nothing (no
+        BatchNorm statistics, no dropout, no RNG draw from the training streams)."""
         modes = {name: m.training for name, m in self.models.items()}
         for m in self.models.values():
             m.eval()
-        with torch.no_grad():
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for name, m in self.models.items():
+                m.train(modes[name])
+
+    def save_samples(self, step: int) -> None:
+        """The fixed-noise grid, drawn in eval mode (``_eval_mode``)."""
+        with self._eval_mode():
             images = self.sample_fn()
-        for name, m in self.models.items():
-            m.train(modes[name])
         save_grid(images, self.out / "samples" / f"{step:06d}.png", value_range=self.sample_range)
 
     def write_generated(self, batches, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
         """--sample: write the generated batches to --sample-out (default <out>/generated), checked first."""
         out = Path(self.cfg.sample_out or self.out / "generated")
         n = save_images(batches, out, value_range)
-        print(f"wrote {n} images to {out}", flush=True)
+        self.say(f"wrote {n} images to {out}")
         return out
 
-    def checkpoint(self, step: int) -> None:
-        """Write ckpt.pt atomically, after checking that no loss since the last log and no floating tensor
-        of the state (weights, buffers, optimizer moments, EMA...) is NaN/inf: a diverged run never
-        overwrites the last good checkpoint."""
+    def checkpoint(self, step: int, best: bool = False) -> None:
+        """Write ckpt.pt atomically (rank 0), after checking that no loss since the last log and no floating
+        tensor of the state (weights, buffers, optimizer moments, EMA...) is NaN/inf: a diverged run never
+        overwrites the last good checkpoint. Also best.pt (``best``), ckpt-<step>.pt (--keep-every) and
+        curves.png. Every rank calls it: their RNG states are gathered into it."""
+        rng = self.dist.gather(rng_state(self.device))
         state = {
             "script": self.script, "format": CHECKPOINT_FORMAT, "run": self.run_id, "step": step,
-            "time_s": self.time_s(), "config": dataclasses.asdict(self.cfg),
+            "time_s": self.time_s(), "world": self.world, "best_fid": self.best_fid,
+            "config": dataclasses.asdict(self.cfg),
             "models": {k: unwrap(m).state_dict() for k, m in self.models.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "state": {k: v if isinstance(v, torch.Tensor) else v.state_dict() for k, v in self.state.items()},
             "data": {k: d.state_dict() for k, d in self.data.items()},
-            "rng": rng_state(self.device),
+            "rng": rng if self.world > 1 else rng[0],
         }
         losses = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
         bad = nonfinite({"loss": losses, "models": state["models"], "optimizers": state["optimizers"],
-                         "state": state["state"]})
+                         "state": state["state"]}) if self.is_main else []
+        bad = self.dist.from_main(bad)
         if bad:
             self._diverged(bad, step)
-        save_checkpoint(state, self.ckpt_path)
+        if self.is_main:
+            save_checkpoint(state, self.ckpt_path)
+            if best:
+                _link_or_copy(self.ckpt_path, self.out / "best.pt")
+            if self.cfg.keep_every and step % self.cfg.keep_every == 0:
+                _link_or_copy(self.ckpt_path, self.out / f"ckpt-{step}.pt")
+            self._plot()
         self.saved_step, self.last_good = step, (self.ckpt_path, step)
+
+    def _plot(self) -> None:
+        try:
+            self.metrics.plot(self.out / "curves.png")
+        except ImportError:
+            if not getattr(self, "_told_plot", False):
+                warn("no curves.png: pip install matplotlib")
+                self._told_plot = True
 
     def finish(self, step: int) -> None:
         """After the loop: save the last step (a signal may land after end_step's check) and say how the
         run ended. A stop before any new step raises Stopped: run_main exits with EXIT_NO_PROGRESS."""
         if step != self.saved_step:
             self.checkpoint(step)
+        self.dist.close()
         if step >= self.cfg.steps:
             if step > self.start_step:
-                print(f"done at step {step}: {self.ckpt_path}", flush=True)
+                self.say(f"done at step {step}: {self.ckpt_path}")
         elif step > self.start_step:
-            print(f"checkpoint saved at step {step} ({self.stop_signal}); continue with --resume", flush=True)
+            self.say(f"checkpoint saved at step {step} ({self.stop_signal}); continue with --resume")
         else:
             raise Stopped(self.stop_signal)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` (a hard link where the file system allows: no extra space),
+    replaced atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)

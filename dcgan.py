@@ -45,6 +45,11 @@ Usage:
     python dcgan.py --sample 10000 --sample-out dcgan.npz --interpolate 8   # images + latent walks
     python dcgan.py --init runs/dcgan-fashion-mnist/ckpt.pt --dataset folder --data-root ~/mine --out runs/ft
     sbatch submit.sh dcgan --image-size 32
+    python dcgan.py --eval-every 1000 --keep-every 5000   # FID during training, best.pt, snapshots
+    python dcgan.py --amp --channels-last --compile   # speed flags (README: measured speed)
+    torchrun --standalone --nproc_per_node=4 dcgan.py   # 4 GPUs, one process each (DDP); or GPUS=4 sbatch submit.sh dcgan
+--batch-size is the global batch, shared among the processes: the same images make a step whatever
+their number (each process its own slice and its own noise), so the paper's batch holds by default.
 
 From Python: G = dcgan.load("runs/dcgan-fashion-mnist/ckpt.pt"); images = G(dcgan.sample_z(64, G.nz, "cpu")).
 """
@@ -77,6 +82,7 @@ class Config(common.RunConfig):
     ndf: int = arg(64, "D's channels at its first layer (doubled at each block)", min=1)
     leak: float = arg(0.2, "LeakyReLU slope in D")
     init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation")
+    channels_last: bool = arg(False, "NHWC memory layout for the convolutions (faster with --amp)", run=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,28 +163,36 @@ def sample_z(n: int, nz: int, device, generator=None):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def train_step(G, D, opt_G, opt_D, x, cfg: Config) -> dict[str, torch.Tensor]:
+def train_step(G, D, opt_G, opt_D, x, cfg: Config, amp: torch.dtype | None = None,
+               scaler=torch.amp.GradScaler("cpu", enabled=False)) -> dict[str, torch.Tensor]:
+    """One iteration. ``amp``: the autocast dtype (None: float32); ``scaler``: the GradScaler of fp16
+    (disabled, it passes the losses and steps through unchanged)."""
     z = sample_z(len(x), cfg.nz, x.device)
-    fake = G(z)
-
-    # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
-    logit_real, logit_fake = D(x), D(fake.detach())
-    loss_D = (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
-              + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        fake = G(z)
+        # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
+        logit_real, logit_fake = D(x), D(fake.detach())
+        loss_D = (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
+                  + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
     opt_D.zero_grad(set_to_none=True)
-    loss_D.backward()
-    opt_D.step()
+    scaler.scale(loss_D).backward()
+    scaler.step(opt_D)
 
-    # (2) Update G: maximize log D(G(z)) (non-saturating: fake labels are real for the G cost)
-    logit_fake_G = D(fake)
-    loss_G = F.binary_cross_entropy_with_logits(logit_fake_G, torch.ones_like(logit_fake_G))
+    # (2) Update G: maximize log D(G(z)) (non-saturating: fake labels are real for the G cost).
+    # D's own gradients are not needed here: freezing D skips computing them (and DDP's sync of them).
+    D.requires_grad_(False)
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        logit_fake_G = D(fake)
+        loss_G = F.binary_cross_entropy_with_logits(logit_fake_G, torch.ones_like(logit_fake_G))
     opt_G.zero_grad(set_to_none=True)
-    loss_G.backward()
-    opt_G.step()
+    scaler.scale(loss_G).backward()
+    scaler.step(opt_G)
+    scaler.update()
+    D.requires_grad_(True)
 
     return {"loss_D": loss_D.detach(), "loss_G": loss_G.detach(),
-            "D_x": torch.sigmoid(logit_real).mean().detach(),
-            "D_G_z": torch.sigmoid(logit_fake).mean().detach()}
+            "D_x": torch.sigmoid(logit_real.float()).mean().detach(),
+            "D_G_z": torch.sigmoid(logit_fake.float()).mean().detach()}
 
 
 def build(cfg: Config, device):
@@ -187,7 +201,6 @@ def build(cfg: Config, device):
     D = Discriminator(cfg.ndf, channels, cfg.image_size, cfg.leak).to(device)
     init_weights(G, cfg.init_std)
     init_weights(D, cfg.init_std)
-    print(f"G: {common.count_parameters(G):,} parameters, D: {common.count_parameters(D):,} parameters")
     return G, D
 
 
@@ -231,6 +244,7 @@ def main():
     run = common.Run(cfg, "dcgan")
     device = run.device
     G, D = build(cfg, device)
+    run.say(f"G: {common.count_parameters(G):,} parameters, D: {common.count_parameters(D):,} parameters")
 
     if run.sampling:
         run.track(models={"G": G})
@@ -244,16 +258,27 @@ def main():
         return
 
     images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
-    batches = common.Batches(images, cfg.batch_size, cfg.seed, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=run.rank, world=run.world,
+                             memory_format=memory_format)
+    G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
     fixed_noise = sample_z(64, cfg.nz, device)
+    G_eval = G  # samples and evaluation use the plain module, on rank 0 alone
+    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
+        G = nn.parallel.DistributedDataParallel(G, device_ids=[device.index] if device.type == "cuda" else None)
+        D = nn.parallel.DistributedDataParallel(D, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        G, D = torch.compile(G), torch.compile(D)
 
     run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
-              state={"fixed_noise": fixed_noise}, sample=lambda: G(fixed_noise))
+              state={"fixed_noise": fixed_noise, "scaler": scaler}, sample=lambda: G_eval(fixed_noise),
+              generate=lambda n, g: G_eval(sample_z(n, cfg.nz, device, g)), real=images)
     step = run.start()
     while step < cfg.steps and not run.stop_requested:
-        losses = train_step(G, D, opt_G, opt_D, batches.next(), cfg)
+        losses = train_step(G, D, opt_G, opt_D, batches.next(), cfg, run.amp, scaler)
         step += 1
         run.end_step(step, losses)
     run.finish(step)

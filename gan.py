@@ -51,6 +51,11 @@ Usage:
     python gan.py --dataset mnist --loss minimax   # the original minimax generator loss
     python gan.py --sample 10000 --sample-out gan.npz   # images for `python fid.py gan.npz ...`
     sbatch submit.sh gan                           # on SLURM, requeued until done
+    python gan.py --eval-every 1000 --keep-every 5000   # FID during training, best.pt, snapshots
+    python gan.py --amp --compile                     # speed flags (README: measured speed)
+    torchrun --standalone --nproc_per_node=4 gan.py   # 4 GPUs, one process each (DDP); or GPUS=4 sbatch submit.sh gan
+--batch-size is the global batch, shared among the processes: the same images make a step whatever
+their number (each process its own slice and its own noise), so the paper's batch holds by default.
 
 From Python: G = gan.load("runs/gan-fashion-mnist/ckpt.pt"); images = G(torch.randn(64, G.nz)).
 """
@@ -172,38 +177,46 @@ def schedules(cfg: Config, step: int, epoch: int) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 # Training: Algorithm 1
 # ----------------------------------------------------------------------------------------------
-def train_step(G, D, opt_G, opt_D, batches, cfg: Config, device) -> dict[str, torch.Tensor]:
-    m = cfg.batch_size
+def train_step(G, D, opt_G, opt_D, batches, cfg: Config, device, amp: torch.dtype | None = None,
+               scaler=torch.amp.GradScaler("cpu", enabled=False)) -> dict[str, torch.Tensor]:
+    """One iteration of Algorithm 1. ``amp``: the autocast dtype (None: float32); ``scaler``: the
+    GradScaler of fp16 (disabled, it passes the losses and steps through unchanged)."""
+    m = batches.batch_size  # this process's share of the minibatch under torchrun
     # (1) for k steps: update D by ascending its stochastic gradient
     for _ in range(cfg.k):
         x = batches.next()
         z = torch.randn(m, cfg.nz, device=device)
-        with torch.no_grad():
-            fake = G(z)
-        logit_real, logit_fake = D(x), D(fake)
-        loss_D = discriminator_loss(logit_real, logit_fake)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with torch.no_grad():
+                fake = G(z)
+            logit_real, logit_fake = D(x), D(fake)
+            loss_D = discriminator_loss(logit_real, logit_fake)
         opt_D.zero_grad(set_to_none=True)
-        loss_D.backward()
-        opt_D.step()
+        scaler.scale(loss_D).backward()
+        scaler.step(opt_D)
 
-    # (2) sample fresh noise; update G by descending its stochastic gradient
+    # (2) sample fresh noise; update G by descending its stochastic gradient. D's own gradients are not
+    # needed here: freezing D skips computing them (and DDP's sync of them).
     z = torch.randn(m, cfg.nz, device=device)
-    logit_fake_G = D(G(z))
-    loss_G = generator_loss(logit_fake_G, cfg.loss)
+    D.requires_grad_(False)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        logit_fake_G = D(G(z))
+        loss_G = generator_loss(logit_fake_G, cfg.loss)
     opt_G.zero_grad(set_to_none=True)
-    loss_G.backward()
-    opt_G.step()
+    scaler.scale(loss_G).backward()
+    scaler.step(opt_G)
+    scaler.update()
+    D.requires_grad_(True)
 
     return {"loss_D": loss_D.detach(), "loss_G": loss_G.detach(),
-            "D_x": torch.sigmoid(logit_real).mean().detach(),
-            "D_G_z": torch.sigmoid(logit_fake).mean().detach()}
+            "D_x": torch.sigmoid(logit_real.float()).mean().detach(),
+            "D_G_z": torch.sigmoid(logit_fake.float()).mean().detach()}
 
 
 def build(cfg: Config, device):
     shape = (common.dataset_channels(cfg.dataset), cfg.image_size, cfg.image_size)
     G = Generator(cfg.nz, cfg.g_hidden, shape).to(device)
     D = Discriminator(shape, cfg.d_units, cfg.d_pieces).to(device)
-    print(f"G: {common.count_parameters(G):,} parameters, D: {common.count_parameters(D):,} parameters")
     return G, D
 
 
@@ -233,6 +246,7 @@ def main():
     run = common.Run(cfg, "gan")
     device = run.device
     G, D = build(cfg, device)
+    run.say(f"G: {common.count_parameters(G):,} parameters, D: {common.count_parameters(D):,} parameters")
 
     if run.sampling:
         run.track(models={"G": G})
@@ -241,21 +255,31 @@ def main():
         return
 
     images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
-    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 1.0))
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 1.0), rank=run.rank,
+                             world=run.world)
     G.init_output_bias(images.float().mean(0) / 255)
     opt_G = torch.optim.SGD(G.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     opt_D = torch.optim.SGD(D.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
     fixed_noise = torch.randn(64, cfg.nz, device=device)
+    G_eval = G  # samples and evaluation use the plain module, on rank 0 alone
+    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
+        G = nn.parallel.DistributedDataParallel(G, device_ids=[device.index] if device.type == "cuda" else None)
+        D = nn.parallel.DistributedDataParallel(D, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        G, D = torch.compile(G), torch.compile(D)
 
     run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
-              state={"fixed_noise": fixed_noise}, sample=lambda: G(fixed_noise), sample_range=(0.0, 1.0))
+              state={"fixed_noise": fixed_noise, "scaler": scaler}, sample=lambda: G_eval(fixed_noise),
+              sample_range=(0.0, 1.0), real=images,
+              generate=lambda n, g: G_eval(torch.randn(n, cfg.nz, device=device, generator=g)))
     step = run.start()
     while step < cfg.steps and not run.stop_requested:
         lr, momentum = schedules(cfg, step, batches.epoch)
         for opt in (opt_G, opt_D):
             for group in opt.param_groups:
                 group["lr"], group["momentum"] = lr, momentum
-        losses = train_step(G, D, opt_G, opt_D, batches, cfg, device)
+        losses = train_step(G, D, opt_G, opt_D, batches, cfg, device, run.amp, scaler)
         step += 1
         run.end_step(step, losses)
     run.finish(step)

@@ -565,3 +565,29 @@ def test_bad_data_files_are_one_line_before_the_run_folder(tmp_path):
         proc = run_script("dcgan", *small, *data, "--out", "run", cwd=tmp_path, check=False)
         assert_clean_error(proc, *words)
         assert not (tmp_path / "run").exists()
+
+
+def test_ddp_shards_make_the_same_global_batches():
+    """Under torchrun every rank takes its slice of the same global batch: whatever the number of
+    processes, a step sees the same images (what makes DDP's averaged gradient the full-batch one)."""
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1)
+    single = common.Batches(images, 8, seed=3, device=CPU, value_range=(0, 255))
+    ranks = [common.Batches(images, 8, seed=3, device=CPU, value_range=(0, 255), rank=r, world=4) for r in range(4)]
+    for _ in range(14):  # across two epoch boundaries (6 batches an epoch)
+        assert torch.equal(single.next(), torch.cat([b.next() for b in ranks]))
+    with pytest.raises(common.UserError, match="global batch: it must divide among the 3 processes"):
+        common.Batches(images, 8, 0, CPU, world=3)
+
+
+def test_curves_png_and_snapshots(tmp_path):
+    from PIL import Image
+    run = toy_run(tmp_path, ["--keep-every", "2", "--steps", "4", "--log-every", "1"])
+    run.track({"m": torch.nn.Linear(3, 1)})
+    run.start()
+    for step in range(1, 5):
+        run.end_step(step, {"loss": torch.tensor(float(step))})
+    run.finish(4)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.glob("ckpt*.pt")) == ["ckpt-2.pt", "ckpt-4.pt", "ckpt.pt"]
+    assert load(out / "ckpt-2.pt")["step"] == 2 and load(out / "ckpt-4.pt")["step"] == 4
+    assert Image.open(out / "curves.png").size[0] > 100

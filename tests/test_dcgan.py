@@ -7,8 +7,8 @@ import torch.nn as nn
 
 import common
 import dcgan
-from conftest import (check_bad_flags, check_bad_inputs, check_exact_resume, check_sample, check_signal_resume, check_smoke,
-                      run_script)
+from conftest import (check_bad_flags, check_bad_inputs, check_ddp, check_exact_resume, check_sample,
+                      check_signal_resume, check_smoke, load, run_script)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 16, "--batch-size", 16, "--ngf", 4, "--ndf", 4,
          "--device", "cpu"]
@@ -112,3 +112,22 @@ def test_load_from_python(tmp):
     saved = torch.load(tmp / "run" / "ckpt.pt", weights_only=True)["models"]["G"]
     assert not G.training and all(torch.equal(v, saved[k]) for k, v in G.state_dict().items())
     assert G(torch.zeros(2, G.nz)).shape[0] == 2
+
+
+def test_ddp_two_processes_stop_together_and_resume_exactly(tmp):
+    check_ddp("dcgan", SMALL, tmp)
+
+
+def test_amp_and_channels_last_resume_exactly(tmp):
+    """bf16 autocast on the CPU (these CPUs have AVX512-BF16) in NHWC layout: the same exactness."""
+    check_exact_resume("dcgan", [*SMALL, "--amp", "--channels-last"], tmp)
+
+
+def test_compile_smoke_and_its_checkpoint_loads_plain(tmp):
+    out = tmp / "compiled"
+    proc = run_script("dcgan", *SMALL, "--compile", "--amp", "--steps", 2, "--log-every", 1, "--out", out, cwd=tmp,
+                      timeout=600)
+    assert "done at step 2" in proc.stdout
+    assert not any(k.startswith("_orig_mod") for k in load(out / "ckpt.pt")["models"]["G"])
+    run_script("dcgan", "--out", out, "--sample", 3, cwd=tmp)   # a plain (uncompiled) run loads it
+    assert len(list((out / "generated").iterdir())) == 3

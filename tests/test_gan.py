@@ -8,7 +8,7 @@ import torch
 import common
 import gan
 from conftest import (check_bad_flags, check_bad_inputs, check_exact_resume, check_sample, check_signal_resume,
-                      check_smoke, run_script)
+                      check_smoke, load, run_script, torchrun)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 12, "--batch-size", 16, "--g-hidden", 32,
          "--d-units", 8, "--device", "cpu"]
@@ -119,3 +119,11 @@ def test_load_from_python(tmp):
     saved = torch.load(tmp / "run" / "ckpt.pt", weights_only=True)["models"]["G"]
     assert not G.training and all(torch.equal(v, saved[k]) for k, v in G.state_dict().items())
     assert G(torch.zeros(2, G.nz)).shape[0] == 2
+
+
+def test_ddp_two_processes(tmp):
+    proc = torchrun("gan", *SMALL, "--steps", 4, "--log-every", 2, "--out", tmp / "ddp", cwd=tmp)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "done at step 4" in out, out
+    ckpt = load(tmp / "ddp" / "ckpt.pt")
+    assert ckpt["world"] == 2 and ckpt["data"]["train"]["index"] == 4
