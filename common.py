@@ -69,8 +69,9 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing data, foreign checkpoint): printed as one line."""
 
 
-class Stopped(Exception):
-    """A stop signal arrived before training started: there is nothing new to save."""
+class Stopped(BaseException):
+    """A stop signal arrived before training started: there is nothing new to save. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way (a failed download, a bad cache) eats it."""
 
 
 def run_main(main: Callable[[], None]) -> None:
@@ -96,17 +97,21 @@ def warn(message: str) -> None:
 # Config: one dataclass per script, fields with help text, turned into argparse flags
 # ----------------------------------------------------------------------------------------------
 def arg(default, help: str, run: bool = False, command: bool = False, min: float | None = None,
-        choices: tuple | None = None, metavar: str | None = None):
+        max: float | None = None, choices: tuple | None = None, metavar: str | None = None,
+        sampling: bool = False):
     """A config field with its --help line.
 
     run=True:     may differ when a run is resumed: it does not change what is computed (where to write,
                   how often to log, how many steps). Not typed, it still comes from the checkpoint.
     command=True: belongs to one command (--resume, --sample...): never taken from a checkpoint.
-    min, choices: refused in one line when typed outside them.
+    sampling=True: an option of --sample (a command field, refused without --sample).
+    min, max, choices: refused in one line when typed outside them (bounds included; NaN is refused).
     metavar:      the value's name in --help (default: its type, or the choices).
     """
-    return dataclasses.field(default=default, metadata={"help": help, "run": run, "command": command,
-                                                       "min": min, "choices": choices, "metavar": metavar})
+    return dataclasses.field(default=default, metadata={"help": help, "run": run, "command": command or sampling,
+                                                       "sampling": sampling,
+                                                       "min": min, "max": max, "choices": choices,
+                                                       "metavar": metavar})
 
 
 @dataclasses.dataclass
@@ -122,7 +127,8 @@ class RunConfig:
     init: str = arg("", "a new run whose model weights come from the checkpoint PATH (default: none)",
                     command=True, metavar="PATH")
     steps: int = arg(10_000, "optimizer steps of the main model", run=True, min=0)
-    seed: int = arg(0, "seed of every random number generator (with --sample: of the samples)")
+    seed: int = arg(0, "seed of every random number generator (with --sample: of the samples)", min=0,
+                    max=2**32 - 1 - 1024)  # numpy's seeds are 32-bit; each rank adds its rank
     device: str = arg("auto", "auto (cuda, else mps, else cpu) | cpu | cuda | cuda:1 | mps", command=True,
                       metavar="NAME")
     log_every: int = arg(100, "print and append to metrics.csv every N steps", run=True, min=1)
@@ -132,7 +138,7 @@ class RunConfig:
     sample: int = arg(0, "no training: load the checkpoint and write N generated images to --sample-out",
                       command=True, min=0)
     sample_out: str = arg("", "a folder of PNGs, or a .npz of uint8 images (default: <out>/generated)",
-                          command=True, metavar="PATH")
+                          sampling=True, metavar="PATH")
     keep_every: int = arg(0, "also keep ckpt-<step>.pt every N steps, to go back to (default: 0, off)", run=True,
                           min=0)
     eval_every: int = arg(0, "every N steps: FID of --eval-n samples against the training data, to metrics.csv; "
@@ -177,11 +183,22 @@ def parse_config(cls, argv: list[str] | None = None):
             parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help, metavar=metavar)
     given = vars(parser.parse_args(argv))
     for f in dataclasses.fields(cls):
-        low = f.metadata.get("min")
-        if f.name in given and low is not None and given[f.name] < low:
-            parser.error(f"--{f.name.replace('_', '-')} {given[f.name]}: must be at least {low}")
-    if given.get("resume") == "":
-        parser.error("--resume '': give a checkpoint path, or --resume alone")
+        flag, value = "--" + f.name.replace("_", "-"), given.get(f.name)
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{flag} {value}: must be a finite number")
+        if low is not None and value is not None and value < low:
+            parser.error(f"{flag} {value}: must be at least {low}")
+        if high is not None and value is not None and value > high:
+            parser.error(f"{flag} {value}: must be at most {high}")
+    for name in ("out", "resume", "init", "sample_out", "data_root"):
+        if given.get(name) == "":  # e.g. an unset shell variable: never "the current folder"
+            parser.error(f"--{name.replace('_', '-')} '': give a path" + (", or --resume alone" if name == "resume" else ""))
+        if isinstance(given.get(name), str):
+            given[name] = os.path.expanduser(given[name])  # --out=~/runs/x: no shell expands it
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("sampling") and f.name in given and not given.get("sample"):
+            parser.error(f"--{f.name.replace('_', '-')} goes with --sample N (no training)")
     cfg = cls(**given)
     cfg.given = set(given)
     return cfg
@@ -198,6 +215,11 @@ _IDX = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's fold
 _IDX_STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def cache_dir() -> Path:
+    """Where computed files are kept between runs: $XDG_CACHE_HOME/gen-models, or ~/.cache/gen-models."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "gen-models"
 
 
 def check_dataset(name: str) -> None:
@@ -284,17 +306,20 @@ def _load_folder(root: Path, size: int) -> torch.Tensor:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below {root}")
     listing = "\n".join(f"{p.relative_to(root)}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in paths)
     key = hashlib.sha256(f"{size}\n{listing}".encode()).hexdigest()[:16]
-    cache = root / f".cache-{size}px-{key}.pt"
-    if cache.is_file():
-        try:
-            images = torch.load(cache, weights_only=True)
-            if images.shape == (len(paths), 3, size, size):
-                return images
-        except Exception:
-            pass  # a damaged cache is decoded again below
+    # beside the images, or in the user's cache folder where the data folder is read-only
+    fallback = cache_dir() / "folders" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    for folder in (root, fallback):
+        cache = folder / f".cache-{size}px-{key}.pt"
+        if cache.is_file():
+            try:
+                images = torch.load(cache, weights_only=True)
+                if images.shape == (len(paths), 3, size, size):
+                    return images
+            except Exception:
+                pass  # a damaged cache is decoded again below
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     t0 = t_print = time.time()
-    print(f"decoding {len(paths)} images below {root} (once: cached in {cache.name})", flush=True)
+    print(f"decoding {len(paths)} images below {root} (once: they are cached)", flush=True)
     pool = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # PIL decodes without the GIL
     try:
         chunk = 256  # a stop signal waits for one chunk at most
@@ -307,13 +332,16 @@ def _load_folder(root: Path, size: int) -> torch.Tensor:
                 print(f"  {done}/{len(paths)} images ({100 * done / len(paths):.0f}%), ETA {eta:.0f} s", flush=True)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-    try:
-        save_checkpoint(out, cache)
-        for old in root.glob(f".cache-{size}px-*.pt"):
-            if old != cache:
+    for folder in (root, fallback):
+        cache = folder / f".cache-{size}px-{key}.pt"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.glob(f".cache-{size}px-*.pt*"):  # stale caches, and a killed save's .tmp files
                 old.unlink()
-    except OSError as e:
-        warn(f"cannot cache the decoded images in {root} ({e.strerror}): they are decoded again next time")
+            save_checkpoint(out, cache)
+            return out
+        except OSError as e:
+            warn(f"cannot cache the decoded images in {folder} ({e.strerror})")
     return out
 
 
@@ -458,24 +486,25 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
     Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
 
 
-def _is_generated_png(name: str) -> bool:
-    return len(name) == 10 and name.endswith(".png") and name[:6].isdigit()
+SAMPLE_MARK = ".written-by-sample"  # in every --sample folder: only such a folder is ever emptied
 
 
 def prepare_output(path: str | Path) -> Path:
     """Check, before anything is generated, that ``path`` (a .npz file or a folder of PNGs) can be written.
 
-    A folder must be new, empty, or hold only an earlier --sample's output (000000.png, 000001.png...),
-    which is deleted: fid.py reads every image of a folder, so stale or foreign images would be mixed in.
+    A folder must be new, empty, or an earlier --sample's output (it holds SAMPLE_MARK and numbered
+    PNGs), which is emptied: fid.py reads every image of a folder, so stale or foreign images would be
+    mixed in. Any other folder is refused, never emptied.
     """
     path = Path(path)
     flag = f"--sample-out {path}"
+    npz = path.suffix.lower() == ".npz"
     if path.suffix.lower() in IMAGE_SUFFIXES:
         raise UserError(f"{flag}: give a folder (one PNG per image) or a .npz file, not an image name")
-    folder = path.parent if path.suffix == ".npz" else path
-    if path.suffix == ".npz" and path.is_dir():
+    folder = path.parent if npz else path
+    if npz and path.is_dir():
         raise UserError(f"{flag} is a folder; give a .npz file name or a folder without the .npz suffix")
-    if path.suffix != ".npz" and path.exists() and not path.is_dir():
+    if not npz and path.exists() and not path.is_dir():
         raise UserError(f"{flag} is an existing file; give a folder or a .npz file")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -484,14 +513,17 @@ def prepare_output(path: str | Path) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"{flag}: cannot write to {folder} ({e.strerror}); choose a writable place") from None
-    if path.suffix != ".npz":
+    if not npz:
         entries = list(path.iterdir())
-        foreign = [e.name for e in entries if not _is_generated_png(e.name)]
-        if foreign:
-            raise UserError(f"{flag} holds other files ({', '.join(sorted(foreign)[:3])}); fid.py would mix them "
-                            f"with the samples: choose a new or empty folder")
+        ours = (path / SAMPLE_MARK).is_file() and all(
+            e.name == SAMPLE_MARK or (e.suffix == ".png" and e.stem.isdigit()) for e in entries)
+        if entries and not ours:
+            names = sorted(e.name for e in entries)
+            raise UserError(f"{flag} holds files that an earlier --sample did not write ({', '.join(names[:3])}); "
+                            f"fid.py would mix them with the samples: choose a new or empty folder")
         for e in entries:
             e.unlink()
+        (path / SAMPLE_MARK).write_text("written by --sample: the next --sample into this folder replaces it\n")
     return path
 
 
@@ -501,16 +533,17 @@ def save_images(batches, path: str | Path, value_range: tuple[float, float] = (-
     before the first batch is drawn. Returns how many were written."""
     from PIL import Image
     path = prepare_output(path)
+    npz = path.suffix.lower() == ".npz"
     kept, n = [], 0
     for batch in batches:
         x = to_uint8(batch, value_range).permute(0, 2, 3, 1).numpy()
-        if path.suffix == ".npz":
+        if npz:
             kept.append(x)
             continue
         for image in x:
             Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path / f"{n:06d}.png")
             n += 1
-    if path.suffix == ".npz":
+    if npz:
         images = np.concatenate(kept)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
@@ -556,6 +589,9 @@ def load_checkpoint(path: str | Path, script: str) -> dict:
                         f"nothing was loaded") from None
     if not isinstance(ckpt, dict) or "script" not in ckpt or "models" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project; nothing was loaded")
+    missing = [k for k in ("step", "config", "optimizers", "data", "rng") if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path} is incomplete (no {', '.join(missing) or 'config'}); nothing was loaded")
     if ckpt["script"] != script:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py: use it with "
                         f"{ckpt['script']}.py, or use another --out")
@@ -568,6 +604,26 @@ def load_config(cls, path: str | Path, script: str):
     ckpt = load_checkpoint(path, script)
     known = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in ckpt["config"].items() if k in known}), ckpt
+
+
+def run_id(ckpt: dict) -> str:
+    """The id a run keeps across resumes and folders. Format-1 checkpoints had none: theirs is derived from
+    the config fields that fix what is computed, so the same legacy run is recognised as itself."""
+    if ckpt.get("run"):
+        return ckpt["run"]
+    fixed = {k: v for k, v in ckpt["config"].items()
+             if k not in ("out", "resume", "steps", "data_root", "device", "sample", "sample_out", "log_every",
+                          "sample_every", "ckpt_every")}
+    return "legacy-" + hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _signature(path: Path):
+    """(size, mtime) of a file, None if it does not exist: tells whether it changed in between."""
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -629,6 +685,8 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     kind = device.type if device is not None else "cpu"
     saved = "cuda" if "cuda" in state else "mps" if "mps" in state else "cpu"
+    if kind == "cpu" and isinstance(state.get("cuda"), (list, tuple)):
+        return  # format 1 saved every CUDA generator whenever CUDA existed, even for a CPU run
     if saved != kind:
         warn(f"the checkpoint was written on {saved} and this run is on {kind}: its {kind if kind != 'cpu' else saved} "
              f"random generator is not restored, so the noise differs from an uninterrupted run")
@@ -839,8 +897,7 @@ class Evaluation:
         self.n, self.seed, self.real, self.generate = cfg.eval_n, cfg.seed + 1, real, generate
         self.value_range, self.device, self.should_stop = value_range, device, should_stop
         key = cfg.dataset if cfg.dataset != "folder" else f"folder-{hashlib.sha256(str(Path(cfg.data_root).resolve()).encode()).hexdigest()[:8]}"
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "gen-models"
-        self.ref_path = cache / f"ref-{key}-{real.shape[-1]}px.npz"
+        self.ref_path = cache_dir() / f"ref-{key}-{real.shape[-1]}px.npz"
         self.ref, self.off = None, False
 
     def __call__(self) -> dict | None:
@@ -930,10 +987,11 @@ class Run:
         init = load_checkpoint(cfg.init, self.script) if cfg.init else None
         if init is not None:
             self._merge(init["config"], refuse=False)
-        if "out" not in given:
-            cfg.out = src["config"]["out"] if src else f"runs/{self.script}-{cfg.dataset}"
+        if "out" not in given:  # PATH's run goes on in PATH's folder
+            cfg.out = str(Path(path).parent) if src else f"runs/{self.script}-{cfg.dataset}"
         own_path = Path(cfg.out) / "ckpt.pt"
         own = None
+        self._own_seen = _signature(own_path)  # start() checks that no other process wrote it since
         if own_path.is_file():
             own = src if path and Path(path).resolve() == own_path.resolve() else load_checkpoint(own_path, self.script)
         if self.sampling:
@@ -949,7 +1007,7 @@ class Run:
                 self.say(f"starting {cfg.out} from {path} (step {src['step']})")
         elif cfg.resume is None:
             raise UserError(f"{own_path} exists: pass --resume to continue it, or another --out")
-        elif src is not None and own is not src and (own.get("run") is None or own.get("run") != src.get("run")):
+        elif src is not None and own is not src and run_id(own) != run_id(src):
             raise UserError(f"{own_path} holds another run (step {own['step']}), which is never overwritten: pass "
                             f"--out a new folder to start from {path}")
         else:
@@ -1024,6 +1082,9 @@ class Run:
                             f"writable folder") from None
         if self._lock is None:
             self._lock_folder()
+        if _signature(self.ckpt_path) != self._own_seen:
+            raise UserError(f"{self.ckpt_path} was written by another process while this one was starting; "
+                            f"nothing was written: run the command again (with --resume to continue it)")
         for partial in self.out.glob(".*.tmp[0-9]*"):  # what a SIGKILL mid-save left behind
             partial.unlink()
             self.say(f"removed {partial.name}, a partial file left by a killed process")
@@ -1058,25 +1119,29 @@ class Run:
                                          should_stop=lambda: self._stop_local)
 
     def start(self) -> int:
-        """Training: create and lock the folder, write args.json, load the checkpoint (or --init's model
-        weights) into what ``track`` named, rewind metrics.csv; returns the step to start from.
-        Sampling: load the models' weights only."""
+        """Training: load the checkpoint (or --init's model weights) into what ``track`` named, then create
+        and lock the folder (refusing it if another process wrote its checkpoint meanwhile), write
+        args.json and rewind metrics.csv; returns the step to start from. Nothing is written before the
+        checkpoint has loaded. Sampling: load the models' weights only."""
+        label = str(self.cfg.resume if self.cfg.resume not in (None, "auto") else self.ckpt_path)
         if self.sampling:
-            self._load_models(self.ckpt, f"{self.cfg.resume or self.ckpt_path}")
+            self._load_models(self.ckpt, label)
             return int(self.ckpt["step"])
-        self._open_folder()
         step, self.elapsed, self.run_id, self.last_good = 0, 0.0, uuid.uuid4().hex, None
         if self.ckpt is not None:
-            step = self._restore(self.ckpt)
+            step = self._restore(self.ckpt, label)
         elif self.init is not None:
             self._load_models(self.init, f"--init {self.cfg.init}")
             self.say(f"model weights from {self.cfg.init} (step {self.init['step']}), a new run")
+        self._open_folder()
         self.ckpt = self.init = None  # free the CPU copies
         if self.is_main:
             self.metrics.rewind(step)
         self.t0 = self.t_last = time.time()
-        self.step_last = self.start_step = self.saved_step = step
-        self.sums, self.count = {}, 0
+        self.step_last = self.start_step = step
+        # a run started from --resume PATH has no checkpoint of its own yet: finish() writes one
+        self.saved_step = None if step > 0 and not self.ckpt_path.is_file() else step
+        self.sums, self.counts = {}, {}
         if step >= self.cfg.steps:
             self.say(f"already done at step {step} (--steps {self.cfg.steps})")
         else:
@@ -1092,13 +1157,25 @@ class Run:
                 unwrap(model).load_state_dict(ckpt["models"][name])
             except RuntimeError as e:
                 detail = str(e).strip().splitlines()[-1].strip()
-                raise UserError(f"{label}: its {name} does not fit this config ({detail}); give the architecture "
-                                f"flags it was trained with") from None
+                _, command = field_kinds(self.cfg)
+                diff = [f"{k}={v!r} (now {getattr(self.cfg, k)!r})" for k, v in ckpt["config"].items()
+                        if k not in command and hasattr(self.cfg, k) and getattr(self.cfg, k) != v]
+                raise UserError(f"{label}: its {name} does not fit this config ({detail}); it was trained with "
+                                f"{', '.join(diff[:4]) or 'another version of the network'}") from None
 
-    def _restore(self, ck: dict) -> int:
-        self._load_models(ck, str(self.cfg.resume if self.cfg.resume != "auto" else self.ckpt_path))
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(ck["optimizers"][name])
+    def _restore(self, ck: dict, label: str) -> int:
+        self._load_models(ck, label)
+        try:
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(ck["optimizers"][name])
+            data = ck["data"]
+            if "epoch" in data:  # format 1: a single stream
+                data = {name: data for name in self.data}
+            for name, stream in self.data.items():
+                stream.load_state_dict(data[name])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{label} does not match {self.script}.py's optimizers or data streams ({type(e).__name__}: "
+                            f"{e}); nothing was written") from None
         saved = ck.get("state", ck.get("extra", {}))  # format 1 called the registered tensors "extra"
         for name, obj in self.state.items():
             if name not in saved:
@@ -1107,11 +1184,6 @@ class Run:
                 obj.copy_(saved[name])
             else:
                 obj.load_state_dict(saved[name])
-        data = ck["data"]
-        if "epoch" in data:  # format 1: a single stream
-            data = {name: data for name in self.data}
-        for name, stream in self.data.items():
-            stream.load_state_dict(data[name])
         rng, world = ck["rng"], int(ck.get("world", 1))
         if world != self.world:
             self.say(f"the checkpoint was written by {world} process(es), this run has {self.world}: the global "
@@ -1119,20 +1191,19 @@ class Run:
                      f"not, so training goes on but not bit-identically to an uninterrupted run")
         set_rng_state(rng[min(self.rank, len(rng) - 1)] if isinstance(rng, list) else rng, self.device)
         self.best_fid = float(ck.get("best_fid", math.inf))
-        self.run_id = ck.get("run") or self.run_id
+        self.run_id = run_id(ck)
         self.elapsed = float(ck.get("time_s", 0.0))
-        source = Path(self.cfg.resume) if self.cfg.resume not in (None, "auto") else self.ckpt_path
-        self.last_good = (self.ckpt_path if self.ckpt_path.is_file() else source, int(ck["step"]))
+        self.last_good = (Path(label), int(ck["step"]))
         return int(ck["step"])
 
     # -- the loop --------------------------------------------------------------------------------
     def end_step(self, step: int, losses: dict[str, torch.Tensor]) -> None:
         """After optimizer step ``step``: accumulate the losses (on the device, no host sync), and on
         schedule log their averages, draw the sample grid, evaluate and write the checkpoint."""
-        for k, v in losses.items():
+        for k, v in losses.items():  # a key may come at some steps only (a metric): each has its count
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
         cfg = self.cfg
         if self.world > 1 and step % Distributed.STOP_SYNC == 0:
             self.stop_requested = self.dist.agree(self._stop_local)  # every rank stops at this same step
@@ -1152,12 +1223,12 @@ class Run:
         return self.elapsed + time.time() - self.t0
 
     def _log(self, step: int) -> None:
-        if self.count == 0:
+        if not self.sums:
             return
         names = list(self.sums)
-        means = self.dist.mean(torch.stack([self.sums[k] for k in names]) / self.count).tolist()
+        means = self.dist.mean(torch.stack([self.sums[k] / self.counts[k] for k in names])).tolist()
         means = dict(zip(names, means))
-        self.sums, self.count = {}, 0
+        self.sums, self.counts = {}, {}
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
             self._diverged(bad, step)
@@ -1247,14 +1318,18 @@ class Run:
             "data": {k: d.state_dict() for k, d in self.data.items()},
             "rng": rng if self.world > 1 else rng[0],
         }
-        losses = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        losses = {k: v / self.counts[k] for k, v in self.sums.items()}
         bad = nonfinite({"loss": losses, "models": state["models"], "optimizers": state["optimizers"],
                          "state": state["state"]}) if self.is_main else []
         bad = self.dist.from_main(bad)
         if bad:
             self._diverged(bad, step)
         if self.is_main:
-            save_checkpoint(state, self.ckpt_path)
+            try:
+                save_checkpoint(state, self.ckpt_path)
+            except OSError as e:
+                kept = f"the previous one (step {self.saved_step}) is intact" if self.saved_step is not None else "none was"
+                raise UserError(f"cannot write {self.ckpt_path} ({e.strerror}); {kept}: free space, then --resume") from None
             if best:
                 _link_or_copy(self.ckpt_path, self.out / "best.pt")
             if self.cfg.keep_every and step % self.cfg.keep_every == 0:

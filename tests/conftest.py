@@ -137,11 +137,11 @@ def check_sample(script: str, small: list, tmp: Path) -> None:
     others for another; a second --sample replaces the first's images; bad destinations are refused."""
     import numpy as np
     out = tmp / "to-sample"
-    run_script(script, *small, "--steps", 2, "--out", out, cwd=tmp)
+    run_script(script, *small, "--steps", 2, "--sample-every", 1, "--out", out, cwd=tmp)
     before = digest(out / "ckpt.pt")
     run_script(script, "--out", out, "--sample", 5, cwd=tmp)
     run_script(script, "--out", out, "--sample", 3, cwd=tmp)  # replaces the 5: no stale images for fid.py
-    assert sorted(p.name for p in (out / "generated").iterdir()) == [f"{i:06d}.png" for i in range(3)]
+    assert sorted(p.name for p in (out / "generated").glob("*.png")) == [f"{i:06d}.png" for i in range(3)]
     for name, seed in (("a.npz", 0), ("b.npz", 0), ("c.npz", 5)):
         run_script(script, "--out", out, "--sample", 7, "--seed", seed, "--sample-out", tmp / name, cwd=tmp)
     a, b, c = (np.load(tmp / f"{n}.npz")["images"] for n in "abc")
@@ -149,12 +149,15 @@ def check_sample(script: str, small: list, tmp: Path) -> None:
     assert not np.array_equal(a, c), "--seed picks the samples"
     (tmp / "mixed").mkdir()
     (tmp / "mixed" / "real.png").write_bytes(b"")
+    grids = sorted(os.listdir(out / "samples"))
     (tmp / "file").write_text("")
-    for dest, words in ((tmp / "x.png", ["x.png", "folder"]), (tmp / "mixed", ["holds other files"]),
-                        (tmp / "file", ["existing file"]), (tmp / "file" / "sub.npz", ["cannot write"])):
+    for dest, words in ((tmp / "x.png", ["x.png", "folder"]), (tmp / "mixed", ["did not write"]),
+                        (tmp / "file", ["existing file"]), (tmp / "file" / "sub.npz", ["cannot write"]),
+                        (out / "samples", ["did not write"])):
         proc = run_script(script, "--out", out, "--sample", 2, "--sample-out", dest, cwd=tmp, check=False)
         assert_clean_error(proc, *words)
     assert not (tmp / "x.png").exists() and os.listdir(tmp / "mixed") == ["real.png"]
+    assert sorted(os.listdir(out / "samples")) == grids and grids, "the training grids are never deleted"
     assert digest(out / "ckpt.pt") == before
 
 
@@ -210,7 +213,8 @@ def tmp(tmp_path):
 BAD_FLAGS = [(["--sample-every", 0], ["--sample-every 0", "at least 1"]), (["--log-every", 0], ["--log-every 0"]),
              (["--ckpt-every", -1], ["--ckpt-every -1"]), (["--batch-size", 0], ["--batch-size 0"]),
              (["--steps", -5], ["--steps -5"]), (["--device", "mps"], ["--device mps"]),
-             (["--dataset", "nosuch"], ["--dataset nosuch"])]
+             (["--dataset", "nosuch"], ["--dataset nosuch"]), (["--seed", -1], ["--seed -1"]),
+             (["--lr", "nan"], ["--lr nan", "finite"]), (["--sample-out", "x.npz"], ["goes with --sample"])]
 
 
 def check_bad_flags(script: str, small: list, tmp: Path, cases: list) -> None:

@@ -591,3 +591,109 @@ def test_curves_png_and_snapshots(tmp_path):
     assert sorted(p.name for p in out.glob("ckpt*.pt")) == ["ckpt-2.pt", "ckpt-4.pt", "ckpt.pt"]
     assert load(out / "ckpt-2.pt")["step"] == 2 and load(out / "ckpt-4.pt")["step"] == 4
     assert Image.open(out / "curves.png").size[0] > 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Review of run plumbing v2: races, legacy checkpoints, partial state, per-key averages
+# ----------------------------------------------------------------------------------------------
+def test_a_checkpoint_written_by_another_process_meanwhile_is_never_overwritten(tmp_path):
+    run = toy_run(tmp_path, ["--steps", "4"])           # the folder does not exist yet: locked in start()
+    run.track({"m": torch.nn.Linear(3, 1)})
+    other, _ = toy(["--out", str(tmp_path / "run")], steps=6)   # another process, faster, same --out
+    theirs = digest(tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(common.UserError, match="was written by another process while this one was starting"):
+        run.start()
+    assert digest(tmp_path / "run" / "ckpt.pt") == theirs
+
+
+def test_a_format_1_checkpoint_warm_starts_a_folder_that_then_continues(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    toy(["--out", "old"], steps=3)
+    legacy = load(tmp_path / "old/ckpt.pt")
+    for key in ("run", "time_s", "world", "best_fid", "state"):
+        legacy.pop(key)
+    legacy.update(format=1, data=legacy["data"]["train"] if "train" in legacy["data"] else {}, extra={})
+    common.save_checkpoint(legacy, tmp_path / "fmt1.pt")
+    argv = ["--resume", "fmt1.pt", "--out", "new", "--steps", "9"]
+    run, _ = toy(argv)
+    assert run.start() == 3
+    run.checkpoint(5)
+    run._lock.close()
+    run, _ = toy(argv)          # the requeue: new's own checkpoint (derived id, same legacy run) continues
+    assert run.start() == 5
+
+
+def test_stop_is_not_an_exception_that_a_handler_could_swallow():
+    assert issubclass(common.Stopped, BaseException) and not issubclass(common.Stopped, Exception)
+
+
+def test_init_that_does_not_fit_names_the_difference_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    toy(["--out", "a", "--width", "5"], steps=2)
+    run, _ = toy(["--init", "a/ckpt.pt", "--width", "4", "--out", "b"])
+    with pytest.raises(common.UserError, match=r"does not fit this config .*width=5 \(now 4\)"):
+        run.start()
+    assert not (tmp_path / "b").exists()
+
+
+def test_an_incomplete_checkpoint_is_one_line(tmp_path):
+    toy(["--out", str(tmp_path / "run")], steps=2)
+    ckpt = load(tmp_path / "run/ckpt.pt")
+    del ckpt["optimizers"]
+    common.save_checkpoint(ckpt, tmp_path / "cut.pt")
+    with pytest.raises(common.UserError, match=r"cut.pt is incomplete \(no optimizers\)"):
+        toy_run(tmp_path, ["--resume", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "x")])
+
+
+def test_a_key_logged_at_some_steps_only_is_averaged_over_those(tmp_path):
+    import csv
+    run = toy_run(tmp_path, ["--log-every", "4", "--steps", "4"])
+    run.track({"m": torch.nn.Linear(3, 1)})
+    run.start()
+    for step in range(1, 5):
+        run.end_step(step, {"loss": torch.tensor(1.0), **({"fid": torch.tensor(12.5)} if step == 2 else {})})
+    with open(tmp_path / "run/metrics.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert (row["loss"], row["fid"]) == ("1", "12.5")
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    run = toy_run(tmp_path, ["--steps", "4"])
+    run.track({"m": torch.nn.Linear(3, 1)})
+    run.start()
+    run.checkpoint(1)
+
+    def full(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(common, "save_checkpoint", full)
+    with pytest.raises(common.UserError, match=r"No space left on device\); the previous one \(step 1\) is intact"):
+        run.checkpoint(2)
+    assert load(tmp_path / "run/ckpt.pt")["step"] == 1
+
+
+def test_resume_path_already_done_still_gives_the_folder_its_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    toy(["--out", "a"], steps=6)
+    run, _ = toy(["--resume", "a/ckpt.pt", "--out", "b", "--steps", "4"])
+    assert run.start() == 6
+    run.finish(6)
+    assert load(tmp_path / "b/ckpt.pt")["step"] == 6   # a later bare --resume in b continues, not restarts
+
+
+def test_sample_out_never_empties_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "grids").mkdir()
+    (tmp_path / "grids" / "000003.png").write_bytes(b"a training grid")
+    with pytest.raises(common.UserError, match="that an earlier --sample did not write"):
+        common.prepare_output(tmp_path / "grids")
+    assert (tmp_path / "grids" / "000003.png").exists()
+    common.save_images([torch.zeros(2, 1, 4, 4)], tmp_path / "gen")
+    common.save_images([torch.zeros(1, 1, 4, 4)], tmp_path / "gen")      # its own: replaced
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == [common.SAMPLE_MARK, "000000.png"]
+    common.save_images([torch.zeros(1, 1, 4, 4)], tmp_path / "UPPER.NPZ")
+    assert (tmp_path / "UPPER.NPZ").is_file()
+
+
+def test_empty_paths_are_refused_not_the_current_folder(tmp_path):
+    proc = run_script("gan", "--dataset", "synthetic", "--out", "", "--steps", 1, cwd=tmp_path, check=False)
+    assert_clean_error(proc, "--out ''")
+    assert os.listdir(tmp_path) == []
