@@ -18,7 +18,7 @@ Resume semantics (README.md, "Resume and run folders", is the user's version):
 - ``--resume`` continues ``--out``'s checkpoint, or starts a new run there if it has none (so a requeued
   job needs no edits). ``--resume PATH`` starts ``--out`` from PATH once; once ``--out`` has its own
   checkpoint of the same run, that one is continued. A folder holding another run's checkpoint is never
-  written. Without ``--out``, ``--resume PATH`` continues PATH's run in the folder it was trained in.
+  written. Without ``--out``, ``--resume PATH`` uses PATH's folder as ``--out``.
 - Every config field not typed comes from the checkpoint. Typed fields marked ``run=True`` (where to
   write, how often to log, how many steps) may differ; any other typed field that differs is refused.
   Fields marked ``command=True`` (--resume, --init, --sample, --device...) belong to one command only.
