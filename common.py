@@ -146,6 +146,9 @@ class RunConfig:
     eval_n: int = arg(10_000, "samples per evaluation", run=True, min=2)
     eval_metrics: str = arg("fid", "comma-separated, among fid, kid, prc (precision/recall)", run=True,
                             metavar="LIST")
+    eval_features: str = arg("auto", "feature space of --eval-every: auto (the dataset's classifier for "
+                             "fashion-mnist and mnist, else inception) | inception | fashion-mnist | mnist",
+                             run=True, choices=("auto", "inception", "fashion-mnist", "mnist"))
     # Speed: none changes the mathematics, so each may change when a run is resumed
     amp: bool = arg(False, "mixed precision: bf16 autocast (fp16 with a GradScaler on GPUs without bf16)",
                     run=True)
@@ -884,21 +887,36 @@ def _duration(seconds: float) -> str:
 EVAL_METRICS = ("fid", "kid", "prc")
 
 
+class _Interrupted(Exception):
+    """Raised from inside fid.evaluate's sample function when a stop is requested."""
+
+
 class Evaluation:
     """FID (and KID, precision/recall) of ``n`` generated images against the training images, every
-    --eval-every steps, with fid.py. The reference statistics are computed once and cached by content
+    --eval-every steps, with fid.py. Feature space (--eval-features auto): the dataset's own classifier
+    for fashion-mnist and mnist (fid.py --train-features makes it; not comparable to Inception FID),
+    Inception elsewhere. The reference statistics are computed once and cached by content
     (``~/.cache/gen-models``); samples come from their own seeded generator, so the training noise is
-    untouched and exact resume holds; ``should_stop`` interrupts a long evaluation (SLURM gives five
-    minutes after USR1). A missing metric network (offline, no weights) turns evaluation off with one
-    line: the run goes on."""
+    untouched and exact resume holds; a stop request interrupts it between two batches (SLURM gives
+    five minutes after USR1). A missing network (offline: no Inception weights, no classifier) turns
+    evaluation off with one line saying how to get it: the run goes on."""
 
     def __init__(self, cfg, real: torch.Tensor, generate: Callable, value_range, device, should_stop: Callable):
-        self.metrics = [m for m in cfg.eval_metrics.split(",")]
+        self.metrics = cfg.eval_metrics.split(",")
+        self.features = cfg.eval_features
+        if self.features == "auto":
+            self.features = cfg.dataset if cfg.dataset in ("fashion-mnist", "mnist") else "inception"
         self.n, self.seed, self.real, self.generate = cfg.eval_n, cfg.seed + 1, real, generate
         self.value_range, self.device, self.should_stop = value_range, device, should_stop
-        key = cfg.dataset if cfg.dataset != "folder" else f"folder-{hashlib.sha256(str(Path(cfg.data_root).resolve()).encode()).hexdigest()[:8]}"
-        self.ref_path = cache_dir() / f"ref-{key}-{real.shape[-1]}px.npz"
+        key = cfg.dataset if cfg.dataset != "folder" else \
+            "folder-" + hashlib.sha256(str(Path(cfg.data_root).resolve()).encode()).hexdigest()[:8]
+        self.ref_path = cache_dir() / f"ref-{key}-{real.shape[-1]}px-{self.features}.npz"
         self.ref, self.off = None, False
+
+    def _batch(self, n: int, generator) -> torch.Tensor:
+        if self.should_stop():
+            raise _Interrupted
+        return self.generate(n, generator)
 
     def __call__(self) -> dict | None:
         """The scores, or None when interrupted or off."""
@@ -908,11 +926,11 @@ class Evaluation:
         try:
             if self.ref is None:
                 self.ref_path.parent.mkdir(parents=True, exist_ok=True)
-                self.ref = fid.reference_stats(self.ref_path, self.real, device=self.device)
+                self.ref = fid.reference_stats(self.ref_path, self.real, device=self.device, features=self.features)
             g = torch.Generator(self.device).manual_seed(self.seed)  # the same noise at every evaluation
-            return fid.evaluate(lambda n: self.generate(n, g), self.ref, n=self.n, metrics=self.metrics,
-                                device=self.device, value_range=self.value_range, should_stop=self.should_stop)
-        except fid.Interrupted:
+            return fid.evaluate(lambda n: self._batch(n, g), self.ref, n=self.n, metrics=self.metrics,
+                                device=self.device, value_range=self.value_range, features=self.features)
+        except _Interrupted:
             print("evaluation interrupted by the stop request: skipped", flush=True)
         except UserError as e:
             self.off = True
@@ -1252,9 +1270,10 @@ class Run:
         """--eval-every on rank 0, the models in eval mode; True if the FID is the best so far."""
         best = False
         if self.evaluation is not None:
-            t = time.time()
+            t, rng = time.time(), rng_state(self.device)
             with self._eval_mode():
                 scores = self.evaluation()
+            set_rng_state(rng, self.device)  # building a network draws from the global generators
             if scores:
                 self.metrics.write({"step": step, "time_s": round(self.time_s(), 2),
                                     **{k: f"{v:.6g}" for k, v in scores.items()}})

@@ -22,10 +22,11 @@ OFFLINE_ENV = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": 
                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
-def run_script(script: str, *args, cwd: Path, timeout: float = 300, check: bool = True):
-    """Run ``python <script>.py args`` in ``cwd``; returns the CompletedProcess."""
+def run_script(script: str, *args, cwd: Path, timeout: float = 300, check: bool = True, env: dict | None = None):
+    """Run ``python <script>.py args`` in ``cwd`` (``env`` added to the offline environment)."""
     cmd = [sys.executable, str(ROOT / f"{script}.py"), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd, env=OFFLINE_ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env={**OFFLINE_ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -7,8 +7,8 @@ import torch.nn as nn
 
 import common
 import dcgan
-from conftest import (check_bad_flags, check_bad_inputs, check_ddp, check_exact_resume, check_sample,
-                      check_signal_resume, check_smoke, load, run_script)
+from conftest import (assert_same_state, check_bad_flags, check_bad_inputs, check_ddp, check_exact_resume,
+                      check_sample, check_signal_resume, check_smoke, load, run_script)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 16, "--batch-size", 16, "--ngf", 4, "--ndf", 4,
          "--device", "cpu"]
@@ -132,3 +132,27 @@ def test_compile_smoke_and_its_checkpoint_loads_plain(tmp):
     assert not any(k.startswith("_orig_mod") for k in load(out / "ckpt.pt")["models"]["G"])
     run_script("dcgan", "--out", out, "--sample", 3, cwd=tmp)   # a plain (uncompiled) run loads it
     assert len(list((out / "generated").glob("*.png"))) == 3
+
+
+def test_eval_every_logs_fid_keeps_best_and_changes_nothing(tmp):
+    """--eval-every with (random-weight) Inception: FID and KID in metrics.csv, best.pt at the best step,
+    and the training itself bit-identical to a run without evaluation. Offline without weights, the run
+    goes on and says once how to get them."""
+    import csv
+    from test_fid import random_inception_state
+    hub = tmp / "torch" / "hub" / "checkpoints"   # where fid.py looks without --weights: $TORCH_HOME/hub/...
+    hub.mkdir(parents=True)
+    torch.save(random_inception_state(), hub / "pt_inception-2015-12-05-6726825d.pth")
+    env = {"TORCH_HOME": str(tmp / "torch"), "XDG_CACHE_HOME": str(tmp / "cache")}
+    evaluated = ["--eval-every", 2, "--eval-n", 8, "--eval-features", "inception", "--eval-metrics", "fid,kid"]
+    run_script("dcgan", *SMALL, *evaluated, "--steps", 4, "--out", tmp / "eval", cwd=tmp, env=env)
+    with open(tmp / "eval" / "metrics.csv", newline="") as f:
+        fids = {int(r["step"]): float(r["fid"]) for r in csv.DictReader(f) if r["fid"]}
+    assert sorted(fids) == [2, 4] and all(v > 0 for v in fids.values())
+    assert load(tmp / "eval" / "best.pt")["step"] == min(fids, key=fids.get)
+    assert list((tmp / "cache" / "gen-models").glob("ref-synthetic-16px-inception.npz"))
+    run_script("dcgan", *SMALL, "--steps", 4, "--out", tmp / "plain", cwd=tmp)
+    assert_same_state(load(tmp / "plain" / "ckpt.pt"), load(tmp / "eval" / "ckpt.pt"))
+    proc = run_script("dcgan", *SMALL, *evaluated, "--steps", 4, "--out", tmp / "offline", cwd=tmp,
+                      env={"TORCH_HOME": str(tmp / "empty"), "XDG_CACHE_HOME": str(tmp / "cache2")})
+    assert proc.stdout.count("evaluation off for this run") == 1 and "done at step 4" in proc.stdout
