@@ -219,13 +219,33 @@ BAD_FLAGS = [(["--sample-every", 0], ["--sample-every 0", "at least 1"]), (["--l
 
 
 def check_bad_flags(script: str, small: list, tmp: Path, cases: list) -> None:
-    """Each bad flag is one line and exit 2, before anything is written: no run folder is left behind."""
-    for i, (flags, words) in enumerate(BAD_FLAGS + cases):
-        out = tmp / f"bad{i}"
-        proc = run_script(script, *small, "--steps", 2, *flags, "--out", out, cwd=tmp, check=False)
-        assert proc.returncode == 2, (flags, proc.stdout, proc.stderr)
-        assert_clean_error(proc, *words)
-        assert not out.exists(), f"{flags} left {out} behind"
+    """Each bad flag is one line and exit 2, before anything is written: no run folder is left behind.
+    Run in this process (``main()`` under ``run_main``, as ``python <script>.py`` runs it), to spare a
+    torch import per case."""
+    import contextlib
+    import importlib
+    import io
+    module = importlib.import_module(script)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        for i, (flags, words) in enumerate(BAD_FLAGS + cases):
+            out = tmp / f"bad{i}"
+            argv = [f"{script}.py", *map(str, small), "--steps", "2", *map(str, flags), "--out", str(out)]
+            stderr = io.StringIO()
+            with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr), \
+                    contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as exit:
+                mp.setattr(sys, "argv", argv)
+                import common
+                common.run_main(module.main)
+            assert exit.value.code == 2, (flags, stderr.getvalue())
+            lines = stderr.getvalue().strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), (flags, stderr.getvalue())
+            for w in words:
+                assert w in lines[0], (w, lines[0])
+            assert not out.exists(), f"{flags} left {out} behind"
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def torchrun(script: str, *args, cwd: Path, nproc: int = 2) -> subprocess.Popen:
