@@ -1,4 +1,6 @@
-"""Sample-quality metrics from one pass of Inception-v3: FID, KID, Inception Score, precision/recall.
+"""Sample-quality metrics: FID, KID, Inception Score, precision/recall from one pass of a feature network
+(Inception-v3, or a small classifier trained here for offline 28x28 datasets), and the Classification
+Accuracy Score of labelled samples.
 
 Papers
     FID  Heusel, Ramsauer, Unterthiner, Nessler, Hochreiter. "GANs Trained by a Two Time-Scale Update Rule
@@ -8,22 +10,29 @@ Papers
          NeurIPS 2016, arXiv:1606.03498.
     P/R  Kynkäänniemi, Karras, Laine, Lehtinen, Aila. "Improved Precision and Recall Metric for Assessing
          Generative Models". NeurIPS 2019, arXiv:1904.06991.
+    CAS  Ravuri, Vinyals. "Classification Accuracy Score for Conditional Generative Models". NeurIPS 2019,
+         arXiv:1905.10887.
     Net  Szegedy, Vanhoucke, Ioffe, Shlens, Wojna. "Rethinking the Inception Architecture for Computer
          Vision". CVPR 2016, arXiv:1512.00567 (Inception-v3).
 
-What is computed. Each image goes once through the FID Inception-v3: x = its 2048-d pool features,
-z = its 1008-way logits. With (mu, Sigma) the mean and covariance of x over a set of images:
+What is computed. Each image goes once through the feature network: x = its features (Inception: the
+2048-d pool features), z = its logits (Inception: 1008-way). With (mu, Sigma) the mean and covariance of x
+over a set of images:
     FID = ||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2))
-    KID = unbiased MMD^2 between the feature sets, kernel k(x, y) = (x.y / d + 1)^3, d = 2048,
+    KID = unbiased MMD^2 between the feature sets, kernel k(x, y) = (x.y / d + 1)^3, d = dim(x),
           mean and std over 100 random subsets of 1000 (fewer if there are fewer images)
     IS  = exp(E_x KL(p(y|x) || p(y))),  p(y|x) = softmax(z),  mean and std over 10 splits
     precision = mean over generated x of f(x, real),  recall = mean over real x of f(x, generated),
           f(x, X) = 1 if ||x - x'|| <= ||x' - NN_3(x')|| for some x' in X (x inside X's k-NN balls)
+    CAS = accuracy on the real test split of a classifier trained on generated (image, label) pairs only
 
 Same numbers as pytorch-fid (v0.3.0): the network is its FID Inception (the TensorFlow graph of
 2015-12-05 ported to PyTorch, with TF's average pooling that ignores padding and a max pool in the last
 block) and loads its weights file; the pre-processing is its own: RGB uint8 -> /255 -> bilinear resize
 to 299x299 (align_corners=False) -> 2x - 1; statistics are float64 (np.cov). Deviations, all deliberate:
+    - Inference folds each batch norm into its convolution and runs channels-last (on the CPU): features
+      equal pytorch-fid's to float rounding (about 1e-5 of values of order 1), FID to < 1e-6 relative;
+      more images per second on a CPU, see load_inception.
     - The Frechet distance uses symmetric eigendecompositions instead of scipy's sqrtm of the
       non-symmetric product: same value (< 1e-6 relative), several times faster, see frechet_distance.
     - IS takes the logits as the original code does (pool features times the softmax weights, no bias),
@@ -32,10 +41,28 @@ to 299x299 (align_corners=False) -> 2x - 1; statistics are float64 (np.cov). Dev
     - Folders are read recursively (pytorch-fid reads the top level only); float images given to
       evaluate() are rounded to uint8 first, as when they are written to PNG, so both ways agree.
 
-Few images. The 2048x2048 covariance of 2048 images or fewer is singular, and FID is biased upwards,
-the more so the fewer the images (Bińkowski et al. 2018): FID on fewer than 10,000 images on either side
-comes with a warning that says which (on the command line one `warning:` line on stderr; from a script a
-FIDWarning, shown once per calling line by Python's default filter).
+Feature spaces (--features). `inception` (the default) is the above, and needs pytorch-fid's weights
+file. `fashion-mnist` and `mnist` are the 128-d penultimate layer of a small convnet (Classifier) trained on
+that dataset's training split by `python fid.py --train-features fashion-mnist`: no download, a few
+minutes on a CPU, refused below 92% (Fashion-MNIST) or 99% (MNIST) test accuracy, saved in
+$XDG_CACHE_HOME/gen-models/fid-<dataset>.pt (~/.cache without XDG_CACHE_HOME; $GEN_MODELS_CACHE/ replaces
+the folder, --classifier PATH the file). The classifier sees every image as it was trained on: RGB ->
+grayscale (PIL's convert("L") luma, so gray images stay exactly themselves) and other sizes than 28x28
+resized (bilinear with antialiasing). Its numbers are on their own scale: never compare them with
+Inception FIDs, nor with another classifier's. Statistics files record their feature space (and the
+classifier's weights), and fid.py refuses to compare statistics of two spaces or two classifiers;
+`synthetic` is a tiny space for the tests (common.synthetic_images' 4 quadrants).
+
+CAS (--cas). The Classifier is trained from scratch on generated images and their labels (the
+conditioning class), exactly as the feature classifier is trained on the real training split (same
+architecture, epochs, optimizer and seed), then tested on the real test split; its accuracy is printed
+next to the real-data classifier's. Generate as many images as the training split has (60,000 for
+Fashion-MNIST and MNIST), as Ravuri & Vinyals do, for a like-for-like comparison.
+
+Few images. The dxd covariance of d images or fewer is singular, and FID is biased upwards, the more so
+the fewer the images (Bińkowski et al. 2018): FID on fewer than 10,000 images on either side comes with a
+warning that says which (on the command line one `warning:` line on stderr; from a script a FIDWarning,
+shown once per calling line by Python's default filter).
 
 Usage
     python fid.py generated/ real/                        # FID of two folders of images
@@ -44,34 +71,44 @@ Usage
     python fid.py --save-stats fashion-mnist fmnist_train.npz    # ... of a built-in dataset's training split
     python fid.py generated.npz cifar10 --data-root data  # a dataset name: its training split, as stored
     python fid.py A B --weights pt_inception-2015-12-05-6726825d.pth     # offline: the weights file
-It prints one `name: value` line per metric (fid, kid_mean, kid_std, is_mean, is_std, precision, recall).
-Each of A (generated) and B (reference) is a folder of images (png/jpg/..., searched recursively, all
-the same size), an .npz of uint8 images (key `images` or its only array; N x H x W x C or N x C x H x W;
-grayscale is repeated to 3 channels), or a statistics .npz (`mu`, `sigma`: pytorch-fid's format; KID and
-precision/recall also need the `features` that --save-stats stores), or the name of a built-in dataset
-(fashion-mnist, mnist, cifar10, svhn, synthetic, synthetic-rgb: its training images at their stored
-size, read from --data-root as the model scripts read them; a path that exists wins over a name).
-Without --weights the weights are read from, or downloaded into, the torch hub cache (pytorch-fid's
-file and place).
+    python fid.py --train-features fashion-mnist          # once: the offline feature space (minutes, CPU)
+    python fid.py generated.npz fashion-mnist --features fashion-mnist --kid --prc
+    python fid.py --cas generated.npz --dataset fashion-mnist    # .npz with `images` and `labels`
+It prints one `name: value` line per metric (fid, kid_mean, kid_std, is_mean, is_std, precision, recall;
+cas, real_accuracy). Each of A (generated) and B (reference) is a folder of images (png/jpg/..., searched
+recursively, all the same size), an .npz of uint8 images (key `images` or its only array; N x H x W x C
+or N x C x H x W; grayscale is repeated to 3 channels), or a statistics .npz (`mu`, `sigma`: pytorch-fid's
+format; KID and precision/recall also need the `features` that --save-stats stores), or the name of a
+built-in dataset (fashion-mnist, mnist, cifar10, svhn, synthetic, synthetic-rgb: its training images at
+their stored size, read from --data-root as the model scripts read them; NAME:test, its test images; a
+path that exists wins over a name). Without --weights the Inception weights are read from, or downloaded
+into, the torch hub cache (pytorch-fid's file and place).
 
 Library
     ref = fid.reference_stats("data/fid_cifar10.npz", real_images)   # computed once, then read back
     scores = fid.evaluate(lambda b: G(torch.randn(b, 100, device=dev)), ref, n=10_000,
                           metrics=("fid", "kid"), device=dev)          # {"fid": ..., "kid_mean": ..., ...}
+    net = fid.feature_extractor("fashion-mnist", dev)   # at start-up: a missing classifier fails here
+    ref = fid.reference_stats("fid_fmnist.npz", real_images, features=net)   # then features=net below too
+    features, logits = net(images, value_range=(-1, 1))
 Images are N x C x H x W tensors/arrays, uint8 or float in `value_range` (default (-1, 1); pass (0, 1)
 for images in [0, 1]); `samples` may also be an iterable of such batches, a function batch_size -> batch
-(put the generator in eval mode), or a path as on the command line. reference_stats records in its file
-what the statistics were computed from, and computes them again when it is asked for other images.
-Lower level: load_inception, extract, statistics, frechet_distance,
-kernel_inception_distance, inception_score, precision_recall, save_stats, load_stats.
+(put the generator in eval mode), or a path as on the command line. `features` is a space's name or a
+FeatureExtractor. reference_stats records in its file what the statistics were computed from, and
+computes them again when it is asked for other images or another feature network.
+Lower level: load_inception, load_classifier, train_classifier, train_features, classification_accuracy_score,
+extract, statistics, frechet_distance, kernel_inception_distance, inception_score, precision_recall,
+save_stats, load_stats.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import hashlib
 import itertools
+import math
 import os
 import sys
 import time
@@ -90,6 +127,10 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
                    "pt_inception-2015-12-05-6726825d.pth")  # pytorch-fid's port of TF's graph
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's
 METRICS = ("fid", "kid", "isc", "prc")
+# Classifier feature spaces: their dataset, and the test accuracy below which a classifier is refused
+MIN_ACCURACY = {"fashion-mnist": 0.92, "mnist": 0.99, "synthetic": 0.75}
+FEATURES = ("inception", *MIN_ACCURACY)
+CLASSIFIER_EPOCHS = 6
 
 
 class FIDError(common.UserError):
@@ -112,7 +153,19 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(c_out, eps=0.001)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)  # the conv's or bn's own output: no copy needed
+
+    def fold_batch_norm(self) -> None:
+        """For inference: bn(conv(x)) = s * (w * x - mean) + beta, s = gamma / sqrt(var + eps), is one
+        convolution with weights s * w and bias beta - s * mean (computed in float64, stored in float32):
+        one pass over the activations instead of two."""
+        conv, bn = self.conv, self.bn
+        s = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+        with torch.no_grad():
+            folded.weight.copy_(conv.weight.double() * s.view(-1, 1, 1, 1))
+            folded.bias.copy_(bn.bias.double() - s * bn.running_mean.double())
+        self.conv, self.bn = folded.to(conv.weight.device), nn.Identity()
 
 
 def tf_avg_pool(x):
@@ -235,10 +288,11 @@ class InceptionE(nn.Module):
 class FIDInceptionV3(nn.Module):
     """Inception-v3 of TF's 2015-12-05 graph as ported by pytorch-fid: 23,850,960 parameters
     (torchvision's 27.2M less the auxiliary classifier, 1008 classes instead of 1000).
-    forward: images in [0, 1], N x 3 x H x W -> (pool features N x 2048, logits N x 1008)."""
+    prepare: uint8 images N x 3 x H x W -> forward: (pool features N x 2048, logits N x 1008)."""
 
     def __init__(self):
         super().__init__()
+        self.memory_format = torch.contiguous_format
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
@@ -256,6 +310,21 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7b = InceptionE(1280, pool="avg")
         self.Mixed_7c = InceptionE(2048, pool="max")
         self.fc = nn.Linear(2048, 1008)  # 1001 ImageNet classes + 7 unused, as in TF's graph
+
+    def for_inference(self, channels_last: bool) -> FIDInceptionV3:
+        """Eval mode without gradients, batch norms folded into the convolutions and, with channels_last,
+        N x H x W x C activations (on the CPU, oneDNN's convolutions and pools run faster on them)."""
+        for module in self.modules():
+            if isinstance(module, BasicConv2d):
+                module.fold_batch_norm()
+        if channels_last:
+            self.memory_format = torch.channels_last
+            self.to(memory_format=self.memory_format)
+        return self.eval().requires_grad_(False)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 -> [0, 1] as torchvision's ToTensor in pytorch-fid (a division, not a product)."""
+        return x.float().div(255).contiguous(memory_format=self.memory_format)
 
     def forward(self, x):
         # pytorch-fid's order: resize the [0, 1] image, then scale to the [-1, 1] that TF's graph expects
@@ -281,8 +350,9 @@ class FIDInceptionV3(nn.Module):
 
 @functools.lru_cache(maxsize=1)  # evaluate() runs every few thousand steps: read the 91 MB file once
 def load_inception(weights: str | None = None, device: str = "cpu") -> FIDInceptionV3:
-    """The FID Inception in eval mode on `device`, from the file `weights`, or else from the torch hub
-    cache, downloading pytorch-fid's file there when it is missing and the network allows."""
+    """The FID Inception ready for inference on `device` (FIDInceptionV3.for_inference), from the file
+    `weights`, or else from the torch hub cache, downloading pytorch-fid's file there when it is missing
+    and the network allows."""
     if weights is None:
         weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
         if not os.path.exists(weights):
@@ -304,7 +374,220 @@ def load_inception(weights: str | None = None, device: str = "cpu") -> FIDIncept
     except (RuntimeError, TypeError, AttributeError):
         raise FIDError(f"--weights {weights}: not pytorch-fid's Inception state dict "
                        f"({os.path.basename(FID_WEIGHTS_URL)})") from None
-    return model.eval().requires_grad_(False).to(device)
+    return model.for_inference(channels_last=torch.device(device).type == "cpu").to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The classifier feature spaces: a small convnet trained here on a 28x28 dataset, offline, in minutes
+# ----------------------------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """28x28 grayscale -> 128-d features (the penultimate layer: the feature space) -> class logits.
+    prepare: uint8 images N x C x H x W -> forward: (features N x 128, logits N x classes)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+
+        def block(c_in, c_out):  # conv 3x3 -> batch norm -> ReLU -> max pool 2x2
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                    nn.MaxPool2d(2)]
+
+        self.body = nn.Sequential(*block(1, 32),                  # N x 32 x 14 x 14
+                                  *block(32, 64),                 # N x 64 x 7 x 7
+                                  *block(64, 128),                # N x 128 x 3 x 3
+                                  nn.Flatten(), nn.Linear(128 * 3 * 3, 128), nn.ReLU())   # N x 128
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, classes))
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        """uint8 N x C x H x W, C = 1 or 3 -> float N x 1 x 28 x 28 in [0, 1]. RGB -> luma with PIL's
+        convert("L") integer weights (L = (19595 R + 38470 G + 7471 B + 2^15) >> 16, so equal channels
+        give back exactly that value), then other sizes resized (bilinear, antialiased, align_corners=False)."""
+        if x.shape[1] == 3:
+            w = torch.tensor([19595, 38470, 7471], dtype=torch.int32, device=x.device).view(1, 3, 1, 1)
+            x = ((x.int() * w).sum(1, keepdim=True) + (1 << 15)) >> 16
+        x = x.float().div(255)
+        if x.shape[-2:] != (28, 28):
+            x = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
+        return x
+
+    def forward(self, x):
+        features = self.body(2 * x - 1)
+        return features, self.head(features)
+
+
+def classifier_path(dataset: str) -> Path:
+    """Where `python fid.py --train-features DATASET` saves its classifier by default: the user's cache."""
+    folder = os.environ.get("GEN_MODELS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "gen-models"
+    return Path(folder).expanduser() / f"fid-{dataset}.pt"
+
+
+def _placed(net: nn.Module, device) -> nn.Module:
+    """`net` on `device`, channels-last on the CPU: oneDNN's convolutions run faster on N x H x W x C
+    (1.6x the classifier's training steps on this project's 2-core machine)."""
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else net
+
+
+def _prepared(images, chunk: int = 4096) -> torch.Tensor:
+    """Classifier.prepare of uint8 images of any size and channels, a chunk at a time (RGB at 64x64 is 12 kB
+    an image; prepared, 3 kB)."""
+    return torch.cat([Classifier.prepare(to_uint8(images[i:i + chunk])) for i in range(0, len(images), chunk)])
+
+
+@torch.inference_mode()
+def accuracy(net: Classifier, images, labels, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of `net` (in eval mode) on uint8 `images` and their int `labels`."""
+    device = next(net.parameters()).device
+    labels = torch.as_tensor(labels)
+    correct = sum((net(_prepared(images[i:i + batch_size]).to(device))[1].argmax(1).cpu()
+                   == labels[i:i + batch_size]).sum().item() for i in range(0, len(images), batch_size))
+    return correct / len(images)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """torch.manual_seed(seed) and deterministic algorithms on the CPU (CUDA's need an environment
+    variable), restoring the caller's RNG state and setting afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(before or device.type == "cpu")
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before)
+
+
+def train_classifier(images, labels, test_images, test_labels, min_accuracy: float = 0.0,
+                     epochs: int = CLASSIFIER_EPOCHS, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+                     device="cpu", log=None) -> tuple[Classifier, float]:
+    """A Classifier trained on (images, labels) alone, in eval mode, and its accuracy on the test set.
+
+    images: uint8 N x C x H x W, any size, gray or RGB (Classifier.prepare); labels: int 0..classes - 1,
+    classes = the largest label of either set + 1. AdamW (weight decay 5e-4), batches of 128 in a seeded
+    order, learning rate decayed from lr to 0 along a cosine, cross-entropy, no augmentation. Bit-identical
+    on the CPU for a given seed and thread count. A test accuracy below min_accuracy is a FIDError.
+    log: where a line per epoch goes (default: stderr, as extract()'s progress).
+    """
+    log = log or functools.partial(print, file=sys.stderr, flush=True)
+    device = common.pick_device(device) if isinstance(device, str) else device
+    labels, test_labels = torch.as_tensor(labels).long(), torch.as_tensor(test_labels).long()
+    classes = int(max(labels.max(), test_labels.max())) + 1
+    x, y = _prepared(images).to(device), labels.to(device)  # once: the resize is not repeated every epoch
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    t0 = time.time()
+    with _seeded(seed, device):
+        net = _placed(Classifier(classes), device)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
+        order = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
+        for epoch in range(epochs):
+            net.train()
+            for i, batch in enumerate(torch.randperm(len(x), generator=order).to(device).split(batch_size)):
+                step = epoch * steps_per_epoch + i
+                for group in optimizer.param_groups:  # a pure function of the step
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch)))
+                loss = F.cross_entropy(net(x[batch])[1], y[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, {time.time() - t0:.0f} s")
+    net.eval().requires_grad_(False)
+    acc = accuracy(net, test_images, test_labels)
+    if acc < min_accuracy:
+        raise FIDError(f"test accuracy {acc:.2%} is below the {min_accuracy:.0%} a feature classifier needs: "
+                       f"refused, nothing saved; train it again with another --seed")
+    return net, acc
+
+
+def _check_classifier_space(dataset: str) -> None:
+    if dataset not in MIN_ACCURACY:
+        raise FIDError(f"no classifier feature space for {dataset}; choose from {', '.join(MIN_ACCURACY)}")
+
+
+def train_features(dataset: str, data_root: str = "data", path=None, seed: int = 0, device="auto",
+                   epochs: int = CLASSIFIER_EPOCHS) -> float:
+    """`python fid.py --train-features DATASET`: train_classifier on the dataset's training split, tested
+    on its test split, refused below MIN_ACCURACY[dataset], saved atomically at `path` (default
+    classifier_path(dataset)). Returns the test accuracy."""
+    _check_classifier_space(dataset)
+    path = Path(path) if path else classifier_path(dataset)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # before minutes of training
+    except OSError as e:
+        raise FIDError(f"{path}: cannot write the classifier ({e.strerror})") from None
+    train = common.load_images(dataset, data_root, split="train", labels=True)
+    test = common.load_images(dataset, data_root, split="test", labels=True)
+    t0 = time.time()
+    net, acc = train_classifier(*train, *test, min_accuracy=MIN_ACCURACY[dataset], epochs=epochs, seed=seed,
+                                device=device)
+    config = {"dataset": dataset, "classes": net.head[-1].out_features, "seed": seed, "epochs": epochs}
+    common.save_checkpoint({"script": "fid", "models": {"classifier": net.cpu().state_dict()},
+                            "config": config, "test_accuracy": acc}, path)
+    print(f"{dataset} classifier: test accuracy {acc:.2%}, trained in {time.time() - t0:.0f} s; saved to {path}")
+    return acc
+
+
+def load_classifier(dataset: str, device="cpu", path=None) -> tuple[Classifier, str]:
+    """(the feature classifier of `dataset` in eval mode on `device`, "sha256:..." of its weights), from
+    `path` (default classifier_path(dataset)). Missing: a FIDError naming the command that makes it."""
+    _check_classifier_space(dataset)
+    path = Path(path) if path else classifier_path(dataset)
+    command = f"python fid.py --train-features {dataset}" + ("" if path == classifier_path(dataset)
+                                                             else f" --classifier {path}")
+    if not path.is_file():
+        raise FIDError(f"no {dataset} feature classifier at {path}: make it with `{command}` (minutes on a CPU)")
+    remake = f"make it again with `{command}`"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
+        trained_on = ckpt["config"]["dataset"]
+    except Exception as e:  # truncated, not a checkpoint, not fid.py's
+        raise FIDError(f"{path}: not a readable fid.py classifier ({type(e).__name__}); {remake}") from None
+    if trained_on != dataset:
+        raise FIDError(f"{path} is the {trained_on} feature classifier, not {dataset}'s")
+    net = Classifier(ckpt["config"]["classes"])
+    try:
+        net.load_state_dict(ckpt["models"]["classifier"])
+    except (KeyError, RuntimeError):
+        raise FIDError(f"{path}: not a fid.py classifier state dict; {remake}") from None
+    h = hashlib.sha256()
+    for value in net.state_dict().values():
+        h.update(value.numpy().tobytes())
+    return _placed(net, device).eval().requires_grad_(False), f"sha256:{h.hexdigest()[:16]}"
+
+
+class FeatureExtractor:
+    """A feature space as a function: images N x C x H x W (uint8, or float in value_range; C = 1 or 3;
+    any size) -> (features N x d, logits N x k), float32 tensors on the network's device.
+    space:   "inception" or a classifier's dataset, as statistics files record it;
+    weights: what they record of the network (the Inception file's name, or "sha256:..." of a classifier)."""
+
+    def __init__(self, space: str, net: nn.Module, weights: str):
+        self.space, self.net, self.weights = space, net, weights
+        self.device = next(net.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, images, value_range=(-1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_uint8(images, value_range).to(self.device)
+        return self.net(self.net.prepare(x))
+
+
+def feature_extractor(features="inception", device="auto", weights: str | None = None,
+                      classifier=None) -> FeatureExtractor:
+    """The network of a feature space on `device`: "inception" (pytorch-fid's weights: the file
+    `weights`, or the torch hub cache) or a classifier space ("fashion-mnist", "mnist": the file
+    `classifier`, or classifier_path(name)). A FeatureExtractor is returned as it is."""
+    if isinstance(features, FeatureExtractor):
+        return features
+    device = common.pick_device(device) if isinstance(device, str) else device
+    if _space(features) == "inception":
+        return FeatureExtractor("inception", load_inception(weights, str(device)), _inception_record(weights))
+    return FeatureExtractor(features, *load_classifier(features, device, classifier))
+
+
+def _inception_record(weights: str | None) -> str:
+    """The weights file's name (pytorch-fid's ends in the start of its sha256: hashing 91 MB at every call
+    would cost more than the check is worth)."""
+    return os.path.basename(weights or FID_WEIGHTS_URL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,21 +700,17 @@ def _batches(samples, batch_size: int, num_workers: int):
 # ----------------------------------------------------------------------------------------------
 # One pass of the network
 # ----------------------------------------------------------------------------------------------
-@torch.inference_mode()
-def extract(model: FIDInceptionV3, batches, n: int | None = None, label: str = "images",
+def extract(extractor: FeatureExtractor, batches, n: int | None = None, label: str = "images",
             total: int | None = None, value_range=(-1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
-    """Pool features (N x 2048) and logits (N x 1008), float32, of the first `n` images of `batches`
+    """Features (Inception: N x 2048) and logits (N x 1008), float32, of the first `n` images of `batches`
     (all if n is None; float images in `value_range`), with a progress line on stderr."""
-    device = next(model.parameters()).device
     total = n or total
     features, logits, done, t0 = [], [], 0, time.time()
     for batch in batches:
-        x = to_uint8(batch, value_range)[:None if n is None else n - done]
-        # uint8 -> [0, 1] exactly as torchvision's ToTensor in pytorch-fid (a division, not a product)
-        f, z = model(x.to(device).float().div(255))
+        f, z = extractor(batch[:None if n is None else n - done], value_range)
         features.append(f.cpu().numpy())
         logits.append(z.cpu().numpy())
-        done += len(x)
+        done += len(f)
         _progress(label, done, total, t0)
         if done == n:
             break
@@ -611,16 +890,50 @@ def _open(x, metrics, label: str) -> dict:
     return source
 
 
-def _stats_of(source: dict, model_fn, n, batch_size: int, num_workers: int, label: str,
+def _stats_of(source: dict, extractor_fn, n, batch_size: int, num_workers: int, label: str,
               value_range=(-1.0, 1.0)) -> dict:
-    """{mu, sigma, features[, logits]}: read from the cache, or from one pass of the network."""
+    """{mu, sigma, features[, logits], space, weights}: read from the cache, or from one pass of the network."""
     if "stats" in source:
         return source["stats"]
     images = source["images"]
     total = len(images) if hasattr(images, "__len__") else None
-    features, logits = extract(model_fn(), _batches(images, batch_size, num_workers), n, label, total,
-                               value_range)
-    return {**statistics(features), "logits": logits}
+    extractor = extractor_fn()
+    features, logits = extract(extractor, _batches(images, batch_size, num_workers), n, label, total, value_range)
+    return {**statistics(features), "logits": logits, **_network_record(extractor, None)}
+
+
+def _space(features) -> str:
+    """The name of a feature space given by name or as a FeatureExtractor, checked."""
+    if isinstance(features, FeatureExtractor):
+        return features.space
+    if features not in FEATURES:
+        raise FIDError(f"unknown --features {features}; choose from {', '.join(FEATURES)}")
+    return features
+
+
+def _network_record(features, weights: str | None) -> dict:
+    """What statistics record of the network they come from: a FeatureExtractor's, or Inception's from
+    the `weights` file's name alone (known without reading its 91 MB)."""
+    if isinstance(features, FeatureExtractor):
+        return {"space": np.array(features.space), "weights": np.array(features.weights)}
+    return {"space": np.array("inception"), "weights": np.array(_inception_record(weights))}
+
+
+def _check_comparable(stats: list, space: str, network: dict | None = None) -> None:
+    """Statistics ((label, dict) pairs) are compared only in the feature space asked for and, in a classifier's,
+    from one classifier (`network`: the record of the one that computes the other side now). Files that
+    record no space (pytorch-fid's, an older fid.py's) are Inception's."""
+    for label, s in stats:
+        theirs = str(s.get("space", "inception"))
+        if theirs != space:
+            raise FIDError(f"{label}: statistics in the {theirs} feature space, not {space}: pass --features "
+                           f"{theirs}, or compute them again")
+    weights = {label: str(s["weights"]) for label, s in stats if "weights" in s}
+    if network is not None:
+        weights["this classifier"] = str(network["weights"])
+    if space != "inception" and len(set(weights.values())) > 1:
+        raise FIDError(f"statistics of different {space} classifiers ("
+                       f"{', '.join(f'{label}: {w}' for label, w in weights.items())}): compute them again with one")
 
 
 def _warn_if_few(stats: dict) -> None:
@@ -641,7 +954,8 @@ def _warn_if_few(stats: dict) -> None:
 
 
 def evaluate(samples, reference, n: int | None = None, metrics=("fid",), batch_size: int = 50,
-             device="auto", weights: str | None = None, num_workers: int = 4, value_range=(-1.0, 1.0)) -> dict:
+             device="auto", weights: str | None = None, num_workers: int = 4, value_range=(-1.0, 1.0),
+             features="inception", classifier=None) -> dict:
     """Compare generated `samples` with a `reference`, from one pass of the network over each.
 
     samples:     images N x C x H x W (tensor/array, uint8 or float in value_range), an iterable of such
@@ -651,6 +965,9 @@ def evaluate(samples, reference, n: int | None = None, metrics=("fid",), batch_s
     metrics:     any of "fid", "kid", "isc" (Inception Score of the samples), "prc" (precision/recall).
     value_range: (low, high) of float images, mapped to 0..255: (-1, 1) by default, (0, 1) for images in
                  [0, 1] (gan.py's); uint8 images and files are read as they are.
+    features:    the feature space, "inception" (`weights`: its file), "fashion-mnist" or "mnist"
+                 (`classifier`: its file, default classifier_path(name)), or a FeatureExtractor (then
+                 `weights` and `classifier` are not used). Statistics of another space are refused.
     Returns the keys of the metrics asked for among fid, kid_mean, kid_std, is_mean, is_std,
     precision, recall. FID on fewer than 10,000 images on either side comes with a FIDWarning.
     """
@@ -659,13 +976,20 @@ def evaluate(samples, reference, n: int | None = None, metrics=("fid",), batch_s
         raise FIDError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
     if callable(samples) and n is None:
         raise FIDError("evaluate(sample_fn, ...) needs n, the number of images to generate")
+    space = _space(features)
     device = common.pick_device(device) if isinstance(device, str) else device
     gen_label, ref_label = _name(samples, "samples"), _name(reference, "reference")
-    gen = _open(samples, metrics, gen_label)
-    ref = _open(reference, set(metrics) - {"isc"}, ref_label)
-    model_fn = functools.partial(load_inception, weights, str(device))  # loaded only if images are given
-    gen = _stats_of(gen, model_fn, n, batch_size, num_workers, gen_label, value_range)
-    ref = _stats_of(ref, model_fn, None, batch_size, num_workers, ref_label, value_range)
+    gen, ref = _open(samples, metrics, gen_label), _open(reference, set(metrics) - {"isc"}, ref_label)
+    network = None
+    if space != "inception" and ("images" in gen or "images" in ref):
+        features = feature_extractor(features, device, classifier=classifier)  # small: read now, checked first
+        network = _network_record(features, None)
+    _check_comparable([(label, source["stats"]) for label, source in ((gen_label, gen), (ref_label, ref))
+                       if "stats" in source], space, network)
+    # Inception's 91 MB are read only if images are given, and once
+    extractor_fn = functools.cache(functools.partial(feature_extractor, features, device, weights, classifier))
+    gen = _stats_of(gen, extractor_fn, n, batch_size, num_workers, gen_label, value_range)
+    ref = _stats_of(ref, extractor_fn, None, batch_size, num_workers, ref_label, value_range)
     out = {}
     if "fid" in metrics:
         out["fid"] = frechet_distance(gen["mu"], gen["sigma"], ref["mu"], ref["sigma"])
@@ -683,18 +1007,18 @@ def _name(x, default: str) -> str:
     return str(x) if isinstance(x, (str, Path)) else default
 
 
-def _record(given, source: dict, weights: str | None, value_range) -> dict:
+def _record(given, source: dict, network: dict, value_range) -> dict:
     """What statistics are computed from (`given`, opened as `source`), as stored beside them: `key`, a
     sha256 of the uint8 images the network sees (of a folder: of its file names, sizes and modification
-    times, which needs no decoding), and `weights`, the weights file's name (pytorch-fid's ends in the
-    start of its sha256: hashing 91 MB at every call would cost more than the check is worth)."""
+    times, which needs no decoding), and the `space` and `weights` of the network (_network_record)."""
     h = hashlib.sha256()
-    if "stats" in source:  # statistics already: keep the record of the images they came from
+    if "stats" in source:  # statistics already: keep the record of the images and network they came from
         stats = source["stats"]
+        space = {"space": stats.get("space", np.array("inception"))}
         if "key" in stats:
-            return {"key": stats["key"], "weights": stats["weights"]}
+            return {"key": stats["key"], "weights": stats["weights"], **space}
         h.update(np.ascontiguousarray(stats["mu"]).tobytes() + np.ascontiguousarray(stats["sigma"]).tobytes())
-        return {"key": np.array(h.hexdigest()), "weights": np.array("")}
+        return {"key": np.array(h.hexdigest()), "weights": np.array(""), **space}
     images = source["images"]
     if isinstance(images, list):  # a folder's files; names relative to it, so that it may be moved
         for f in images:
@@ -704,66 +1028,121 @@ def _record(given, source: dict, weights: str | None, value_range) -> dict:
         h.update(str(tuple(images.shape[2:])).encode())
         for i in range(0, len(images), 4096):
             h.update(to_uint8(images[i:i + 4096], value_range).cpu().numpy())
-    return {"key": np.array(h.hexdigest()), "weights": np.array(os.path.basename(weights or FID_WEIGHTS_URL))}
+    return {"key": np.array(h.hexdigest()), **network}
 
 
 def reference_stats(path, images=None, batch_size: int = 50, device="auto", weights: str | None = None,
-                    num_workers: int = 4, value_range=(-1.0, 1.0)) -> dict:
+                    num_workers: int = 4, value_range=(-1.0, 1.0), features="inception", classifier=None) -> dict:
     """Statistics of real `images` (a tensor/array, uint8 or float in value_range, or a path as on the
     command line) cached at `path`: pytorch-fid's mu and sigma, the features that KID and precision/recall
-    need (8 kB per image), and a record of what they were computed from (a sha256 of the images, or of a
-    folder's file names, sizes and times; the weights file's name). The file is read back when its record
-    matches `images` and `weights`; it is computed again and overwritten, with a line on stderr, when it
-    does not or when it has no record (pytorch-fid's, an older fid.py's). images=None: read it as it is."""
+    need (4 bytes per image and dimension), and a record of what they were computed from (a sha256 of the
+    images, or of a folder's file names, sizes and times; the feature space and the weights: see evaluate's
+    `features`). The file is read back when its record matches; it is computed again and overwritten, with
+    a line on stderr, when it does not or when it has no record (pytorch-fid's, an older fid.py's).
+    images=None: read it as it is."""
     path = Path(path)
     if images is None:
         return load_stats(path)
     if not isinstance(images, (str, Path, np.ndarray, torch.Tensor)):  # batches cannot be hashed up front
         raise FIDError(f"reference_stats({str(path)!r}, images): give the images as one tensor/array or a "
                        f"path, not {type(images).__name__}")
+    space = _space(features)
+    device = common.pick_device(device) if isinstance(device, str) else device
+    if space != "inception":  # a classifier is small: read now, its weights are in the record
+        features = feature_extractor(features, device, classifier=classifier)
     label = _name(images, f"reference for {path}")
     source = _open(images, (), label)
-    record = _record(images, source, weights, value_range)
+    if "stats" in source:
+        _check_comparable([(label, source["stats"])], space)
+    record = _record(images, source, _network_record(features, weights), value_range)
     if path.exists():
         cached = load_stats(path)
         if "key" not in cached:
             why = "records no source images (pytorch-fid's or an older fid.py's)"
         elif str(cached["key"]) != str(record["key"]):
             why = "was computed from other images"
+        elif str(cached.get("space", "inception")) != str(record["space"]):
+            why = f"was computed in the {cached.get('space', 'inception')} feature space"
         elif str(cached["weights"]) != str(record["weights"]):
-            why = f"was computed with other Inception weights ({cached['weights']})"
+            why = f"was computed with other {space} weights ({cached['weights']})"
         else:
             return cached
         print(f"{path} {why}: computing it again", file=sys.stderr)
     _check_writable(path)
-    device = common.pick_device(device) if isinstance(device, str) else device
-    model_fn = functools.partial(load_inception, weights, str(device))
-    stats = _stats_of(source, model_fn, None, batch_size, num_workers, label, value_range)
+    extractor_fn = functools.partial(feature_extractor, features, device, weights)
+    stats = _stats_of(source, extractor_fn, None, batch_size, num_workers, label, value_range)
     stats.pop("logits", None)
     stats = {**stats, **record}
     save_stats(path, stats)
     return stats
 
 
+def classification_accuracy_score(images, labels, dataset: str, data_root: str = "data", classifier=None,
+                                  seed: int = 0, epochs: int = CLASSIFIER_EPOCHS, device="auto") -> dict:
+    """CAS (Ravuri & Vinyals 2019) of generated uint8 `images` N x C x H x W and their class `labels`: the
+    accuracy on `dataset`'s real test split of a Classifier trained on them alone, as train_features
+    trains the feature classifier on the real training split (same architecture, optimizer, epochs,
+    seed). Returns {"cas": ..., "real_accuracy": that feature classifier's accuracy on the same split}."""
+    _check_classifier_space(dataset)
+    device = common.pick_device(device) if isinstance(device, str) else device
+    real_net, _ = load_classifier(dataset, device, classifier)  # a missing one fails before any training
+    classes = real_net.head[-1].out_features
+    labels = torch.as_tensor(np.asarray(labels))
+    if (labels.ndim != 1 or len(labels) != len(images) or labels.is_floating_point() or labels.is_complex()
+            or labels.min() < 0 or labels.max() >= classes):
+        raise FIDError(f"--cas needs one integer label in 0..{classes - 1} per image ({len(images)} images), got "
+                       f"{labels.dtype} of shape {tuple(labels.shape)}" + (
+                           f" in {labels.min().item()}..{labels.max().item()}" if labels.numel() else ""))
+    test_images, test_labels = common.load_images(dataset, data_root, split="test", labels=True)
+    _, cas = train_classifier(images, labels, test_images, test_labels, epochs=epochs, seed=seed, device=device)
+    return {"cas": cas, "real_accuracy": accuracy(real_net, test_images, test_labels)}
+
+
+def read_labelled(path) -> tuple[np.ndarray, np.ndarray]:
+    """--cas's .npz: its images, as read_input reads them, and its `labels`."""
+    source = read_input(path)
+    if Path(path).suffix != ".npz" or "images" not in source:
+        raise FIDError(f"{path}: --cas needs an .npz of images (key `images`) and their classes (key `labels`)")
+    with np.load(path) as npz:
+        if "labels" not in npz.files:
+            raise FIDError(f"{path}: no `labels` (the class of each image) beside the images; --cas needs them")
+        return source["images"], npz["labels"]
+
+
 def _cli_input(arg: str, data_root: str):
-    """A or B on the command line: a path that exists, else a built-in dataset's training images."""
+    """A or B on the command line: a path that exists, else a built-in dataset's training images (NAME) or
+    test images (NAME:test)."""
     if Path(arg).exists():
         return arg
-    if arg in common.DATASETS:  # at the size it is stored in: Inception resizes to 299 itself
-        return common.load_images(arg, data_root)
-    raise FIDError(f"{arg}: no such file or folder, nor a dataset ({', '.join(common.DATASETS)})")
+    name, _, split = arg.partition(":")
+    if name in common.DATASETS and split in ("", "test"):  # at the size it is stored in: the network resizes
+        return common.load_images(name, data_root, split=split or "train")
+    raise FIDError(f"{arg}: no such file or folder, nor a dataset ({', '.join(common.DATASETS)}; NAME:test for "
+                   f"its test split)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("a", metavar="A", help="generated images, their statistics, or a dataset name "
+    parser.add_argument("a", metavar="A", nargs="?", help="generated images, their statistics, or a dataset name "
                         "(--save-stats: any images or dataset)")
-    parser.add_argument("b", metavar="B", help="reference images, their statistics, or a dataset name "
+    parser.add_argument("b", metavar="B", nargs="?", help="reference images, their statistics, or a dataset name "
                         "(--save-stats: the .npz to write)")
     parser.add_argument("--kid", action="store_true", help="also the Kernel Inception Distance")
     parser.add_argument("--isc", action="store_true", help="also the Inception Score of A")
     parser.add_argument("--prc", action="store_true", help="also precision and recall of A against B (k = 3)")
     parser.add_argument("--save-stats", action="store_true", help="write the statistics of A to the .npz B")
+    parser.add_argument("--features", default="inception", help=f"the feature space: {', '.join(FEATURES)} "
+                        "(a classifier trained by --train-features; synthetic: for the tests) (default: inception)")
+    parser.add_argument("--train-features", metavar="DATASET", help="train the classifier of the feature space "
+                        f"DATASET ({', '.join(MIN_ACCURACY)}) on its training split, print its test accuracy, "
+                        "and save it (refused below 92%% on Fashion-MNIST, 99%% on MNIST)")
+    parser.add_argument("--cas", metavar="NPZ", help="Classification Accuracy Score of the generated images "
+                        "in NPZ (keys `images` and `labels`), tested on --dataset's test split")
+    parser.add_argument("--dataset", help=f"the real dataset of --cas ({', '.join(MIN_ACCURACY)})")
+    parser.add_argument("--classifier", metavar="PATH", default=None, help="the classifier file of --features, "
+                        "--train-features and --cas (default: $GEN_MODELS_CACHE/fid-<dataset>.pt, else "
+                        "$XDG_CACHE_HOME/gen-models/..., else ~/.cache/gen-models/...)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of --train-features and --cas (default: 0)")
     parser.add_argument("--data-root", default="data", help="where a dataset named as A or B is read from "
                         "(and downloaded to, where the network allows), as by the model scripts (default: data)")
     parser.add_argument("--weights", default=None, help="the Inception weights file (default: the torch hub "
@@ -776,20 +1155,32 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size < 1 or args.num_workers < 0:
         parser.error("--batch-size must be at least 1 and --num-workers at least 0")
     try:
-        if args.save_stats:
+        if args.train_features:
+            train_features(args.train_features, args.data_root, args.classifier, args.seed, args.device)
+            return
+        if args.cas:
+            if not args.dataset:
+                raise FIDError(f"--cas needs --dataset, the real dataset to test on ({', '.join(MIN_ACCURACY)})")
+            scores = classification_accuracy_score(*read_labelled(args.cas), args.dataset, args.data_root,
+                                                   args.classifier, args.seed, device=args.device)
+        elif args.a is None or args.b is None:
+            raise FIDError("give A and B (or --train-features DATASET, or --cas NPZ --dataset DATASET); see --help")
+        elif args.save_stats:
             if Path(args.b).exists():
                 raise FIDError(f"{args.b} exists; delete it first or choose another name")
             reference_stats(args.b, _cli_input(args.a, args.data_root), args.batch_size, args.device,
-                            args.weights, args.num_workers)
+                            args.weights, args.num_workers, features=args.features, classifier=args.classifier)
             print(f"saved the statistics of {args.a} to {args.b}")
             return
-        metrics = ["fid"] + [m for m in METRICS[1:] if getattr(args, m)]
-        a, b = _cli_input(args.a, args.data_root), _cli_input(args.b, args.data_root)
-        with warnings.catch_warnings():  # one `warning:` line on stderr, as the errors, every time
-            warnings.simplefilter("always", FIDWarning)
-            warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
-            scores = evaluate(a, b, metrics=metrics, batch_size=args.batch_size, device=args.device,
-                              weights=args.weights, num_workers=args.num_workers)
+        else:
+            metrics = ["fid"] + [m for m in METRICS[1:] if getattr(args, m)]
+            a, b = _cli_input(args.a, args.data_root), _cli_input(args.b, args.data_root)
+            with warnings.catch_warnings():  # one `warning:` line on stderr, as the errors, every time
+                warnings.simplefilter("always", FIDWarning)
+                warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+                scores = evaluate(a, b, metrics=metrics, batch_size=args.batch_size, device=args.device,
+                                  weights=args.weights, num_workers=args.num_workers, features=args.features,
+                                  classifier=args.classifier)
     except common.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

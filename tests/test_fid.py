@@ -4,11 +4,15 @@ implementations of each metric, and the command line as a user runs it. Offline:
 The 2048-d comparison and the speed measurements run only when asked for:
     FID_BENCHMARK=1 python -m pytest -q -s tests/test_fid.py -k benchmark
 """
+import contextlib
+import io
 import os
+import re
 import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,16 +141,23 @@ def test_state_dict_is_pytorch_fids():
 
 
 def test_features_equal_pytorch_fids(tmp_path, monkeypatch, weights):
-    """Same PNG files, same random weights: pytorch-fid's loader, resize, scaling and network vs ours."""
+    """Same PNG files, same random weights: pytorch-fid's loader, resize, scaling and network vs ours, as
+    built (the port) and as run (batch norms folded into the convolutions, channels-last on the CPU)."""
     from pytorch_fid.fid_score import get_activations
     folder = write_folder(tmp_path / "png", images(3, size=(30, 40), seed=3))  # not square, not 299
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     theirs = get_activations(files, pytorch_fid_network(monkeypatch, torch.load(weights)), batch_size=3,
                              dims=2048, device="cpu", num_workers=0)
-    model = fid.load_inception(weights, "cpu")
-    ours, _ = fid.extract(model, fid._batches(fid.read_input(folder)["images"], batch_size=3, num_workers=1))
-    assert ours.std(0).mean() > 0.05  # the images do give different features
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    port = fid.FIDInceptionV3()
+    port.load_state_dict(torch.load(weights))
+    for net, tolerance in ((port.eval(), dict(rtol=0, atol=1e-5)),
+                           # float rounding of the folded weights, ~1e-5 on features of size 1 to 30; a wrong
+                           # fold (say, eps left out) is off by 1e-3 of the values or more
+                           (fid.load_inception(weights, "cpu"), dict(rtol=1e-5, atol=1e-5))):
+        extractor = fid.FeatureExtractor("inception", net, "random")
+        ours, _ = fid.extract(extractor, fid._batches(fid.read_input(folder)["images"], batch_size=3, num_workers=1))
+        assert ours.std(0).mean() > 0.05  # the images do give different features
+        np.testing.assert_allclose(ours, theirs, **tolerance)
 
 
 def test_floats_are_rounded_like_the_written_samples():
@@ -296,7 +307,8 @@ def test_cache_keys(tmp_path):
     value range), a folder's names, sizes and times, and the weights file's name."""
     def key(given, weights=None, value_range=(-1.0, 1.0)):
         source = fid._open(given, (), "test")
-        return {k: str(v) for k, v in fid._record(given, source, weights, value_range).items()}
+        return {k: str(v) for k, v in fid._record(given, source, fid._network_record("inception", weights),
+                                                   value_range).items()}
 
     x = images(3, seed=8)
     np.savez(tmp_path / "x.npz", images=x)  # N x H x W x C
@@ -318,6 +330,16 @@ def test_cache_keys(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def scores_of(stdout: str) -> dict:
     return {k: float(v) for k, v in (line.split(": ") for line in stdout.strip().splitlines())}
+
+
+def one_line_error(argv, capsys, *words) -> None:
+    """fid.main(argv) stops with exit 2 and one `error: ` line on stderr that holds each of `words`."""
+    with pytest.raises(SystemExit) as stop:
+        fid.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+    for word in words:
+        assert word in err, (word, err)
 
 
 def test_cli_folder_against_npz(tmp_path, weights):
@@ -351,19 +373,20 @@ def test_save_stats_round_trip(tmp_path, capsys, weights):
 
 
 def test_dataset_by_name(tmp_path, monkeypatch, weights):
-    """A built-in dataset named as A or B is its training split, as common.load_images gives it at its
-    stored size, read from --data-root: the same statistics as those images written to an .npz."""
+    """A built-in dataset named as A or B is its training split (NAME:test, its test split), as
+    common.load_images gives it at its stored size, read from --data-root: the same statistics as those
+    images written to an .npz."""
     load_images, calls = common.load_images, []
 
-    def first_three(*args):  # 3 of the 256 synthetic images: seconds, not minutes, of Inception on a CPU
-        calls.append(args)
-        return load_images(*args)[:3]
+    def first_three(*args, **kwargs):  # 3 of the synthetic images: seconds, not minutes, of Inception on a CPU
+        calls.append((*args, kwargs.get("split", "train")))
+        return load_images(*args, **kwargs)[:3]
 
     monkeypatch.setattr(common, "load_images", first_three)
     monkeypatch.chdir(tmp_path)
     flags = ["--weights", weights, "--device", "cpu", "--data-root", "root"]
     fid.main(["--save-stats", "synthetic", "named.npz", *flags])
-    assert calls == [("synthetic", "root")]
+    assert calls == [("synthetic", "root", "train")]
     np.savez("images.npz", images=load_images("synthetic", "root", 28)[:3].permute(0, 2, 3, 1).numpy())
     fid.main(["--save-stats", "images.npz", "from-npz.npz", *flags])
     named, from_npz = fid.load_stats("named.npz"), fid.load_stats("from-npz.npz")
@@ -371,7 +394,9 @@ def test_dataset_by_name(tmp_path, monkeypatch, weights):
         np.testing.assert_array_equal(named[k], from_npz[k])
     # as A or B of a comparison (main reads both through _cli_input; its FID would cost a 2048-d eigh)
     assert torch.equal(fid._cli_input("synthetic", "root"), load_images("synthetic", "root", 28)[:3])
-    assert calls[-1] == ("synthetic", "root")
+    assert calls[-1] == ("synthetic", "root", "train")
+    assert torch.equal(fid._cli_input("synthetic:test", "root"), load_images("synthetic", "root", split="test")[:3])
+    assert calls[-1] == ("synthetic", "root", "test")
 
     # a path that exists is a path, even with a dataset's name; anything else is named in the error
     write_folder(tmp_path / "mnist", images(2))
@@ -420,12 +445,7 @@ def bad_inputs(tmp_path, weights):
 
 def test_bad_inputs_are_one_clear_line(tmp_path, capsys, weights):
     for argv, words in bad_inputs(tmp_path, weights):
-        with pytest.raises(SystemExit) as stop:
-            fid.main([str(a) for a in argv])
-        err = capsys.readouterr().err
-        assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
-        for word in words:
-            assert word in err, (word, err)
+        one_line_error(argv, capsys, *words)
 
 
 def test_help_names_every_flag(capsys):
@@ -434,7 +454,7 @@ def test_help_names_every_flag(capsys):
     out = capsys.readouterr().out
     assert stop.value.code == 0 and "Heusel" in out
     for flag in ("--kid", "--isc", "--prc", "--save-stats", "--data-root", "--weights", "--device", "--batch-size",
-                 "--num-workers"):
+                 "--num-workers", "--features", "--train-features", "--cas", "--dataset", "--classifier", "--seed"):
         assert flag in out
 
 
@@ -445,6 +465,172 @@ def test_missing_weights_offline(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "fid.py"), a, a], env=env, capture_output=True, text=True,
                           timeout=120)
     assert_clean_error(proc, "--weights", "pt_inception-2015-12-05-6726825d.pth", str(tmp_path / "hub"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier feature spaces and CAS, on the tiny synthetic space (4 quadrants, seconds to train)
+# ----------------------------------------------------------------------------------------------
+def silent(line):
+    pass
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache folder holding the synthetic feature classifier, made as a user makes one."""
+    folder = tmp_path_factory.mktemp("cache")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        fid.main(["--train-features", "synthetic", "--classifier", str(folder / "fid-synthetic.pt"),
+                  "--device", "cpu", "--data-root", str(folder)])
+    assert re.fullmatch(r"synthetic classifier: test accuracy \d+\.\d\d%, trained in \d+ s; saved to .*\n",
+                        out.getvalue())
+    assert os.listdir(folder) == ["fid-synthetic.pt"]  # written atomically: no temporary file left
+    return folder
+
+
+def labelled(n: int, seed: int):
+    return common.synthetic_images(n, seed=seed, labels=True)
+
+
+def test_classifier_training_is_seeded_and_deterministic():
+    (x, y), (xt, yt) = labelled(128, 0), labelled(64, 1)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    a, accuracy = fid.train_classifier(x, y, xt, yt, epochs=1, log=silent)
+    assert torch.equal(torch.get_rng_state(), rng) and not torch.are_deterministic_algorithms_enabled()
+    b, again = fid.train_classifier(x, y, xt, yt, epochs=1, log=silent)
+    other, _ = fid.train_classifier(x, y, xt, yt, epochs=1, seed=1, log=silent)
+    a, b, other = a.state_dict(), b.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and accuracy == again
+    assert not torch.equal(a["body.0.weight"], other["body.0.weight"])
+
+
+def test_accuracy_threshold_refuses_a_bad_classifier(tmp_path, monkeypatch, capsys):
+    (x, y), (xt, yt) = labelled(128, 0), labelled(64, 1)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(fid.FIDError, match=r"^test accuracy \d+\.\d\d% is below the 85% .*another --seed$"):
+        fid.train_classifier(x, shuffled, xt, yt, min_accuracy=0.85, epochs=1, log=silent)
+    # the command line: one line, and nothing written to the cache
+    monkeypatch.setenv("GEN_MODELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(fid.MIN_ACCURACY, "synthetic", 1.01)
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        with pytest.raises(SystemExit) as stop:
+            fid.main(["--train-features", "synthetic", "--device", "cpu", "--data-root", str(tmp_path)])
+    last = err.getvalue().splitlines()[-1]  # after a progress line per epoch
+    assert stop.value.code == 2 and last.startswith("error: test accuracy") and "below the 101%" in last
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_classifier_sees_gray_28x28():
+    """RGB -> L exactly as PIL's convert("L") (so gray images stay exactly themselves), other sizes -> 28x28
+    as PIL's bilinear resize (antialiased: it widens the filter when it shrinks)."""
+    rgb = images(4, size=(28, 28), seed=9)
+    ours = fid.Classifier.prepare(torch.from_numpy(rgb).permute(0, 3, 1, 2))
+    gray = np.stack([np.asarray(Image.fromarray(image).convert("L")) for image in rgb])
+    np.testing.assert_array_equal((ours[:, 0] * 255).round().numpy(), gray)
+    gray = torch.from_numpy(gray)[:, None]
+    assert torch.equal(fid.Classifier.prepare(gray), fid.Classifier.prepare(gray.expand(-1, 3, -1, -1)))
+    assert torch.equal(fid.Classifier.prepare(gray), gray / 255)  # 28x28 gray: as it is
+    big = images(4, size=(64, 50), seed=10)[..., 0]
+    theirs = np.stack([np.asarray(Image.fromarray(image).resize((28, 28), Image.BILINEAR)) for image in big])
+    ours = fid.Classifier.prepare(torch.from_numpy(big)[:, None])[:, 0] * 255
+    assert np.abs(ours.numpy() - theirs).max() <= 1.0  # PIL rounds to uint8 after each of its two passes
+
+
+def test_classifier_fid_is_zero_on_itself_and_grows_with_a_shift(cache):
+    extractor = fid.feature_extractor("synthetic", "cpu", classifier=cache / "fid-synthetic.pt")
+    x = common.synthetic_images(512, seed=3)
+    ref = fid.statistics(fid.extract(extractor, [x])[0])
+    distances = []
+    for shift in (0, 8, 32, 96):  # grey added to every pixel
+        f, _ = fid.extract(extractor, [(x.int() + shift).clamp(0, 255).to(torch.uint8)])
+        s = fid.statistics(f)
+        distances.append(fid.frechet_distance(s["mu"], s["sigma"], ref["mu"], ref["sigma"]))
+    assert ref["mu"].shape == (128,) and abs(distances[0]) < 1e-6 * np.trace(ref["sigma"])
+    assert 0 < distances[1] < distances[2] < distances[3], distances
+
+
+def test_cas_of_real_images_and_of_shuffled_labels(tmp_path, cache, monkeypatch, capsys):
+    """Real images (not the classifier's) passed as generated: CAS within noise of the real-data
+    classifier's accuracy (64 test images: a standard error of ~5% each); shuffled labels: chance, 1/4."""
+    monkeypatch.setenv("GEN_MODELS_CACHE", str(cache))
+    x, y = labelled(256, 2)
+    np.savez(tmp_path / "real.npz", images=x.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
+    fid.main(["--cas", str(tmp_path / "real.npz"), "--dataset", "synthetic", "--device", "cpu",
+              "--data-root", str(tmp_path)])
+    scores = scores_of(capsys.readouterr().out)
+    assert list(scores) == ["cas", "real_accuracy"] and scores["real_accuracy"] > 0.6
+    assert abs(scores["cas"] - scores["real_accuracy"]) < 0.15, scores
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    chance = fid.classification_accuracy_score(x, shuffled, "synthetic", str(tmp_path), device="cpu")
+    assert abs(chance["cas"] - 0.25) < 0.15 and chance["real_accuracy"] == scores["real_accuracy"], chance
+    capsys.readouterr()
+    np.savez(tmp_path / "unlabelled.npz", images=x.numpy())
+    np.savez(tmp_path / "nine.npz", images=x.numpy(), labels=np.full(len(x), 9))
+    one_line_error(["--cas", tmp_path / "unlabelled.npz", "--dataset", "synthetic"], capsys, "no `labels`")
+    one_line_error(["--cas", tmp_path / "nine.npz", "--dataset", "synthetic"], capsys, "label in 0..3", "9..9")
+    one_line_error(["--cas", tmp_path / "real.npz"], capsys, "--cas needs --dataset")
+    one_line_error(["--cas", tmp_path / "real.npz", "--dataset", "cifar10"], capsys,
+                   "no classifier feature space for cifar10")
+
+
+def test_missing_classifier_is_one_line_naming_its_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GEN_MODELS_CACHE", str(tmp_path / "cache"))
+    a = tmp_path / "a.npz"
+    np.savez(a, images=images(3), labels=np.arange(3))
+    elsewhere = tmp_path / "elsewhere.pt"
+    one_line_error([a, a, "--features", "fashion-mnist"], capsys, "error: no fashion-mnist feature classifier at "
+                   f"{tmp_path / 'cache' / 'fid-fashion-mnist.pt'}: make it with "
+                   "`python fid.py --train-features fashion-mnist`")
+    one_line_error(["--cas", a, "--dataset", "mnist"], capsys, "`python fid.py --train-features mnist`")
+    one_line_error([a, a, "--features", "mnist", "--classifier", elsewhere], capsys,
+                   f"`python fid.py --train-features mnist --classifier {elsewhere}`")
+    with pytest.raises(fid.FIDError, match="python fid.py --train-features fashion-mnist"):
+        fid.feature_extractor("fashion-mnist", "cpu")  # where a training script fails early
+
+
+def test_classifier_cache_folder(monkeypatch):
+    monkeypatch.delenv("GEN_MODELS_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "/home/u")
+    assert fid.classifier_path("mnist") == Path("/home/u/.cache/gen-models/fid-mnist.pt")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert fid.classifier_path("mnist") == Path("/xdg/gen-models/fid-mnist.pt")
+    monkeypatch.setenv("GEN_MODELS_CACHE", "/shared/models")
+    assert fid.classifier_path("fashion-mnist") == Path("/shared/models/fid-fashion-mnist.pt")
+
+
+def test_statistics_record_their_feature_space(tmp_path, cache, monkeypatch, capsys):
+    """--save-stats in a classifier's space records it (and the classifier); statistics of another space,
+    or of another classifier, are refused in one line, and a cache of them is computed again."""
+    monkeypatch.setenv("GEN_MODELS_CACHE", str(cache))
+    x = common.synthetic_images(200, seed=4)
+    images_npz, stats_npz, pytorch_fid_npz = tmp_path / "x.npz", tmp_path / "s.npz", tmp_path / "pfid.npz"
+    np.savez(images_npz, images=x.numpy())  # N x 1 x H x W
+    np.savez(pytorch_fid_npz, mu=np.zeros(2048), sigma=np.eye(2048))
+    flags = ["--features", "synthetic", "--device", "cpu"]
+    fid.main(["--save-stats", str(images_npz), str(stats_npz), *flags])
+    stats = fid.load_stats(stats_npz)
+    assert str(stats["space"]) == "synthetic" and str(stats["weights"]).startswith("sha256:")
+    assert stats["mu"].shape == (128,) and stats["features"].shape == (200, 128)
+    capsys.readouterr()
+    fid.main([str(images_npz), str(stats_npz), "--kid", "--prc", *flags])  # images vs their own statistics
+    scores = scores_of(capsys.readouterr().out)
+    assert abs(scores["fid"]) < 1e-6 * np.trace(stats["sigma"]) and scores["precision"] == scores["recall"] == 1
+
+    other = tmp_path / "other.pt"
+    with contextlib.redirect_stderr(io.StringIO()):
+        fid.main(["--train-features", "synthetic", "--classifier", str(other), "--seed", "1", "--device", "cpu",
+                  "--data-root", str(tmp_path)])
+    one_line_error([stats_npz, pytorch_fid_npz, *flags], capsys,
+                   "pfid.npz: statistics in the inception feature space, not synthetic")
+    one_line_error([stats_npz, pytorch_fid_npz], capsys,
+                   "s.npz: statistics in the synthetic feature space, not inception: pass --features synthetic")
+    one_line_error([images_npz, stats_npz, *flags, "--classifier", other], capsys,
+                   "different synthetic classifiers", "this classifier: sha256:")
+    fid.reference_stats(stats_npz, x, features="synthetic", classifier=other, device="cpu")
+    assert "was computed with other synthetic weights" in capsys.readouterr().err
+    assert fid.load_stats(stats_npz)["weights"] != stats["weights"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,10 +665,10 @@ def test_benchmark(tmp_path, monkeypatch, weights):
     folder = write_folder(tmp_path / "png", images(50, size=(32, 32), seed=7))
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     net = pytorch_fid_network(monkeypatch, torch.load(weights))
-    model = fid.load_inception(weights, "cpu")
+    extractor = fid.feature_extractor("inception", "cpu", weights)
     source = fid.read_input(folder)["images"]
     values, t = race(lambda: calculate_activation_statistics(files, net, 25, 2048, "cpu", 2),
-                     lambda: fid.statistics(fid.extract(model, fid._batches(source, 25, 2))[0]), rounds=4)
+                     lambda: fid.statistics(fid.extract(extractor, fid._batches(source, 25, 2))[0]), rounds=4)
     print(f"features of 50 PNGs (32x32, batches of 25) on the CPU: pytorch-fid {50 / t['pytorch-fid']:.2f} "
           f"images/s, fid.py {50 / t['fid.py']:.2f} images/s")
     assert np.allclose(values["fid.py"]["mu"], values["pytorch-fid"][0], atol=1e-5)

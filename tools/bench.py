@@ -3,6 +3,7 @@
     python tools/bench.py dcgan                                   # CPU: 64x64, batch 64
     python tools/bench.py dcgan --peer ~/examples/dcgan/main.py   # with pytorch/examples' dcgan
     python tools/bench.py dcgan --device cuda --batch-size 128 --peer ~/examples/dcgan/main.py
+    python tools/bench.py dcgan --configs none amp amp+channels-last   # some flag sets only
 
 Each configuration runs the script itself, as a user does (`python dcgan.py --dataset synthetic-rgb
 --image-size 64 ...`: the data held on the device as in any training run, no sample grids or
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ["", "--channels-last", "--amp", "--amp --channels-last", "--amp --channels-last --compile"]
+CONFIGS = ["none", "channels-last", "amp", "amp+channels-last", "amp+channels-last+compile"]  # flags joined by +
 
 
 def ours(script: str, flags: str, a, out: Path) -> float:
@@ -69,12 +70,14 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--configs", nargs="*", default=CONFIGS, help="flag sets to time (default: %(default)s)")
+    p.add_argument("--configs", nargs="*", default=CONFIGS, help="flag sets to time, flags without their dashes "
+                   "joined by + (default: %(default)s)")
     a = p.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
-            for flags in a.configs:
+            for config in a.configs:
+                flags = " ".join(f"--{f}" for f in config.split("+") if f != "none")
                 out = Path(tmp) / f"run{r}-{len(results)}"
                 results.setdefault(flags or "(no flag)", []).append(ours(a.script, flags, a, out))
                 print(f"round {r + 1}: {a.script}.py {flags or '(no flag)'}: {results[flags or '(no flag)'][-1]:.1f} "
