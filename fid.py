@@ -30,11 +30,15 @@ Same numbers as pytorch-fid (v0.3.0): the network is its FID Inception (the Tens
 2015-12-05 ported to PyTorch, with TF's average pooling that ignores padding and a max pool in the last
 block) and loads its weights file; the pre-processing is its own: RGB uint8 -> /255 -> bilinear resize
 to 299x299 (align_corners=False) -> 2x - 1; statistics are float64 (np.cov). Deviations, all deliberate:
-    - Inference folds each batch norm into its convolution and runs channels-last (on the CPU): features
-      equal pytorch-fid's to float rounding (about 1e-5 of values of order 1), FID to < 1e-6 relative;
-      more images per second on a CPU, see load_inception.
+    - Inference folds each batch norm into its convolution and runs channels-last on the CPU
+      (FIDInceptionV3.for_inference): 1.7x the images per second on a 2-core CPU; the features equal
+      pytorch-fid's to float rounding (~1e-5 on values of 1 to 30), the FID to < 1e-6 relative
+      (tools/bench_fid.py).
     - The Frechet distance uses symmetric eigendecompositions instead of scipy's sqrtm of the
       non-symmetric product: same value (< 1e-6 relative), several times faster, see frechet_distance.
+      Float64 loses digits where FID is a small difference of large traces (two samples of one
+      distribution: FID ~ 1, traces ~ 1000): there any two methods, or the two orders of the sets, agree
+      to ~2e-5 relative only.
     - IS takes the logits as the original code does (pool features times the softmax weights, no bias),
       but from pytorch-fid's network and resize, so it is close to, not equal to, TensorFlow's number.
     - Precision/recall use these Inception features instead of the paper's VGG-16 (as torch-fidelity).
@@ -45,13 +49,15 @@ Feature spaces (--features). `inception` (the default) is the above, and needs p
 file. `fashion-mnist` and `mnist` are the 128-d penultimate layer of a small convnet (Classifier) trained on
 that dataset's training split by `python fid.py --train-features fashion-mnist`: no download, a few
 minutes on a CPU, refused below 92% (Fashion-MNIST) or 99% (MNIST) test accuracy, saved in
-$XDG_CACHE_HOME/gen-models/fid-<dataset>.pt (~/.cache without XDG_CACHE_HOME; $GEN_MODELS_CACHE/ replaces
+$XDG_CACHE_HOME/gen-models/fid-<dataset>.pt (~/.cache without XDG_CACHE_HOME; $FID_CLASSIFIER_DIR replaces
 the folder, --classifier PATH the file). The classifier sees every image as it was trained on: RGB ->
 grayscale (PIL's convert("L") luma, so gray images stay exactly themselves) and other sizes than 28x28
-resized (bilinear with antialiasing). Its numbers are on their own scale: never compare them with
-Inception FIDs, nor with another classifier's. Statistics files record their feature space (and the
-classifier's weights), and fid.py refuses to compare statistics of two spaces or two classifiers;
-`synthetic` is a tiny space for the tests (common.synthetic_images' 4 quadrants).
+resized (bilinear with antialiasing). KID, precision/recall and IS (over the classifier's classes) are
+computed in it as in Inception's. Its numbers are on their own scale: never compare them with Inception's,
+nor with another classifier's. Training is bit-identical for a given seed and thread count only (oneDNN
+splits its sums by thread), so statistics files record their feature space and the classifier's weights
+(a sha256), and fid.py refuses to compare statistics of two spaces or two classifiers. `synthetic` is a
+tiny space for the tests (common.synthetic_images' 4 quadrants).
 
 CAS (--cas). The Classifier is trained from scratch on generated images and their labels (the
 conditioning class), exactly as the feature classifier is trained on the real training split (same
@@ -128,9 +134,10 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's
 METRICS = ("fid", "kid", "isc", "prc")
 # Classifier feature spaces: their dataset, and the test accuracy below which a classifier is refused
+# (synthetic: 256 training and 64 test images, for the tests)
 MIN_ACCURACY = {"fashion-mnist": 0.92, "mnist": 0.99, "synthetic": 0.75}
 FEATURES = ("inception", *MIN_ACCURACY)
-CLASSIFIER_EPOCHS = 6
+CLASSIFIER_EPOCHS = 6  # Fashion-MNIST: 92.7% in 2.4 min on 2 CPU cores (seeds 0-2); 8 epochs: 92.8%
 
 
 class FIDError(common.UserError):
@@ -416,9 +423,10 @@ class Classifier(nn.Module):
 
 
 def classifier_path(dataset: str) -> Path:
-    """Where `python fid.py --train-features DATASET` saves its classifier by default: the user's cache."""
-    folder = os.environ.get("GEN_MODELS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "gen-models"
-    return Path(folder).expanduser() / f"fid-{dataset}.pt"
+    """Where `python fid.py --train-features DATASET` saves its classifier by default: $FID_CLASSIFIER_DIR,
+    else the user's cache (common.cache_dir())."""
+    folder = os.environ.get("FID_CLASSIFIER_DIR")
+    return (Path(folder).expanduser() if folder else common.cache_dir()) / f"fid-{dataset}.pt"
 
 
 def _placed(net: nn.Module, device) -> nn.Module:
@@ -511,8 +519,10 @@ def train_features(dataset: str, data_root: str = "data", path=None, seed: int =
     classifier_path(dataset)). Returns the test accuracy."""
     _check_classifier_space(dataset)
     path = Path(path) if path else classifier_path(dataset)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # before minutes of training
+    try:  # before minutes of training
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(21, "a folder, not a file")
     except OSError as e:
         raise FIDError(f"{path}: cannot write the classifier ({e.strerror})") from None
     train = common.load_images(dataset, data_root, split="train", labels=True)
@@ -1140,7 +1150,7 @@ def main(argv: list[str] | None = None) -> None:
                         "in NPZ (keys `images` and `labels`), tested on --dataset's test split")
     parser.add_argument("--dataset", help=f"the real dataset of --cas ({', '.join(MIN_ACCURACY)})")
     parser.add_argument("--classifier", metavar="PATH", default=None, help="the classifier file of --features, "
-                        "--train-features and --cas (default: $GEN_MODELS_CACHE/fid-<dataset>.pt, else "
+                        "--train-features and --cas (default: $FID_CLASSIFIER_DIR/fid-<dataset>.pt, else "
                         "$XDG_CACHE_HOME/gen-models/..., else ~/.cache/gen-models/...)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of --train-features and --cas (default: 0)")
     parser.add_argument("--data-root", default="data", help="where a dataset named as A or B is read from "

@@ -1,8 +1,10 @@
 """fid.py against pytorch-fid (network, pre-processing, Frechet distance), closed forms and direct
-implementations of each metric, and the command line as a user runs it. Offline: random Inception weights.
+implementations of each metric, the classifier feature spaces and CAS (on the tiny synthetic space), and
+the command line as a user runs it. Offline: random Inception weights.
 
 The 2048-d comparison and the speed measurements run only when asked for:
     FID_BENCHMARK=1 python -m pytest -q -s tests/test_fid.py -k benchmark
+    python tools/bench_fid.py --n 2100 --rounds 1      # end to end, as a user runs both
 """
 import contextlib
 import io
@@ -511,7 +513,7 @@ def test_accuracy_threshold_refuses_a_bad_classifier(tmp_path, monkeypatch, caps
     with pytest.raises(fid.FIDError, match=r"^test accuracy \d+\.\d\d% is below the 85% .*another --seed$"):
         fid.train_classifier(x, shuffled, xt, yt, min_accuracy=0.85, epochs=1, log=silent)
     # the command line: one line, and nothing written to the cache
-    monkeypatch.setenv("GEN_MODELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FID_CLASSIFIER_DIR", str(tmp_path / "cache"))
     monkeypatch.setitem(fid.MIN_ACCURACY, "synthetic", 1.01)
     with contextlib.redirect_stderr(io.StringIO()) as err:
         with pytest.raises(SystemExit) as stop:
@@ -553,7 +555,7 @@ def test_classifier_fid_is_zero_on_itself_and_grows_with_a_shift(cache):
 def test_cas_of_real_images_and_of_shuffled_labels(tmp_path, cache, monkeypatch, capsys):
     """Real images (not the classifier's) passed as generated: CAS within noise of the real-data
     classifier's accuracy (64 test images: a standard error of ~5% each); shuffled labels: chance, 1/4."""
-    monkeypatch.setenv("GEN_MODELS_CACHE", str(cache))
+    monkeypatch.setenv("FID_CLASSIFIER_DIR", str(cache))
     x, y = labelled(256, 2)
     np.savez(tmp_path / "real.npz", images=x.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
     fid.main(["--cas", str(tmp_path / "real.npz"), "--dataset", "synthetic", "--device", "cpu",
@@ -575,7 +577,7 @@ def test_cas_of_real_images_and_of_shuffled_labels(tmp_path, cache, monkeypatch,
 
 
 def test_missing_classifier_is_one_line_naming_its_command(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("GEN_MODELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FID_CLASSIFIER_DIR", str(tmp_path / "cache"))
     a = tmp_path / "a.npz"
     np.savez(a, images=images(3), labels=np.arange(3))
     elsewhere = tmp_path / "elsewhere.pt"
@@ -590,20 +592,20 @@ def test_missing_classifier_is_one_line_naming_its_command(tmp_path, monkeypatch
 
 
 def test_classifier_cache_folder(monkeypatch):
-    monkeypatch.delenv("GEN_MODELS_CACHE", raising=False)
+    monkeypatch.delenv("FID_CLASSIFIER_DIR", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", "/home/u")
     assert fid.classifier_path("mnist") == Path("/home/u/.cache/gen-models/fid-mnist.pt")
     monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
     assert fid.classifier_path("mnist") == Path("/xdg/gen-models/fid-mnist.pt")
-    monkeypatch.setenv("GEN_MODELS_CACHE", "/shared/models")
+    monkeypatch.setenv("FID_CLASSIFIER_DIR", "/shared/models")
     assert fid.classifier_path("fashion-mnist") == Path("/shared/models/fid-fashion-mnist.pt")
 
 
 def test_statistics_record_their_feature_space(tmp_path, cache, monkeypatch, capsys):
     """--save-stats in a classifier's space records it (and the classifier); statistics of another space,
     or of another classifier, are refused in one line, and a cache of them is computed again."""
-    monkeypatch.setenv("GEN_MODELS_CACHE", str(cache))
+    monkeypatch.setenv("FID_CLASSIFIER_DIR", str(cache))
     x = common.synthetic_images(200, seed=4)
     images_npz, stats_npz, pytorch_fid_npz = tmp_path / "x.npz", tmp_path / "s.npz", tmp_path / "pfid.npz"
     np.savez(images_npz, images=x.numpy())  # N x 1 x H x W
