@@ -78,7 +78,7 @@ def main():
         for r in range(a.rounds):
             for config in a.configs:
                 flags = " ".join(f"--{f}" for f in config.split("+") if f != "none")
-                out = Path(tmp) / f"run{r}-{len(results)}"
+                out = Path(tmp) / f"run{r}-{config}"
                 results.setdefault(flags or "(no flag)", []).append(ours(a.script, flags, a, out))
                 print(f"round {r + 1}: {a.script}.py {flags or '(no flag)'}: {results[flags or '(no flag)'][-1]:.1f} "
                       f"images/s", flush=True)
