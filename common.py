@@ -492,12 +492,14 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
 SAMPLE_MARK = ".written-by-sample"  # in every --sample folder: only such a folder is ever emptied
 
 
-def prepare_output(path: str | Path) -> Path:
+def prepare_output(path: str | Path, key: str | None = None) -> Path:
     """Check, before anything is generated, that ``path`` (a .npz file or a folder of PNGs) can be written.
 
     A folder must be new, empty, or an earlier --sample's output (it holds SAMPLE_MARK and numbered
     PNGs), which is emptied: fid.py reads every image of a folder, so stale or foreign images would be
-    mixed in. Any other folder is refused, never emptied.
+    mixed in. Any other folder is refused, never emptied. With ``key`` (what the images are drawn from), a
+    folder whose mark holds the same key is kept as it is: an interrupted --sample continues it. Several
+    processes may prepare one folder at once (a lock on the folder makes one of them empty it, once).
     """
     path = Path(path)
     flag = f"--sample-out {path}"
@@ -516,17 +518,27 @@ def prepare_output(path: str | Path) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"{flag}: cannot write to {folder} ({e.strerror}); choose a writable place") from None
-    if not npz:
+    if npz:
+        return path
+    lock = os.open(path, os.O_RDONLY)   # flock on the folder itself: no file of ours in a foreign folder
+    try:
+        with contextlib.suppress(OSError):   # no flock on this file system: shards started at once may race
+            fcntl.flock(lock, fcntl.LOCK_EX)
         entries = list(path.iterdir())
         ours = (path / SAMPLE_MARK).is_file() and all(
-            e.name == SAMPLE_MARK or (e.suffix == ".png" and e.stem.isdigit()) for e in entries)
+            e.name == SAMPLE_MARK or (e.suffix in (".png", ".part") and e.name.split(".")[0].isdigit())
+            for e in entries)
         if entries and not ours:
             names = sorted(e.name for e in entries)
             raise UserError(f"{flag} holds files that an earlier --sample did not write ({', '.join(names[:3])}); "
                             f"fid.py would mix them with the samples: choose a new or empty folder")
-        for e in entries:
-            e.unlink()
-        (path / SAMPLE_MARK).write_text("written by --sample: the next --sample into this folder replaces it\n")
+        mark = f"written by --sample: the next --sample into this folder replaces it\n{key or ''}\n"
+        if key is None or not ours or (path / SAMPLE_MARK).read_text() != mark:
+            for e in entries:
+                e.unlink()
+            (path / SAMPLE_MARK).write_text(mark)
+    finally:
+        os.close(lock)
     return path
 
 
@@ -547,16 +559,20 @@ def save_images(batches, path: str | Path, value_range: tuple[float, float] = (-
             Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path / f"{n:06d}.png")
             n += 1
     if npz:
-        images = np.concatenate(kept)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, images=images)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        n = len(images)
+        n = save_npz(np.concatenate(kept), path)
     return n
+
+
+def save_npz(images: np.ndarray, path: Path) -> int:
+    """uint8 N x H x W x C images as ``path`` (key ``images``), written atomically; returns N."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(images)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -743,10 +759,12 @@ class Distributed:
     """
     STOP_SYNC = 10  # steps between two agreements on a stop request: all ranks stop at the same step
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, connect: bool = True):
+        """``connect=False``: the rank, world and device of the launch only, no process group (processes that
+        work apart, such as the shards of a --sample)."""
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank, self.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        self.is_main, self.device, self.group = self.rank == 0, device, None
+        self.is_main, self.device, self.group, self.connected = self.rank == 0, device, None, False
         if self.world == 1:
             return
         import datetime
@@ -756,7 +774,10 @@ class Distributed:
             torch.cuda.set_device(self.device)
         elif device.type != "cpu":
             raise UserError(f"--device {device}: several processes need cuda (one GPU each) or cpu")
+        if not connect:
+            return
         # a long evaluation on rank 0 keeps the others waiting in their next collective
+        self.connected = True
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
         self.group = dist.new_group(backend="gloo") if device.type == "cuda" else None
 
@@ -797,7 +818,7 @@ class Distributed:
         return x / self.world
 
     def close(self) -> None:
-        if self.world > 1:
+        if self.world > 1 and self.connected:
             import torch.distributed as dist
             dist.barrier()  # a rank that leaves while another still talks aborts gloo
             dist.destroy_process_group()
@@ -875,7 +896,7 @@ class MetricsFile:
         os.replace(tmp, path)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(seconds)
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
@@ -956,18 +977,24 @@ class Run:
     Under torchrun only rank 0 writes; the pieces it uses are Distributed, MetricsFile and Evaluation.
     """
 
-    def __init__(self, cfg, script: str):
+    def __init__(self, cfg, script: str, command: str | None = None, shards: bool = False):
+        """``command``: the flag of another no-training command of the script (ddpm's --vlb) when it is given:
+        like --sample, it reads a checkpoint and writes nothing in the run folder. ``shards``: the script's
+        --sample may be split among torchrun processes and SLURM array tasks (``write_sharded``)."""
         self.cfg, self.script = cfg, script
-        self.sampling = cfg.sample > 0
+        if cfg.sample and command:
+            raise UserError(f"--sample and {command} are two commands: give one")
+        self.sampling = cfg.sample > 0 or command is not None
+        self.command = command or "--sample"
         self.is_main = os.environ.get("RANK", "0") == "0"
         self.ckpt, self.init = self._resolve()
         check_dataset(cfg.dataset)
         unknown = set(cfg.eval_metrics.split(",")) - set(EVAL_METRICS)
         if unknown:
             raise UserError(f"--eval-metrics {cfg.eval_metrics}: choose among {', '.join(EVAL_METRICS)}")
-        if self.sampling and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UserError("--sample runs in one process: start it with python, not torchrun")
-        self.dist = Distributed(pick_device(cfg.device))
+        if self.sampling and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (shards and cfg.sample):
+            raise UserError(f"{self.command} runs in one process: start it with python, not torchrun")
+        self.dist = Distributed(pick_device(cfg.device), connect=not self.sampling)
         self.device, self.rank, self.world = self.dist.device, self.dist.rank, self.dist.world
         seed_everything(cfg.seed + self.rank)  # each rank its own noise; DDP copies rank 0's initial weights
         if self.device.type == "cuda":
@@ -980,12 +1007,13 @@ class Run:
         self.metrics = MetricsFile(self.out / "metrics.csv")
         self.models, self.optimizers, self.state, self.data = {}, {}, {}, {}
         self.sample_fn: Callable[[], torch.Tensor] | None = None
+        self.extra_evaluation: Callable | None = None
         self.sample_range, self.evaluation, self.best_fid = (-1.0, 1.0), None, math.inf
         self.stop_requested, self._stop_local, self.stop_signal = False, False, ""
         self._started, self._lock = False, None
-        if not self.sampling:
-            if self.out.is_dir() and self.is_main:
-                self._lock_folder()  # a busy folder is refused now, not after loading the data
+        if not self.sampling and self.out.is_dir() and self.is_main:
+            self._lock_folder()  # a busy folder is refused now, not after loading the data
+        if not self.sampling or (shards and cfg.sample):  # a split --sample stops between two batches
             for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
 
@@ -1000,7 +1028,7 @@ class Run:
         cfg, given = self.cfg, self.cfg.given
         path = cfg.resume if cfg.resume not in (None, "auto") else None
         if cfg.init and (path or self.sampling):
-            raise UserError("--init PATH starts a new run: it goes with neither --resume PATH nor --sample")
+            raise UserError(f"--init PATH starts a new run: it goes with neither --resume PATH nor {self.command}")
         src = load_checkpoint(path, self.script) if path else None
         init = load_checkpoint(cfg.init, self.script) if cfg.init else None
         if init is not None:
@@ -1015,7 +1043,7 @@ class Run:
         if self.sampling:
             ckpt = src or own
             if ckpt is None:
-                raise UserError(f"--sample needs a checkpoint: none at {own_path}; train first, or pass "
+                raise UserError(f"{self.command} needs a checkpoint: none at {own_path}; train first, or pass "
                                 f"--resume PATH or --out")
         elif own is None:
             ckpt = src
@@ -1123,13 +1151,15 @@ class Run:
     def track(self, models: dict, optimizers: dict | None = None, state: dict | None = None,
               data: dict | None = None, sample: Callable[[], torch.Tensor] | None = None,
               sample_range: tuple[float, float] = (-1.0, 1.0), generate: Callable | None = None,
-              real: torch.Tensor | None = None) -> None:
+              real: torch.Tensor | None = None, evaluate: Callable | None = None) -> None:
         """Name what a checkpoint holds: ``models`` (saved with plain keys, checked for NaN/inf, in eval mode
         for sample grids), ``optimizers``, ``state`` (tensors, or any object with state_dict and
         load_state_dict: LR schedulers, GradScaler, EMA, image pools), ``data`` (Batches streams), and
         ``sample``, which draws the fixed-noise grid in ``sample_range``. For --eval-every: ``generate(n,
-        generator)`` draws n images with a torch.Generator, ``real`` are the uint8 training images."""
+        generator)`` draws n images with a torch.Generator, ``real`` are the uint8 training images, and
+        ``evaluate(should_stop)`` returns more metrics (a dict; None when ``should_stop()`` cut it short)."""
         self.models, self.optimizers = models, optimizers or {}
+        self.extra_evaluation = evaluate if self.cfg.eval_every and self.is_main else None
         self.state, self.data = state or {}, data or {}
         self.sample_fn, self.sample_range = sample, sample_range
         if self.cfg.eval_every and self.is_main and generate is not None:
@@ -1258,7 +1288,7 @@ class Run:
                **{k: f"{v:.6g}" for k, v in means.items()}}
         if self.is_main:
             self.metrics.write(row)
-        self.say(f"step {step}/{self.cfg.steps} | {_duration(self.time_s())} | ETA {_duration(eta)} | "
+        self.say(f"step {step}/{self.cfg.steps} | {duration(self.time_s())} | ETA {duration(eta)} | "
                  + " | ".join(f"{k} {v}" for k, v in list(row.items())[2:]))
 
     def write_metrics(self, row: dict) -> None:
@@ -1269,15 +1299,18 @@ class Run:
     def _evaluate(self, step: int) -> bool:
         """--eval-every on rank 0, the models in eval mode; True if the FID is the best so far."""
         best = False
-        if self.evaluation is not None:
-            t, rng = time.time(), rng_state(self.device)
+        if self.evaluation is not None or self.extra_evaluation is not None:
+            t, rng, scores = time.time(), rng_state(self.device), {}
             with self._eval_mode():
-                scores = self.evaluation()
+                if self.evaluation is not None:
+                    scores.update(self.evaluation() or {})
+                if self.extra_evaluation is not None and not self._stop_local:
+                    scores.update(self.extra_evaluation(lambda: self._stop_local) or {})
             set_rng_state(rng, self.device)  # building a network draws from the global generators
             if scores:
                 self.metrics.write({"step": step, "time_s": round(self.time_s(), 2),
                                     **{k: f"{v:.6g}" for k, v in scores.items()}})
-                self.say(f"step {step}/{self.cfg.steps} | evaluation in {_duration(time.time() - t)} | "
+                self.say(f"step {step}/{self.cfg.steps} | evaluation in {duration(time.time() - t)} | "
                          + " | ".join(f"{k} {v:.4g}" for k, v in scores.items()))
                 best = scores.get("fid", math.inf) < self.best_fid
                 if best:
@@ -1320,6 +1353,69 @@ class Run:
         n = save_images(batches, out, value_range)
         self.say(f"wrote {n} images to {out}")
         return out
+
+    def write_sharded(self, draw: Callable, n: int, batch: int, key: dict,
+                      value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+        """--sample N in fixed batches, split among processes and resumable. Batch j (images j * batch ...)
+        is ``draw(size, generator)`` with a generator seeded from (--seed, j) (numpy's SeedSequence: a 32-bit seed,
+        since the CPU generator keeps 32 bits of any seed), so image i is the same whatever
+        the split and however often the command was stopped. Shard s of k (torchrun's rank and the SLURM array
+        task: ``torchrun --nproc_per_node=4`` or ``sbatch --array=0-9``, or both) draws the batches j = s mod k
+        whose PNGs are not all in the folder yet. A stop signal ends it after the current batch (exit 0: the
+        same command continues; submit.sh requeues it). ``key`` (what else fixes the images: sampler
+        settings) goes into the folder's mark with the checkpoint, N, the batch and --seed: a folder drawn
+        from anything else is replaced, never mixed. A .npz is written whole by one process."""
+        from PIL import Image
+        cfg = self.cfg
+        out = Path(cfg.sample_out or self.out / "generated")
+        array = os.environ.get("SLURM_ARRAY_TASK_ID")
+        task = (int(array) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
+            os.environ.get("SLURM_ARRAY_TASK_STEP", 1)) if array else 0
+        shard, shards = task * self.world + self.rank, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) * self.world
+        npz = out.suffix.lower() == ".npz"
+        if npz and shards > 1:
+            raise UserError(f"--sample-out {out}: a .npz is written by one process; give a folder to split --sample "
+                            f"among {shards} processes or array tasks")
+        key = {"checkpoint": f"{run_id(self.ckpt)}@{self.ckpt['step']}", "n": n, "batch": batch, "seed": cfg.seed,
+               **key}
+        prepare_output(out, key=None if npz else json.dumps(key, sort_keys=True))
+        names = lambda j: [out / f"{i:06d}.png" for i in range(j * batch, min(n, (j + 1) * batch))]  # noqa: E731
+        mine = range(shard, math.ceil(n / batch), shards)
+        todo = [j for j in mine if npz or not all(p.is_file() for p in names(j))]
+        total = sum(len(names(j)) for j in todo)
+        where = f" (shard {shard + 1} of {shards})" if shards > 1 else ""
+        self._started, done, kept, t0 = True, 0, [], time.time()   # from here a signal stops between batches
+        print(f"--sample {n}{where}: {total} images to draw" + (f", {sum(len(names(j)) for j in mine) - total} "
+              f"already in {out}" if len(todo) < len(mine) else ""), flush=True)
+        with self._eval_mode():
+            for j in todo:
+                seed = int(np.random.SeedSequence([cfg.seed, j]).generate_state(1)[0])
+                g = torch.Generator(self.device).manual_seed(seed)
+                images = to_uint8(draw(len(names(j)), g), value_range).permute(0, 2, 3, 1).numpy()
+                if npz:
+                    kept.append(images)
+                for path, image in zip([] if npz else names(j), images):
+                    part = path.with_name(path.name + ".part")  # a killed process leaves no half image
+                    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(part, format="PNG")
+                    os.replace(part, path)
+                done += len(images)
+                elapsed = time.time() - t0
+                print(f"--sample{where}: {done}/{total} | {duration(elapsed)} | "
+                      f"ETA {duration(elapsed * (total - done) / done)}", flush=True)
+                if self._stop_local:   # checked after the batch: one that has begun is always written
+                    break
+        if self._stop_local and done < total:
+            if npz:
+                raise Stopped(self.stop_signal)   # nothing written: a .npz is all or nothing
+            print(f"stopped by {self.stop_signal} after {done} images: the same command continues", flush=True)
+            return
+        if npz:
+            save_npz(np.concatenate(kept), out)
+            print(f"wrote {n} images to {out}", flush=True)
+            return
+        present = sum(p.is_file() for j in range(math.ceil(n / batch)) for p in names(j))
+        print(f"wrote {done} images to {out}" + ("" if present == n else
+              f"; {present}/{n} are there: the other shards write the rest"), flush=True)
 
     def checkpoint(self, step: int, best: bool = False) -> None:
         """Write ckpt.pt atomically (rank 0), after checking that no loss since the last log and no floating
