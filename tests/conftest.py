@@ -285,3 +285,14 @@ def check_ddp(script: str, small: list, tmp: Path) -> None:
     text = straight.communicate(timeout=120)[0]
     assert straight.returncode == 0, text
     assert_same_state(load(tmp / "ddp-straight" / "ckpt.pt"), load(out / "ckpt.pt"))
+
+
+def check_compile(script: str, small: list, tmp: Path, model: str) -> None:
+    """--compile (with --amp) trains; its checkpoint keeps plain keys and loads in an uncompiled --sample."""
+    out = tmp / "compiled"
+    proc = run_script(script, *small, "--compile", "--amp", "--steps", 2, "--log-every", 1, "--out", out, cwd=tmp,
+                      timeout=600)
+    assert "done at step 2" in proc.stdout
+    assert not any(k.startswith("_orig_mod") for k in load(out / "ckpt.pt")["models"][model])
+    run_script(script, "--out", out, "--sample", 3, cwd=tmp)   # a plain (uncompiled) run loads it
+    assert len(list((out / "generated").glob("*.png"))) == 3

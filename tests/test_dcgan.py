@@ -7,8 +7,8 @@ import torch.nn as nn
 
 import common
 import dcgan
-from conftest import (assert_same_state, check_bad_flags, check_bad_inputs, check_ddp, check_exact_resume,
-                      check_sample, check_signal_resume, check_smoke, load, run_script)
+from conftest import (assert_same_state, check_bad_flags, check_bad_inputs, check_compile, check_ddp,
+                      check_exact_resume, check_sample, check_signal_resume, check_smoke, load, run_script)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 16, "--batch-size", 16, "--ngf", 4, "--ndf", 4,
          "--device", "cpu"]
@@ -125,13 +125,7 @@ def test_amp_and_channels_last_resume_exactly(tmp):
 
 
 def test_compile_smoke_and_its_checkpoint_loads_plain(tmp):
-    out = tmp / "compiled"
-    proc = run_script("dcgan", *SMALL, "--compile", "--amp", "--steps", 2, "--log-every", 1, "--out", out, cwd=tmp,
-                      timeout=600)
-    assert "done at step 2" in proc.stdout
-    assert not any(k.startswith("_orig_mod") for k in load(out / "ckpt.pt")["models"]["G"])
-    run_script("dcgan", "--out", out, "--sample", 3, cwd=tmp)   # a plain (uncompiled) run loads it
-    assert len(list((out / "generated").glob("*.png"))) == 3
+    check_compile("dcgan", SMALL, tmp, "G")
 
 
 def test_eval_every_logs_fid_keeps_best_and_changes_nothing(tmp):

@@ -1,0 +1,532 @@
+"""Denoising Diffusion Probabilistic Models.
+
+Jonathan Ho, Ajay Jain, Pieter Abbeel. NeurIPS 2020. arXiv:2006.11239
+
+Forward process (eq. 2, 4), a fixed Markov chain that adds Gaussian noise with variances beta_1..beta_T:
+
+    q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)
+    q(x_t | x_0)     = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),   alpha_t = 1 - beta_t,
+                       alpha_bar_t = prod_{s <= t} alpha_s
+Its posterior (eq. 6, 7), tractable given x_0:
+
+    q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I),
+    mu_tilde_t   = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
+                   + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+    beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
+The reverse process p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I) has the posterior's form, with x_0
+predicted from a noise estimate eps_theta (eq. 11): x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t).
+
+Algorithm 1 (training), the simplified objective L_simple (eq. 14):
+    x_0 ~ data, t ~ Uniform{1..T}, eps ~ N(0, I)
+    gradient step on || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+Algorithm 2 (sampling): x_T ~ N(0, I); for t = T..1: z ~ N(0, I) if t > 1 else 0,
+    x_{t-1} = mu_theta(x_t, t) + sigma_t z,   sigma_t^2 = beta_t (default) or beta_tilde_t (--var beta-tilde)
+The variational bound (eq. 5) L_vlb = L_T + sum_{t>1} L_{t-1} + L_0, reported in bits/dim on the test set:
+    L_T = KL(q(x_T | x_0) || N(0, I)),   L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)),
+    L_0 = -log p(x_0 | x_1), a Gaussian discretized to the 256 pixel values (eq. 13).
+DDIM (Song, Meng, Ermon 2020, "Denoising Diffusion Implicit Models", arXiv:2010.02502, eq. 12), by flag:
+the same network, S of the T steps, x_{t'} = sqrt(alpha_bar_t') x_0 + sqrt(1 - alpha_bar_t' - s^2) eps
++ s z with s = eta sqrt((1 - alpha_bar_t') / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t');
+eta = 0 is deterministic, 50 steps make FID on 50,000 images a matter of minutes on a GPU.
+
+The paper's setup (section 4, appendix B), all defaults: T = 1000, beta linear from 1e-4 to 0.02 (computed
+in float64, as the official code); a U-Net (PixelCNN++ backbone) of ResNet blocks with GroupNorm (32
+groups), the sinusoidal embedding of t added in every block, self-attention at 16 x 16, dropout 0.1;
+Adam lr 2e-4 with a linear warm-up over 5,000 steps, gradients clipped at norm 1, an EMA of the weights
+with decay 0.9999 (samples and evaluation use it), batch 128, random horizontal flips for CIFAR-10.
+--arch cifar10 is the paper's CIFAR-10 network (ch 128, ch_mult 1,2,2,2, 2 blocks per resolution): 35,746,307
+parameters, the official code's count (tested). --arch small (the default) is the same network, a
+quarter as wide and one resolution shorter (ch 32, ch_mult 1,2,2: 28 -> 14 -> 7, attention at 14 x 14),
+so that Fashion-MNIST trains on a CPU: 1,623,169 parameters for one channel.
+
+Deviations, each deliberate:
+- x_0 predicted at sampling time is clipped to [-1, 1] before mu_theta is formed, as the official sampler
+  does (the paper's Algorithm 2 is written without it); L_vlb is computed the same way (the official
+  evaluation, clip_denoised=True). DDIM clips x_0 too and re-derives eps from the clipped x_0 (as OpenAI's
+  guided-diffusion does): with eta = 1 and S = T it is then exactly Algorithm 2 with sigma^2 = beta_tilde
+  (tested); the DDIM paper's code does not clip.
+- sigma_1^2 under --var beta (the paper's CIFAR-10 choice) is beta_tilde_2, not beta_1, as in the
+  official code: a better decoder likelihood L_0 for the same samples (beta_1 = 1e-4 is far below the
+  pixel bin width).
+- L_0's Gaussian mass per pixel bin uses the exact normal CDF (eq. 13); the official code uses the tanh
+  approximation 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), off by up to 1.8e-4 in each CDF.
+- The learning rate of update s (counted from 0) is 2e-4 min(s / 5000, 1), the official warm-up, so the
+  first update has lr 0.
+- The course notes give the hybrid objective L_simple + 0.001 L_vlb with learned variances: that is
+  Nichol & Dhariwal 2021 (arXiv:2102.09672); this file is Ho et al., L_simple and fixed variances.
+- Downsampling pads its stride-2 convolution symmetrically (PyTorch's padding=1), TensorFlow's SAME pads
+  right and bottom only: the same parameters, a one-pixel shift of where the kernel lands.
+
+Usage:
+    python ddpm.py                                     # Fashion-MNIST 28 x 28, the small U-Net
+    python ddpm.py --resume                            # continue runs/ddpm-fashion-mnist (a requeued job too)
+    python ddpm.py --dataset cifar10 --arch cifar10 --hflip --steps 800000 --amp --compile --channels-last
+    GPUS=4 sbatch submit.sh ddpm --dataset cifar10 --arch cifar10 --hflip   # or torchrun --nproc_per_node=4
+    python ddpm.py --sample 50000 --sample-out samples/ --sampler ddim --sample-steps 50   # for fid.py
+    torchrun --nproc_per_node=4 ddpm.py --sample 50000 --sample-out samples/   # split across 4 GPUs
+    sbatch --array=0-9 submit.sh ddpm --sample 50000 --sample-out samples/     # or 10 SLURM array tasks
+    python ddpm.py --vlb 10000                         # L_vlb in bits/dim on 10,000 test images
+    python ddpm.py --eval-every 10000 --eval-vlb 1000 --sampler ddim   # FID and test bits/dim in training
+--batch-size is the global batch, shared among the processes (each its own slice and noise). --sample into
+a folder can be split and resumed: image i always comes from the same noise (batch i // 500, seeded by
+--seed), so any split, and any restart, writes the same images; the images already there are kept.
+
+From Python: model, diffusion = ddpm.load("runs/ddpm-fashion-mnist/ckpt.pt");
+images = ddpm.sample(model, diffusion, 16, (1, 28, 28))   (the EMA weights, in [-1, 1])
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import arg
+
+# name -> (ch, ch_mult, blocks per resolution, attention at these levels (level i: image_size / 2^i))
+ARCHS = {"tiny": (32, (1, 2), 1, (1,)),              # for the tests and a first look
+         "small": (32, (1, 2, 2), 2, (1,)),
+         "cifar10": (128, (1, 2, 2, 2), 2, (1,))}   # the paper's CIFAR-10 U-Net: attention at 16 x 16
+
+
+@dataclass
+class Config(common.RunConfig):
+    steps: int = arg(100_000, "optimizer steps (the paper: 800,000 for CIFAR-10)", run=True, min=0)
+    sample_every: int = arg(5000, "write a sample grid (--sampler) every N steps", run=True, min=1)
+    vlb: int = arg(0, "no training: L_vlb in bits/dim on the first N test images, with the checkpoint's EMA "
+                   "weights", command=True, min=0)
+    eval_vlb: int = arg(0, "with --eval-every: also L_vlb in bits/dim on the first N test images, to metrics.csv "
+                        "(test_bpd)", run=True, min=0)
+    # Sampling (grids, --eval-every, --sample): none of these changes the training
+    sampler: str = arg("ddpm", "ddpm (Algorithm 2, T steps) | ddim (--sample-steps steps)", run=True,
+                       choices=("ddpm", "ddim"))
+    sample_steps: int = arg(50, "DDIM's S: steps of --sampler ddim", run=True, min=1)
+    eta: float = arg(0.0, "DDIM's eta: 0 deterministic, 1 the ancestral sampler's noise", run=True, min=0)
+    var: str = arg("beta", "sigma_t^2 of the reverse process: beta (the paper's CIFAR-10 choice) | beta-tilde",
+                   run=True, choices=("beta", "beta-tilde"))
+    # The paper's hyper-parameters (section 4, appendix B)
+    image_size: int = arg(0, "0: the dataset's own (28 Fashion-MNIST, 32 CIFAR-10); a multiple of "
+                          "2^(levels - 1)", min=0)
+    arch: str = arg("small", "U-Net: small (CPU-sized, for 28 x 28) | cifar10 (the paper's, 35.7M parameters) | "
+                    "tiny (tests)",
+                    choices=tuple(ARCHS))
+    dropout: float = arg(0.1, "dropout in the ResNet blocks (the paper: 0.1 on CIFAR-10)", min=0, max=0.99)
+    T: int = arg(1000, "diffusion steps", min=2)
+    beta_1: float = arg(1e-4, "beta at t = 1 (linear schedule)", min=0, max=0.999)
+    beta_T: float = arg(0.02, "beta at t = T", min=0, max=0.999)
+    batch_size: int = arg(128, "minibatch size (global, shared among processes)", min=1)
+    lr: float = arg(2e-4, "Adam learning rate", min=0)
+    warmup: int = arg(5000, "steps of linear learning-rate warm-up", min=0)
+    grad_clip: float = arg(1.0, "clip the gradient's global norm at this value", min=0)
+    ema_decay: float = arg(0.9999, "decay of the EMA of the weights used for sampling", min=0, max=1)
+    hflip: bool = arg(False, "random horizontal flips of the training images (the paper: on for CIFAR-10)")
+    channels_last: bool = arg(False, "NHWC memory layout for the convolutions (faster with --amp)", run=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The diffusion: schedules, q, the posterior, the reverse step, the bound
+# ----------------------------------------------------------------------------------------------
+class Diffusion:
+    """The fixed forward process and its closed forms. Arrays are indexed by the paper's t = 0..T: index 0
+    is t = 0 (beta_0 = 0, alpha_bar_0 = 1), so alpha_bar[t - 1] reads as the paper writes it."""
+
+    def __init__(self, T: int, beta_1: float, beta_T: float, var: str = "beta", device="cpu"):
+        self.T = T
+        beta = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(beta_1, beta_T, T, dtype=torch.float64)])
+        alpha = 1 - beta
+        alpha_bar = torch.cumprod(alpha, 0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        beta_tilde = torch.zeros_like(beta)
+        beta_tilde[1:] = (1 - alpha_bar_prev[1:]) / (1 - alpha_bar[1:]) * beta[1:]    # eq. 7; beta_tilde_1 = 0
+        sigma2 = (beta if var == "beta" else beta_tilde).clone()
+        sigma2[1] = beta_tilde[2]   # sigma_1 only enters L_0 (no noise is added at t = 1): official code, above
+        to = lambda v: v.to(device)                                                  # noqa: E731
+        self.beta, self.alpha, self.alpha_bar, self.alpha_bar_prev = map(to, (beta, alpha, alpha_bar, alpha_bar_prev))
+        self.beta_tilde, self.sigma2 = to(beta_tilde), to(sigma2)
+        self.log_sigma2 = to(sigma2.clamp(min=1e-300).log())
+        self.alpha_bar_list = alpha_bar.tolist()   # for DDIM's scalars, without a device round trip
+        # mu_tilde = coef_x0 x_0 + coef_xt x_t (eq. 7)
+        self.coef_x0 = to(alpha_bar_prev.sqrt() * beta / (1 - alpha_bar).clamp(min=1e-20))
+        self.coef_xt = to(alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar).clamp(min=1e-20))
+
+    @staticmethod
+    def at(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v[t] as float32, shaped to broadcast over N x C x H x W."""
+        return v[t].float().view(-1, 1, 1, 1)
+
+    def q_sample(self, x0, t, eps):
+        """x_t ~ q(x_t | x_0) by reparameterization (eq. 4)."""
+        return self.at(self.alpha_bar, t).sqrt() * x0 + (1 - self.at(self.alpha_bar, t)).sqrt() * eps
+
+    def posterior(self, x0, xt, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (eq. 6, 7)."""
+        return self.at(self.coef_x0, t) * x0 + self.at(self.coef_xt, t) * xt, self.at(self.beta_tilde, t)
+
+    def predict_x0(self, xt, t, eps):
+        """x_0 from x_t and a noise estimate, inverting eq. 4."""
+        return (xt - (1 - self.at(self.alpha_bar, t)).sqrt() * eps) / self.at(self.alpha_bar, t).sqrt()
+
+    def p_mean(self, model, xt, t):
+        """mu_theta(x_t, t): the posterior mean at the predicted x_0, clipped to [-1, 1] (official sampler)."""
+        x0 = self.predict_x0(xt, t, model(xt, t).float()).clamp(-1, 1)
+        return self.posterior(x0, xt, t)[0], x0
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log p(x) of eq. 13 for x in [-1, 1] on the 256-value grid: the Gaussian's mass over x's bin of width
+    2/255, the first and last bins stretched to -inf and +inf."""
+    std_normal = torch.distributions.Normal(0.0, 1.0)
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = std_normal.cdf(inv_std * (x - mean + 1 / 255))
+    cdf_min = std_normal.cdf(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1 - cdf_min).clamp(min=1e-12).log()
+    log_probs = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_probs))
+
+
+@torch.no_grad()
+def vlb_terms(model, diffusion: Diffusion, x0, t, generator=None):
+    """L_{t-1} for each image at its own t (t > 1: a KL; t = 1: L_0 = -log p(x_0 | x_1)), in bits/dim."""
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    xt = diffusion.q_sample(x0, t, eps)
+    true_mean, _ = diffusion.posterior(x0, xt, t)
+    true_logvar = diffusion.at(diffusion.beta_tilde.clamp(min=1e-300).log(), t)   # t = 1 (0) is not used
+    mean, _ = diffusion.p_mean(model, xt, t)
+    logvar = diffusion.at(diffusion.log_sigma2, t)
+    kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1)
+    nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).flatten(1).mean(1)
+    return torch.where(t == 1, nll, kl) / math.log(2)
+
+
+def prior_bpd(diffusion: Diffusion, x0):
+    """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim: no parameter, close to 0 for T = 1000."""
+    T = torch.full((len(x0),), diffusion.T, device=x0.device)
+    mean = diffusion.at(diffusion.alpha_bar, T).sqrt() * x0
+    logvar = (1 - diffusion.at(diffusion.alpha_bar, T)).log().expand_as(x0)
+    return normal_kl(mean, logvar, torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).mean(1) / math.log(2)
+
+
+@torch.no_grad()
+def vlb_bpd(model, diffusion: Diffusion, images: torch.Tensor, batch: int = 100, seed: int = 0, should_stop=None,
+            progress=None) -> float:
+    """The bound L_vlb in bits/dim, averaged over ``images`` (uint8 N x C x H x W): every one of the T terms
+    for every image (T network evaluations per image), as the paper's Table 2. None if ``should_stop()``."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
+    total, t0 = 0.0, time.time()
+    for i in range(0, len(images), batch):
+        x0 = images[i:i + batch].to(device).float() / 127.5 - 1
+        bpd = prior_bpd(diffusion, x0)
+        for t in range(diffusion.T, 0, -1):
+            if should_stop is not None and should_stop():
+                return None
+            bpd = bpd + vlb_terms(model, diffusion, x0, torch.full((len(x0),), t, device=device), g)
+        total += bpd.sum().item()
+        if progress:
+            progress(min(i + batch, len(images)), len(images), time.time() - t0)
+    return total / len(images)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network: the U-Net of the official code (diffusion_tf/models/unet.py)
+# ----------------------------------------------------------------------------------------------
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The Transformer's sinusoidal position embedding of t (official get_timestep_embedding): sin, then cos."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def init_(layer: nn.Module, scale: float = 1.0) -> nn.Module:
+    """Official default_init: variance scaling, fan_avg, uniform (Xavier uniform with gain sqrt(scale));
+    scale 0 stands for 1e-10 (the layers whose output starts at 0). Biases 0."""
+    nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(scale or 1e-10))
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, swish, conv 3x3; + dense(swish(temb)); GroupNorm, swish, dropout, conv 3x3 (init 0);
+    + the input (through a 1x1 convolution where the channels change)."""
+
+    def __init__(self, cin: int, cout: int, tdim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(32, cin), init_(nn.Conv2d(cin, cout, 3, padding=1))
+        self.temb = init_(nn.Linear(tdim, cout))
+        self.norm2, self.conv2 = nn.GroupNorm(32, cout), init_(nn.Conv2d(cout, cout, 3, padding=1), 0)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = init_(nn.Conv2d(cin, cout, 1)) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H x W positions (official attn_block), output projection init 0."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, ch)
+        self.qkv = init_(nn.Conv2d(ch, 3 * ch, 1))   # the official q, k, v NIN layers, in one
+        self.out = init_(nn.Conv2d(ch, ch, 1), 0)
+
+    def forward(self, x, temb=None):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # B x 1 x HW x C
+        h = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(C)) v
+        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Down(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = init_(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+
+    def forward(self, x, temb=None):
+        return self.conv(x)
+
+
+class Up(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = init_(nn.Conv2d(ch, ch, 3, padding=1))
+
+    def forward(self, x, temb=None):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t). At --arch cifar10, 3 x 32 x 32 (ch 128):
+        conv 128 @32 -> [2 ResBlocks 128] @32 -> down -> [2 ResBlocks 256 + attention] @16 -> down ->
+        [2 x 256] @8 -> down -> [2 x 256] @4 -> middle: ResBlock, attention, ResBlock @4 -> the mirror
+        image with 3 ResBlocks per resolution, each fed the concatenated skip -> GroupNorm, swish, conv 3
+    """
+
+    def __init__(self, channels: int, ch: int, ch_mult: tuple, num_res_blocks: int, attn: tuple, dropout: float):
+        super().__init__()
+        tdim = 4 * ch
+        self.ch = ch
+        self.temb = nn.Sequential(init_(nn.Linear(ch, tdim)), nn.SiLU(), init_(nn.Linear(tdim, tdim)))
+        self.head = init_(nn.Conv2d(channels, ch, 3, padding=1))
+        self.down, skips, now = nn.ModuleList(), [ch], ch
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(self._block(now, ch * mult, tdim, dropout, level in attn))
+                now = ch * mult
+                skips.append(now)
+            if level != len(ch_mult) - 1:
+                self.down.append(Down(now))
+                skips.append(now)
+        self.middle = nn.ModuleList([ResBlock(now, now, tdim, dropout), Attention(now),
+                                     ResBlock(now, now, tdim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(self._block(skips.pop() + now, ch * mult, tdim, dropout, level in attn))
+                now = ch * mult
+            if level != 0:
+                self.up.append(Up(now))
+        self.tail = nn.Sequential(nn.GroupNorm(32, now), nn.SiLU(), init_(nn.Conv2d(now, channels, 3, padding=1), 0))
+
+    @staticmethod
+    def _block(cin, cout, tdim, dropout, attention: bool):
+        return nn.ModuleList([ResBlock(cin, cout, tdim, dropout)] + ([Attention(cout)] if attention else []))
+
+    def forward(self, x, t):
+        temb = self.temb(timestep_embedding(t, self.ch))
+        h = self.head(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, Down) else self._run(layer, h, temb)
+            hs.append(h)
+        for layer in self.middle:
+            h = layer(h, temb)
+        for layer in self.up:
+            h = layer(h) if isinstance(layer, Up) else self._run(layer, torch.cat([h, hs.pop()], dim=1), temb)
+        return self.tail(h)
+
+    @staticmethod
+    def _run(block, h, temb):
+        for layer in block:
+            h = layer(h, temb)
+        return h
+
+
+def build(cfg: Config, device) -> UNet:
+    ch, ch_mult, blocks, attn = ARCHS[cfg.arch]
+    size = image_size(cfg)
+    if size % 2 ** (len(ch_mult) - 1):
+        raise common.UserError(f"--image-size {size}: --arch {cfg.arch} halves it {len(ch_mult) - 1} times; use a "
+                               f"multiple of {2 ** (len(ch_mult) - 1)}")
+    return UNet(common.dataset_channels(cfg.dataset), ch, ch_mult, blocks, attn, cfg.dropout).to(device)
+
+
+def image_size(cfg: Config) -> int:
+    return cfg.image_size or common.DATASETS.get(cfg.dataset, (3, 64))[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: Algorithm 1, warm-up, clipping, EMA
+# ----------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the weights, theta_ema <- decay theta_ema + (1 - decay) theta, in one
+    fused foreach call per step (the official code's tf.train.ExponentialMovingAverage, no bias correction).
+    ``ema.model`` is a network of its own, saved in the checkpoint as the model "ema"."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self._ema, self._src = list(self.model.parameters()), list(model.parameters())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self._ema, self._src, 1 - self.decay)
+
+
+def train_step(model, ema: EMA, opt, diffusion: Diffusion, x0, step: int, cfg: Config,
+               amp: torch.dtype | None = None, scaler=torch.amp.GradScaler("cpu", enabled=False)) -> dict:
+    """Algorithm 1 on a batch x0, as update number ``step`` (from 0)."""
+    if cfg.hflip:
+        flip = torch.rand(len(x0), device=x0.device) < 0.5
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+    t = torch.randint(1, diffusion.T + 1, (len(x0),), device=x0.device)      # t ~ Uniform{1..T}
+    eps = torch.randn_like(x0)
+    with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):
+        eps_theta = model(diffusion.q_sample(x0, t, eps), t)
+    loss = F.mse_loss(eps_theta.float(), eps)                                  # L_simple (eq. 14)
+    for group in opt.param_groups:                                             # linear warm-up
+        group["lr"] = cfg.lr * min(step / cfg.warmup, 1.0) if cfg.warmup else cfg.lr
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)   # no host sync: a tensor
+    scaler.step(opt)
+    scaler.update()
+    ema.update()
+    return {"loss": loss.detach(), "grad_norm": grad_norm}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: Algorithm 2 and DDIM
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample(model, diffusion: Diffusion, n: int, shape: tuple, sampler: str = "ddpm", steps: int = 50,
+           eta: float = 0.0, generator=None, device=None) -> torch.Tensor:
+    """n images in [-1, 1]. ``generator`` draws x_T and every z, in this order: the same generator state
+    gives the same images."""
+    device = device or next(model.parameters()).device
+    randn = lambda: torch.randn((n, *shape), device=device, generator=generator)   # noqa: E731
+    x = randn()                                                                     # x_T ~ N(0, I)
+    if sampler == "ddpm":
+        for t in range(diffusion.T, 0, -1):                                         # Algorithm 2
+            tt = torch.full((n,), t, device=device)
+            mean, _ = diffusion.p_mean(model, x, tt)
+            x = mean + diffusion.at(diffusion.sigma2, tt).sqrt() * randn() if t > 1 else mean
+        return x
+    taus = ddim_timesteps(diffusion.T, steps)
+    for t, t_prev in zip(reversed(taus), reversed([0] + taus[:-1])):                # DDIM, eq. 12
+        tt = torch.full((n,), t, device=device)
+        ab, ab_prev = diffusion.alpha_bar_list[t], diffusion.alpha_bar_list[t_prev]
+        x0 = diffusion.predict_x0(x, tt, model(x, tt).float()).clamp(-1, 1)
+        eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)                          # re-derived from clipped x0
+        s = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - s ** 2, 0.0)) * eps
+        if t_prev > 0 and s > 0:
+            x = x + s * randn()
+    return x
+
+
+def ddim_timesteps(T: int, S: int) -> list[int]:
+    """The S steps tau_1 < ... < tau_S of DDIM, evenly spaced from t = 1: 1 + floor(i T / S), i = 0..S-1 (where
+    S divides T, the DDIM code's uniform skip: 1, 1 + T/S, ...)."""
+    if S > T:
+        raise common.UserError(f"--sample-steps {S}: at most --T ({T})")
+    return [1 + i * T // S for i in range(S)]
+
+
+def load(path: str, device="cpu"):
+    """(EMA network in eval mode, Diffusion) of a checkpoint, its config rebuilt from the checkpoint:
+
+        model, diffusion = ddpm.load("runs/ddpm-fashion-mnist/ckpt.pt")
+        images = ddpm.sample(model, diffusion, 16, (1, 28, 28))      # in [-1, 1], 16 x C x H x W
+    """
+    cfg, ckpt = common.load_config(Config, path, "ddpm")
+    model = build(cfg, "cpu")
+    model.load_state_dict(ckpt["models"]["ema"])
+    return model.to(device).eval(), Diffusion(cfg.T, cfg.beta_1, cfg.beta_T, cfg.var, device)
+
+
+def main():
+    cfg = common.parse_config(Config)
+    run = common.Run(cfg, "ddpm", command="--vlb" if cfg.vlb else None, shards=True)
+    device = run.device
+    model = build(cfg, device)
+    memory_format = torch.channels_last if cfg.channels_last and not run.sampling else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    ema = EMA(model, cfg.ema_decay)
+    diffusion = Diffusion(cfg.T, cfg.beta_1, cfg.beta_T, cfg.var, device)
+    shape = (common.dataset_channels(cfg.dataset), image_size(cfg), image_size(cfg))
+    if cfg.sampler == "ddim":
+        ddim_timesteps(cfg.T, cfg.sample_steps)   # a bad --sample-steps is refused before anything is done
+
+    def draw(n: int, generator) -> torch.Tensor:   # grids, --eval-every and --sample: the EMA weights
+        return sample(ema.model, diffusion, n, shape, cfg.sampler, cfg.sample_steps, cfg.eta, generator, device)
+
+    run.say(f"U-Net ({cfg.arch}): {common.count_parameters(model):,} parameters")
+
+    if run.sampling:   # --sample N or --vlb N: the checkpoint's EMA weights, no training
+        run.track(models={"ema": ema.model})
+        run.start()
+        if cfg.vlb:
+            test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.vlb]
+            bpd = vlb_bpd(ema.model, diffusion, test, seed=cfg.seed, progress=lambda i, n, s: run.say(
+                f"L_vlb: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}"))
+            print(f"test_bpd: {bpd:.4f}  (L_vlb in bits/dim on {len(test)} test images, EMA weights)")
+        else:
+            settings = {k: getattr(cfg, k) for k in ("sampler", "sample_steps", "eta", "var")}
+            run.write_sharded(draw, cfg.sample, batch=500, key=settings)
+        return
+
+    images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
+    test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.eval_vlb] \
+        if cfg.eval_every and cfg.eval_vlb else None
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=run.rank, world=run.world,
+                             memory_format=memory_format)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
+    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    grid = torch.Generator(device)   # the same noise for every grid of the run
+    run.track(models={"model": model, "ema": ema.model}, optimizers={"model": opt}, data={"train": batches},
+              state={"scaler": scaler}, sample=lambda: draw(64, grid.manual_seed(cfg.seed)),
+              generate=draw, real=images,
+              evaluate=(lambda stop: {"test_bpd": vlb_bpd(ema.model, diffusion, test, seed=cfg.seed, should_stop=stop)})
+              if test is not None else None)
+    step = run.start()
+    while step < cfg.steps and not run.stop_requested:
+        losses = train_step(model, ema, opt, diffusion, batches.next(), step, cfg, run.amp, scaler)
+        step += 1
+        run.end_step(step, losses)
+    run.finish(step)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,363 @@
+"""ddpm.py: the paper's schedules and closed forms, the bound term by term, the samplers, the official
+parameter count, and the shared CLI contract (resume with the EMA, signals, DDP, split --sample)."""
+import math
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributions import Normal, kl_divergence
+
+import common
+import ddpm
+from conftest import (OFFLINE_ENV, ROOT, assert_clean_error, check_bad_flags, check_bad_inputs, check_compile,
+                      check_ddp, check_exact_resume, check_sample, check_signal_resume, check_smoke, load, run_script)
+
+SMALL = ["--dataset", "synthetic", "--image-size", 8, "--arch", "tiny", "--T", 10, "--batch-size", 16,
+         "--device", "cpu"]
+DCGAN_SMALL = ["--dataset", "synthetic", "--image-size", 16, "--batch-size", 16, "--ngf", 4, "--ndf", 4,
+               "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return ddpm.Diffusion(1000, 1e-4, 0.02)
+
+
+class Toy(nn.Module):
+    """A fixed, non-trivial noise predictor for the sampler tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x, t):
+        return torch.tanh(self.w * x + t.float().view(-1, 1, 1, 1) / 7)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's settings
+# ----------------------------------------------------------------------------------------------
+def test_defaults_are_the_papers():
+    cfg = ddpm.Config()
+    assert (cfg.T, cfg.beta_1, cfg.beta_T, cfg.var, cfg.sampler) == (1000, 1e-4, 0.02, "beta", "ddpm")
+    assert (cfg.lr, cfg.warmup, cfg.grad_clip, cfg.ema_decay, cfg.batch_size, cfg.dropout) == \
+        (2e-4, 5000, 1.0, 0.9999, 128, 0.1)
+    assert ddpm.ARCHS["cifar10"] == (128, (1, 2, 2, 2), 2, (1,))
+
+
+def test_parameter_count_is_the_official_cifar10_unet():
+    ch, ch_mult, blocks, attn = ddpm.ARCHS["cifar10"]
+    net = ddpm.UNet(3, ch, ch_mult, blocks, attn, 0.1)
+    assert common.count_parameters(net) == 35_746_307
+    # attention at 16 x 16 (2 blocks down, 3 up) and in the middle
+    assert sum(isinstance(m, ddpm.Attention) for m in net.modules()) == 2 + 3 + 1
+    assert net(torch.randn(2, 3, 32, 32), torch.tensor([1, 1000])).shape == (2, 3, 32, 32)
+    small = ddpm.UNet(1, *ddpm.ARCHS["small"], 0.1)
+    assert common.count_parameters(small) == 1_623_169   # the docstring's figure
+
+
+def test_optimizer_is_adam_with_the_papers_settings(tmp):
+    run_script("ddpm", *SMALL, "--steps", 1, "--out", tmp / "opt", cwd=tmp)
+    group = load(tmp / "opt" / "ckpt.pt")["optimizers"]["model"]["param_groups"][0]
+    assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8 and group["weight_decay"] == 0
+    assert not group["amsgrad"] and group["lr"] == 0.0   # the warm-up's first update (step 0)
+
+
+def test_warmup_clipping_and_ema():
+    """lr of update s is 2e-4 min(s / 5000, 1); the gradient's norm is clipped at 1; the EMA moves by
+    (1 - decay) towards the new weights."""
+    cfg = ddpm.Config(T=10, warmup=5000, grad_clip=1.0, ema_decay=0.9)
+    torch.manual_seed(0)
+    model = ddpm.UNet(1, *ddpm.ARCHS["tiny"], 0.0)
+    ema = ddpm.EMA(model, cfg.ema_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    diffusion = ddpm.Diffusion(10, 1e-4, 0.02)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    for step, lr in ((0, 0.0), (2500, 1e-4), (5000, 2e-4), (9000, 2e-4)):
+        before = [p.detach().clone() for p in model.parameters()]
+        ema_before = [p.clone() for p in ema.model.parameters()]
+        out = ddpm.train_step(model, ema, opt, diffusion, x0 * 100, step, cfg)   # huge inputs: a clipped gradient
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+        norm = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        assert out["grad_norm"] > 1 and norm == pytest.approx(1.0, rel=1e-4)
+        for e0, e1, p in zip(ema_before, ema.model.parameters(), model.parameters()):
+            torch.testing.assert_close(e1, 0.9 * e0 + 0.1 * p.detach(), rtol=1e-5, atol=1e-7)
+        if step == 0:
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # lr 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward process and its posterior (eq. 4, 6, 7)
+# ----------------------------------------------------------------------------------------------
+def test_schedule_in_float64(diffusion):
+    beta = np.linspace(1e-4, 0.02, 1000)
+    assert diffusion.beta.dtype == torch.float64 and diffusion.beta[0] == 0
+    np.testing.assert_allclose(diffusion.beta[1:].numpy(), beta, rtol=1e-15)
+    np.testing.assert_allclose(diffusion.alpha_bar[1:].numpy(), np.cumprod(1 - beta), rtol=1e-13)
+    assert diffusion.alpha_bar[0] == 1 and float(diffusion.alpha_bar[1000]) == pytest.approx(4.04e-5, rel=0.01)
+
+
+def test_posterior_is_bayes_rule(diffusion):
+    """beta_tilde and mu_tilde (eq. 7) against the product of q(x_t | x_{t-1}) and q(x_{t-1} | x_0),
+    computed from the Gaussians' precisions."""
+    x0, xt = torch.randn(6, 1, 2, 2, dtype=torch.float64), torch.randn(6, 1, 2, 2, dtype=torch.float64)
+    for t in (2, 10, 500, 1000):
+        a, ab_prev, b = diffusion.alpha[t], diffusion.alpha_bar[t - 1], diffusion.beta[t]
+        precision = 1 / (1 - ab_prev) + a / b
+        mean = (ab_prev.sqrt() * x0 / (1 - ab_prev) + a.sqrt() * xt / b) / precision
+        assert float(diffusion.beta_tilde[t]) == pytest.approx(float(1 / precision), rel=1e-10)
+        coef = diffusion.coef_x0[t] * x0 + diffusion.coef_xt[t] * xt
+        torch.testing.assert_close(coef, mean, rtol=1e-10, atol=1e-12)
+        seed = (a.sqrt() * (1 - ab_prev) * xt + b * ab_prev.sqrt() * x0) / (1 - diffusion.alpha_bar[t])  # the notes
+        torch.testing.assert_close(coef, seed, rtol=1e-10, atol=1e-12)
+
+
+def test_q_sample_moments(diffusion):
+    x0 = torch.full((200_000, 1, 1, 1), 0.6)
+    for t in (1, 300, 1000):
+        tt = torch.full((len(x0),), t)
+        xt = diffusion.q_sample(x0, tt, torch.randn_like(x0))
+        ab = float(diffusion.alpha_bar[t])
+        assert float(xt.mean()) == pytest.approx(math.sqrt(ab) * 0.6, abs=0.005)
+        assert float(xt.var()) == pytest.approx(1 - ab, rel=0.01, abs=2e-6)
+
+
+def test_perfect_noise_predictor_gives_the_posterior_mean(diffusion):
+    """eps_theta = the true eps of x_t (known x_0): the predicted x_0 is x_0, and one reverse step's mean is
+    mu_tilde(x_t, x_0)."""
+    x0 = torch.rand(5, 1, 4, 4) * 1.8 - 0.9
+    for t in (1, 2, 250, 1000):
+        tt = torch.full((5,), t)
+        eps = torch.randn_like(x0)
+        xt = diffusion.q_sample(x0, tt, eps)
+        mean, x0_hat = diffusion.p_mean(lambda x, t_: eps, xt, tt)
+        torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=2e-3 if t == 1000 else 1e-4)
+        torch.testing.assert_close(mean, diffusion.posterior(x0, xt, tt)[0], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The bound, term by term (eq. 5, 13)
+# ----------------------------------------------------------------------------------------------
+def test_vlb_terms_are_direct_kls_and_the_discretized_decoder(diffusion):
+    torch.manual_seed(1)
+    model = Toy()
+    x0 = torch.randint(0, 256, (4, 1, 3, 3)).float() / 127.5 - 1
+    x0[0, 0, 0, 0], x0[1, 0, 0, 0] = -1.0, 1.0   # the edge bins, stretched to infinity
+    for t in (1, 2, 700):
+        tt = torch.full((4,), t)
+        g = torch.Generator().manual_seed(3)
+        got = ddpm.vlb_terms(model, diffusion, x0, tt, g)
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+        xt = diffusion.q_sample(x0, tt, eps)
+        mean, _ = diffusion.p_mean(model, xt, tt)
+        std = diffusion.at(diffusion.sigma2, tt).sqrt()
+        if t > 1:
+            q = Normal(diffusion.posterior(x0, xt, tt)[0], diffusion.at(diffusion.beta_tilde, tt).sqrt())
+            want = kl_divergence(q, Normal(mean, std)).flatten(1).mean(1)
+        else:   # -log of the decoder's mass over each pixel's bin
+            p = Normal(mean.double(), std.double())
+            upper = torch.where(x0 > 0.999, torch.tensor(1.0, dtype=torch.float64), p.cdf(x0.double() + 1 / 255))
+            lower = torch.where(x0 < -0.999, torch.tensor(0.0, dtype=torch.float64), p.cdf(x0.double() - 1 / 255))
+            want = -(upper - lower).clamp(min=1e-12).log().flatten(1).mean(1).float()
+        torch.testing.assert_close(got, want / math.log(2), rtol=1e-4, atol=1e-5)
+    prior = ddpm.prior_bpd(diffusion, x0)
+    ab = float(diffusion.alpha_bar[1000])
+    want = kl_divergence(Normal(math.sqrt(ab) * x0, math.sqrt(1 - ab)), Normal(0.0, 1.0)).flatten(1).mean(1)
+    torch.testing.assert_close(prior, want / math.log(2), rtol=1e-4, atol=1e-7)   # float32 of values ~1e-5
+    assert float(prior.max()) < 1e-4   # L_T is negligible at T = 1000
+
+
+def test_vlb_bpd_is_the_sum_of_every_term():
+    diffusion = ddpm.Diffusion(5, 1e-3, 0.2)
+    model = Toy()
+    images = torch.randint(0, 256, (3, 1, 2, 2), dtype=torch.uint8)
+    got = ddpm.vlb_bpd(model, diffusion, images, batch=2, seed=4)
+    x0 = images.float() / 127.5 - 1
+    g = torch.Generator().manual_seed(4)
+    total = ddpm.prior_bpd(diffusion, x0[:2])
+    for t in range(5, 0, -1):
+        total = total + ddpm.vlb_terms(model, diffusion, x0[:2], torch.full((2,), t), g)
+    rest = ddpm.prior_bpd(diffusion, x0[2:])
+    for t in range(5, 0, -1):
+        rest = rest + ddpm.vlb_terms(model, diffusion, x0[2:], torch.full((1,), t), g)
+    assert got == pytest.approx(float(torch.cat([total, rest]).mean()), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: Algorithm 2 and DDIM
+# ----------------------------------------------------------------------------------------------
+def test_ddim_with_all_steps_and_eta_1_is_the_ancestral_sampler():
+    """S = T, eta = 1: s_t^2 = beta_tilde_t, so DDIM's step (clipped x_0, eps re-derived) is Algorithm 2
+    with sigma^2 = beta_tilde: the same images from the same noise, not only the same statistics."""
+    diffusion = ddpm.Diffusion(50, 1e-3, 0.05, var="beta-tilde")
+    model = Toy()
+    a = ddpm.sample(model, diffusion, 64, (1, 4, 4), "ddpm", generator=torch.Generator().manual_seed(0))
+    b = ddpm.sample(model, diffusion, 64, (1, 4, 4), "ddim", steps=50, eta=1.0,
+                    generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.1
+
+
+def test_ddim_eta_0_is_deterministic_and_its_steps():
+    diffusion = ddpm.Diffusion(1000, 1e-4, 0.02)
+    assert ddpm.ddim_timesteps(1000, 50) == list(range(1, 1000, 20))
+    assert ddpm.ddim_timesteps(1000, 1000) == list(range(1, 1001))
+    taus = ddpm.ddim_timesteps(1000, 300)
+    assert len(taus) == len(set(taus)) == 300 and taus[-1] > 995
+    model = Toy()
+    x_T = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    a = ddpm.sample(model, diffusion, 8, (1, 4, 4), "ddim", steps=20, generator=torch.Generator().manual_seed(1))
+    b = ddpm.sample(model, diffusion, 8, (1, 4, 4), "ddim", steps=20, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, x_T)
+    with pytest.raises(common.UserError, match="--sample-steps 2000"):
+        ddpm.ddim_timesteps(1000, 2000)
+
+
+def test_attention_is_softmax_qk_v():
+    torch.manual_seed(0)
+    att = ddpm.Attention(32)
+    nn.init.normal_(att.out.weight)
+    x = torch.randn(2, 32, 3, 3)
+    q, k, v = att.qkv(att.norm(x)).flatten(2).chunk(3, dim=1)               # B x C x HW each
+    w = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(32), dim=-1)        # B x HW x HW
+    h = (w @ v.transpose(1, 2)).transpose(1, 2).reshape(2, 32, 3, 3)
+    torch.testing.assert_close(att(x), x + att.out(h), rtol=1e-5, atol=1e-5)
+
+
+def test_timestep_embedding_is_the_official_one():
+    e = ddpm.timestep_embedding(torch.tensor([0, 7]), 8)
+    freqs = torch.exp(-math.log(10000) * torch.arange(4) / 3)
+    torch.testing.assert_close(e[1], torch.cat([torch.sin(7 * freqs), torch.cos(7 * freqs)]))
+    assert torch.equal(e[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared contract
+# ----------------------------------------------------------------------------------------------
+def test_smoke(tmp):
+    check_smoke("ddpm", SMALL, tmp)
+
+
+def test_exact_resume_with_ema(tmp):
+    check_exact_resume("ddpm", [*SMALL, "--hflip"], tmp)
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(tmp):
+    check_signal_resume("ddpm", SMALL, tmp, signal.SIGTERM)
+
+
+def test_sample(tmp):
+    check_sample("ddpm", SMALL, tmp)
+
+
+def test_bad_inputs(tmp):
+    check_bad_inputs("ddpm", SMALL, "dcgan", DCGAN_SMALL, tmp)
+
+
+def test_bad_flags(tmp):
+    check_bad_flags("ddpm", SMALL, tmp, [
+        (["--arch", "huge"], ["--arch"]), (["--T", 1], ["--T 1"]),
+        (["--arch", "small", "--image-size", 30], ["--image-size 30", "multiple of 4"]),
+        (["--sampler", "ddim", "--sample-steps", 20], ["--sample-steps 20", "at most"]),
+        (["--vlb", 3, "--sample", 2], ["two commands"]), (["--ema-decay", 1.5], ["--ema-decay"])])
+
+
+def test_ddp_two_processes_stop_together_and_resume_exactly(tmp):
+    check_ddp("ddpm", SMALL, tmp)
+
+
+def test_amp_and_channels_last_resume_exactly(tmp):
+    check_exact_resume("ddpm", [*SMALL, "--amp", "--channels-last"], tmp)
+
+
+def test_compile_smoke_and_its_checkpoint_loads_plain(tmp):
+    check_compile("ddpm", SMALL, tmp, "model")
+
+
+def test_load_from_python(tmp):
+    run_script("ddpm", *SMALL, "--steps", 2, "--out", tmp / "run", cwd=tmp)
+    model, diffusion = ddpm.load(tmp / "run" / "ckpt.pt")
+    saved = load(tmp / "run" / "ckpt.pt")["models"]["ema"]
+    assert not model.training and all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    images = ddpm.sample(model, diffusion, 2, (1, 8, 8), "ddim", steps=5)
+    assert images.shape == (2, 1, 8, 8) and images.abs().max() <= 1
+
+
+def test_vlb_command_and_eval_every(tmp):
+    """--vlb N prints the bound on N test images; --eval-every with --eval-vlb logs it as test_bpd."""
+    out = tmp / "bound"
+    run_script("ddpm", *SMALL, "--steps", 4, "--eval-every", 2, "--eval-vlb", 3, "--eval-features", "inception",
+               "--out", out, cwd=tmp, env={"TORCH_HOME": str(tmp / "no-weights")})
+    import csv
+    with open(out / "metrics.csv", newline="") as f:
+        bpd = [float(r["test_bpd"]) for r in csv.DictReader(f) if r.get("test_bpd")]
+    assert len(bpd) == 2 and all(0 < b < 50 for b in bpd)
+    proc = run_script("ddpm", "--out", out, "--vlb", 3, cwd=tmp)
+    value = float(proc.stdout.split("test_bpd: ")[1].split()[0])
+    assert value == pytest.approx(bpd[-1], rel=1e-5)   # the same EMA weights and noise as at step 4
+
+
+def sample_proc(out, dest, *args, env=None):
+    cmd = [sys.executable, str(ROOT / "ddpm.py"), "--out", str(out), "--sample", "1200", "--sample-out", str(dest),
+           "--sampler", "ddim", "--sample-steps", "2", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=out.parent, env={**OFFLINE_ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_sample_split_among_array_tasks_and_resumed(tmp):
+    """Image i is the same whatever the split: two SLURM array tasks (or torchrun ranks) write the same
+    PNGs as one process; a task stopped by SIGTERM mid-way exits 0 and the same command finishes the job
+    without redrawing what is there; the .npz of one process holds the same images."""
+    from PIL import Image
+    out = tmp / "run"
+    run_script("ddpm", *SMALL, "--steps", 2, "--out", out, cwd=tmp)
+    one = sample_proc(out, tmp / "one")
+    assert one.wait(timeout=300) == 0, one.stderr.read()
+    # two array tasks; the first is stopped after its first batch
+    env = lambda task: {"SLURM_ARRAY_TASK_ID": str(task + 3), "SLURM_ARRAY_TASK_MIN": "3",   # noqa: E731
+                        "SLURM_ARRAY_TASK_COUNT": "2"}
+    first = sample_proc(out, tmp / "split", env=env(0))
+    line = first.stdout.readline()
+    while line and "images to draw" not in line:   # the first batch has begun: the signal stops after it
+        line = first.stdout.readline()
+    first.send_signal(signal.SIGTERM)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0 and "the same command continues" in stdout, stdout + stderr
+    second = sample_proc(out, tmp / "split", env=env(1))
+    stdout, stderr = second.communicate(timeout=300)
+    assert second.returncode == 0 and "the other shards write the rest" in stdout, stdout + stderr
+    again = sample_proc(out, tmp / "split", env=env(0))
+    stdout, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0 and "200 images to draw, 500 already in" in stdout, stdout + stderr
+    names = sorted(p.name for p in (tmp / "one").glob("*.png"))
+    assert len(names) == 1200 and names == sorted(p.name for p in (tmp / "split").glob("*.png"))
+    assert not list((tmp / "split").glob("*.part"))
+    for name in names[::97] + [names[-1]]:
+        assert np.array_equal(np.asarray(Image.open(tmp / "one" / name)), np.asarray(Image.open(tmp / "split" / name)))
+    npz = sample_proc(out, tmp / "all.npz")
+    assert npz.wait(timeout=300) == 0
+    images = np.load(tmp / "all.npz")["images"]
+    assert images.shape == (1200, 8, 8, 1)
+    assert np.array_equal(images[1100, :, :, 0], np.asarray(Image.open(tmp / "one" / "001100.png")))
+    # another sampler setting is another set of images: the folder is replaced, not mixed
+    other = sample_proc(out, tmp / "split", "--seed", 1, env=env(1))
+    stdout, _ = other.communicate(timeout=300)
+    assert "500 images to draw" in stdout and len(list((tmp / "split").glob("*.png"))) == 500
+    # torchrun's rank 1 of 2 takes the same share as array task 1 of 2: batch 1
+    rank = sample_proc(out, tmp / "ranks", env={"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
+    stdout, stderr = rank.communicate(timeout=300)
+    assert rank.returncode == 0 and "(shard 2 of 2): 500 images to draw" in stdout, stdout + stderr
+    assert sorted(p.name for p in (tmp / "ranks").glob("*.png")) == names[500:1000]
+    # a .npz cannot be split
+    proc = run_script("ddpm", "--out", out, "--sample", 4, "--sample-out", tmp / "x.npz", cwd=tmp, check=False,
+                      env=env(0))
+    assert_clean_error(proc, "a .npz is written by one process")
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return tmp_path
