@@ -148,6 +148,7 @@ class Diffusion:
         to = lambda v: v.to(device)                                                  # noqa: E731
         self.beta, self.alpha, self.alpha_bar, self.alpha_bar_prev = map(to, (beta, alpha, alpha_bar, alpha_bar_prev))
         self.beta_tilde, self.sigma2 = to(beta_tilde), to(sigma2)
+        self.log_beta_tilde = to(beta_tilde.clamp(min=1e-300).log())   # t = 1 (log 0) is never used
         self.log_sigma2 = to(sigma2.clamp(min=1e-300).log())
         self.alpha_bar_list = alpha_bar.tolist()   # for DDIM's scalars, without a device round trip
         # mu_tilde = coef_x0 x_0 + coef_xt x_t (eq. 7)
@@ -201,7 +202,7 @@ def vlb_terms(model, diffusion: Diffusion, x0, t, generator=None):
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     xt = diffusion.q_sample(x0, t, eps)
     true_mean, _ = diffusion.posterior(x0, xt, t)
-    true_logvar = diffusion.at(diffusion.beta_tilde.clamp(min=1e-300).log(), t)   # t = 1 (0) is not used
+    true_logvar = diffusion.at(diffusion.log_beta_tilde, t)
     mean, _ = diffusion.p_mean(model, xt, t)
     logvar = diffusion.at(diffusion.log_sigma2, t)
     kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1)
@@ -297,7 +298,7 @@ class Down(nn.Module):
         super().__init__()
         self.conv = init_(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
 
-    def forward(self, x, temb=None):
+    def forward(self, x):
         return self.conv(x)
 
 
@@ -306,7 +307,7 @@ class Up(nn.Module):
         super().__init__()
         self.conv = init_(nn.Conv2d(ch, ch, 3, padding=1))
 
-    def forward(self, x, temb=None):
+    def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
