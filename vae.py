@@ -21,7 +21,7 @@ Algorithm 1 (AEVB, minibatch version), our train_step:
 The paper's MNIST setup (section 5, appendix C), all defaults: MLP encoder and decoder with one hidden
 layer of 500 tanh units (appendix C.2: h = tanh(W3 x + b3), mu = W4 h + b4, log sigma^2 = W5 h + b5;
 C.1: y = sigmoid(W2 tanh(W1 z + b1) + b2), log p(x | z) = sum_i x_i log y_i + (1 - x_i) log(1 - y_i)),
-z of dimension 20 (the paper sweeps 2 to 200, Figure 2), minibatch M = 100, L = 1, every parameter
+z of dimension 20 (Figure 2 sweeps 3 to 200), minibatch M = 100, L = 1, every parameter
 initialised from N(0, 0.01), Adagrad with a global step size from the paper's grid {0.01, 0.02, 0.1},
 and "a small weight decay term corresponding to a prior p(theta) = N(0, I)": 815,824 parameters for
 28 x 28 images (tested).
@@ -29,7 +29,7 @@ and "a small weight decay term corresponding to a prior p(theta) = N(0, I)": 815
 Evaluation on the test set, in nats per image (printed by --nll N, logged by --eval-every with --eval-nll N):
 - the negative ELBO, its KL in closed form and E_q[log p(x | z)] averaged over the same k samples;
 - the importance-weighted estimate of -log p(x) of Burda, Grosse, Salakhutdinov 2015 ("Importance Weighted
-  Autoencoders", arXiv:1509.00519, eq. 8 and Theorem 1): with z_1..z_k ~ q(z | x),
+  Autoencoders", arXiv:1509.00519, section 3 and Theorem 1): with z_1..z_k ~ q(z | x),
       log p(x) >= L_k = E[log 1/k sum_i p(x, z_i) / q(z_i | x)],  L_1 = ELBO <= L_k <= L_{k+1} -> log p(x),
   computed in log space (log-sum-exp) with k = 5000, their evaluation setting.
 
@@ -49,7 +49,8 @@ Likelihoods p(x | z) (--likelihood):
   to 1 (tested): a probability of the 8-bit image itself.
 --arch conv is our convolutional option for 32 x 32 and 64 x 64 RGB (also 28 and 16): stride-2 convolutions
 with ReLU to a 4 x 4 (7 x 7 at 28) map, then a linear layer to (mu, log sigma^2), and the mirror image in
-the decoder; use it with --likelihood logistic (or gaussian). Bits per dimension: nats / (D ln 2).
+the decoder; use it with --likelihood logistic. (With gaussian, its per-pixel log-variances diverged within
+40 Adagrad steps at lr 0.02 on 32 x 32 RGB; --lr 0.002 trains, slowly.) Bits per dimension: nats / (D ln 2).
 
 Deviations, each deliberate:
 - The loss is the minibatch mean of -L plus the prior's -log p(theta) / N (Adagrad's weight decay
@@ -124,7 +125,7 @@ class Config(common.RunConfig):
     hidden: int = arg(500, "--arch mlp: hidden units of the encoder and of the decoder (section 5: 500 for MNIST)",
                       min=1)
     nf: int = arg(64, "--arch conv: channels of the first convolution, doubled at each stride-2 block", min=1)
-    nz: int = arg(20, "dimension of z", min=1)
+    nz: int = arg(20, "dimension of z (Figure 2 sweeps 3 to 200; 2 for the manifold of Figure 4)", min=1)
     batch_size: int = arg(100, "minibatch size M (section 5)", min=1)
     lr: float = arg(0.02, "Adagrad's global step size, from the paper's grid {0.01, 0.02, 0.1}", min=0)
     prior_precision: float = arg(1.0, "the prior p(theta) = N(0, I / precision) on the weights, as a weight decay "
@@ -334,7 +335,7 @@ def test_images(cfg: Config, n: int | None = None) -> torch.Tensor:
 def bounds(model: VAE, x, k: int, generator=None, rows: int = 20_000):
     """(negative ELBO, IWAE estimate of -log p(x)) of each image of x, in nats. With z_i = mu + sigma eps_i,
     i = 1..k, and log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x):
-        -L_k = -log 1/k sum_i w_i = -(logsumexp_i log w_i - log k)    (IWAE, eq. 8)
+        -L_k = -log 1/k sum_i w_i = -(logsumexp_i log w_i - log k)    (IWAE, section 3)
         -ELBO = KL(q || p(z)) - 1/k sum_i log p(x | z_i)               (eq. 10, averaged over the k samples)
     The k samples go through the decoder ``rows`` images at a time."""
     mu, logvar = model.encode(x)                                           # B x nz
