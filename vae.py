@@ -190,7 +190,7 @@ class ConvEncoder(nn.Module):
         base, n = ladder(image_size)
         layers, ch = [], channels
         for i in range(n):
-            layers += [nn.Conv2d(ch, nf * 2 ** i, 4, 2, 1), nn.ReLU(True)]     # 2 ch x H/2 x W/2
+            layers += [nn.Conv2d(ch, nf * 2 ** i, 4, 2, 1), nn.ReLU(True)]     # nf 2^i x H/2 x W/2
             ch = nf * 2 ** i
         self.net = nn.Sequential(*layers)
         self.out = nn.Linear(ch * base * base, 2 * nz)                       # mu and log sigma^2
@@ -201,7 +201,7 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """p_theta(x | z), the mirror image: 2 nz <- ... At 64 x 64 RGB, nf 64 (logistic: 3 output channels):
+    """p_theta(x | z), the encoder's mirror image. At 64 x 64 RGB, nf 64 (logistic: 3 output channels):
         z -> 512 x 4 x 4 -> 256 x 8 x 8 -> 128 x 16 x 16 -> 64 x 32 x 32 -> 3 x 64 x 64"""
 
     def __init__(self, nz: int, channels: int, image_size: int, nf: int, per_pixel: int):
