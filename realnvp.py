@@ -3,15 +3,15 @@
 Laurent Dinh, Jascha Sohl-Dickstein, Samy Bengio. ICLR 2017. arXiv:1605.08803
 
 A bijection f from data space to a latent space with a standard normal prior p_Z gives the exact
-log-likelihood by the change of variables (eq. 3):
+log-likelihood by the change of variables (section 3.1):
 
     log p_X(x) = log p_Z(f(x)) + log |det(df(x) / dx^T)|
-f is a stack of affine coupling layers (eq. 7), each of which leaves the d dimensions picked by a binary mask b
-unchanged and scales and shifts the others by functions s, t of the unchanged ones (eq. 9):
+f is a stack of affine coupling layers (section 3.2), each of which leaves the d dimensions picked by a binary mask b
+unchanged and scales and shifts the others by functions s, t of the unchanged ones (masked form, eq. 9):
 
     y = b * x + (1 - b) * (x * exp(s(b * x)) + t(b * x)),       log|det dy/dx| = sum_j ((1 - b) * s(b * x))_j
-Its Jacobian is triangular, so the determinant is that product of scales (eq. 6), and its inverse needs
-no inverse of s or t: x = b * y + (1 - b) * (y - t(b * y)) * exp(-s(b * y)) (eq. 8). s and t are deep
+Its Jacobian is triangular, so the determinant is that product of scales (section 3.3), and its inverse needs
+no inverse of s or t: x = b * y + (1 - b) * (y - t(b * y)) * exp(-s(b * y)). s and t are deep
 ResNets; s is a tanh times a learned scale (section 4.1), t has an affine output.
 
 Masks (section 3.4): a spatial checkerboard, b = 1 where i + j is even (or odd); and channel-wise, b = 1 on
@@ -45,11 +45,11 @@ here also the couplings' tanh scales).
 --arch cifar10 is the paper's CIFAR-10 model (section 4.1: "8 residual blocks, 64 feature maps, and
 downscale only once"): 2 scales, 3 x 32 x 32 -> 12 x 16 x 16, of which 6 x 16 x 16 is factored out and
 6 x 16 x 16 goes through the last 4 couplings; the feature maps double at each scale and in the channel-wise
-couplings, as in the official code (64, 128, 128): 36,591,138 parameters (tested). The paper reports
+couplings, as in the official code (64, 128, 128): 19,637,884 parameters (tested). The paper reports
 3.49 bits/dim on CIFAR-10's test set. --arch small (the default) is the same design sized for a CPU and
 for Fashion-MNIST's 28 x 28 = 4 x 7 x 7: 3 scales, 1 x 28 x 28 -> 2 x 14 x 14 -> the last scale at
 4 x 7 x 7 (the paper recurses until 4 x 4 x c on 32 x 32 images; 7 is odd, so 28 takes two squeezes
-and no padding), 2 residual blocks, 16 feature maps at the first scale: 659,094 parameters.
+and no padding), 2 residual blocks, 16 feature maps at the first scale: 1,452,642 parameters.
 
 Deviations, each deliberate:
 - The affine map is the paper's x * exp(s) + t (eq. 9). The official code (tensorflow/models,
@@ -117,7 +117,7 @@ class Config(common.RunConfig):
     bpd: int = arg(0, "no training: bits/dim of the checkpoint on the first N test images (running averages)",
                    command=True, min=0)
     eval_bpd: int = arg(10_000, "with --eval-every: also the bits/dim of the first N test images, to metrics.csv "
-                        "(test_bpd)", run=True, min=0)
+                        "(test_bpd; 0: off; --dataset folder has no test split: off)", run=True, min=0)
     temperature: float = arg(1.0, "standard deviation T of z ~ N(0, T^2 I) for grids, --eval-every and --sample "
                              "(1: the model; below 1: Glow's reduced temperature)", run=True, min=0)
     # The paper's hyper-parameters (section 4.1)
@@ -229,7 +229,7 @@ class Coupling(nn.Module):
         return y, s.flatten(1).sum(1)
 
     def inverse(self, y):
-        """Eq. 8: x = b * y + (1 - b) * (y - t) * exp(-s), s and t from the unchanged part b * y."""
+        """Section 3.3: x = b * y + (1 - b) * (y - t) * exp(-s), s and t from the unchanged part b * y."""
         if self.checkerboard:
             s, t = self.s_t(y * self.b)
             return (y - t * (1 - self.b)) * torch.exp(-s * (1 - self.b))
@@ -423,7 +423,7 @@ def evaluate_bpd(model: RealNVP, images: torch.Tensor, batch: int = 500, seed: i
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: maximum likelihood (eq. 3), Adam, L2 on the weight scales
+# Training: maximum likelihood (section 3.1), Adam, L2 on the weight scales
 # ----------------------------------------------------------------------------------------------
 def weight_scales(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the paper's L2 penalty covers: every weight-norm g and every coupling's tanh scale."""
@@ -507,8 +507,10 @@ def main():
         return
 
     images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
+    # --eval-every's test bits/dim; a folder has no test split: off, unless --eval-bpd was typed (then refused)
+    with_bpd = cfg.eval_every and cfg.eval_bpd and (cfg.dataset != "folder" or "eval_bpd" in cfg.given)
     test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.eval_bpd] \
-        if cfg.eval_every and cfg.eval_bpd else None
+        if with_bpd else None
     batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 255.0), rank=run.rank,
                              world=run.world, memory_format=memory_format)
     scales = weight_scales(model)

@@ -52,7 +52,7 @@ def autograd_logdet(f, x: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# The change of variables, layer by layer (eq. 6, 8, 9; sections 3.6, 3.7, 4.1)
+# The change of variables, layer by layer (sections 3.3-3.7, 4.1)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mask", ["checkerboard", "channel"])
@@ -315,7 +315,8 @@ def test_bad_inputs(tmp):
 
 def test_bad_flags(tmp):
     check_bad_flags("realnvp", SMALL, tmp, [
-        (["--arch", "huge"], ["--arch"]), (["--arch", "small", "--image-size", 30], ["--image-size 30", "multiple of 4"]),
+        (["--arch", "huge"], ["--arch"]),
+        (["--arch", "small", "--image-size", 30], ["--image-size 30", "multiple of 4"]),
         (["--bpd", 3, "--sample", 2], ["two commands"]), (["--alpha", 0.5], ["--alpha"]),
         (["--temperature", -1], ["--temperature -1"])])
 
