@@ -1,7 +1,6 @@
 """realnvp.py: every layer's log-determinant and the whole flow's (with the logit pre-processing) against
 autograd Jacobians, exact inverses, the bits/dim bookkeeping against a hand computation, batch norm as a
 flow layer, the paper's settings and CIFAR-10 model, and the shared CLI contract."""
-import copy
 import csv
 import math
 import signal
