@@ -297,7 +297,8 @@ def build(cfg: Config, device) -> VAE:
 # The bound: KL in closed form, the likelihoods, and the importance-weighted estimate of log p(x)
 # ----------------------------------------------------------------------------------------------
 def kl_divergence(mu, logvar):
-    """KL(N(mu, diag sigma^2) || N(0, I)) of each row, appendix B: -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)."""
+    """KL(N(mu, diag sigma^2) || N(0, I)) of each row, appendix B:
+    -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)."""
     return -0.5 * (1 + logvar - mu ** 2 - torch.exp(logvar)).sum(-1)
 
 

@@ -11,7 +11,7 @@ from torch.distributions import Normal, kl_divergence
 
 import common
 import vae
-from conftest import (assert_same_state, check_bad_flags, check_bad_inputs, check_ddp, check_exact_resume,
+from conftest import (check_bad_flags, check_bad_inputs, check_ddp, check_exact_resume,
                       check_sample, check_signal_resume, check_smoke, load, run_script)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 8, "--hidden", 16, "--nz", 2, "--batch-size", 16, "--device", "cpu"]
@@ -93,7 +93,8 @@ def test_kl_closed_form_against_monte_carlo():
     """Appendix B's KL(q || N(0, I)) against E_q[log q(z) - log p(z)] from 400,000 samples (within 5 standard
     errors) and against torch.distributions."""
     g = torch.Generator().manual_seed(0)
-    mu, logvar = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    mu = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    logvar = torch.randn(4, 3, generator=g, dtype=torch.float64)
     closed = vae.kl_divergence(mu, logvar)
     q, p = Normal(mu, torch.exp(0.5 * logvar)), Normal(torch.zeros_like(mu), torch.ones_like(mu))
     torch.testing.assert_close(closed, kl_divergence(q, p).sum(-1))
@@ -117,7 +118,8 @@ def test_likelihoods():
     out = torch.randn(3, 4, 4, 4)
     x = torch.rand(3, 2, 4, 4)
     g = vae.VAE(torch.nn.Identity(), torch.nn.Identity(), 2, "gaussian")
-    want = Normal(torch.sigmoid(out[:, :2]), torch.exp(0.5 * out[:, 2:])).log_prob(x).sum((1, 2, 3)) - 32 * math.log(256)
+    want = Normal(torch.sigmoid(out[:, :2]), torch.exp(0.5 * out[:, 2:])).log_prob(x).sum((1, 2, 3))
+    want = want - 32 * math.log(256)
     torch.testing.assert_close(g.log_px(x, out), want)
     assert g.mean(out).shape == x.shape
     k = torch.arange(256, dtype=torch.float32).view(256, 1, 1, 1) / 255
@@ -127,7 +129,8 @@ def test_likelihoods():
         kk = k.double().flatten()[1:-1]
         a, b = (kk + 1 / 510 - mean) / math.exp(log_scale), (kk - 1 / 510 - mean) / math.exp(log_scale)
         # a difference of CDFs below the mean, of survival functions above it: no cancellation near 1
-        direct = torch.where(kk < mean, torch.sigmoid(a) - torch.sigmoid(b), torch.sigmoid(-b) - torch.sigmoid(-a)).log()
+        direct = torch.where(kk < mean, torch.sigmoid(a) - torch.sigmoid(b),
+                             torch.sigmoid(-b) - torch.sigmoid(-a)).log()
         ok = direct > -50   # where float64 still resolves the difference
         torch.testing.assert_close(lp.flatten()[1:-1][ok], direct[ok], rtol=1e-4, atol=1e-4)
 
@@ -221,13 +224,12 @@ def test_figures(trained):
         torch.testing.assert_close(w[:, 4], dec(mu[3:6]))
         torch.testing.assert_close(w[:, 5], x[3:6])
     model2 = vae.build(vae.Config(dataset="synthetic", image_size=8, hidden=8, nz=2), "cpu")
+    c = Normal(0.0, 1.0).icdf(torch.tensor(0.1)).item()                         # Phi^-1(1 / (2 n)), n = 5
     with torch.no_grad():
         m = vae.manifold(model2, n=5)
-        c = Normal(0.0, 1.0).icdf(torch.tensor(0.1)).item()
-        torch.testing.assert_close(m[12], dec2 := model2.mean(model2.decode(torch.zeros(1, 2)))[0])
-        torch.testing.assert_close(m[0], model2.mean(model2.decode(torch.tensor([[-c, c]])))[0])
-        torch.testing.assert_close(m[24], model2.mean(model2.decode(torch.tensor([[c, -c]])))[0])
-    assert m.shape == (25, 1, 8, 8) and dec2.shape == (1, 8, 8)
+        corners = model2.mean(model2.decode(torch.tensor([[0.0, 0.0], [-c, c], [c, -c]])))
+    assert m.shape == (25, 1, 8, 8)
+    torch.testing.assert_close(m[[12, 0, 24]], corners)
 
 
 # ----------------------------------------------------------------------------------------------
