@@ -1147,6 +1147,14 @@ class Run:
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills, even inside a long C call
 
+    def _begin(self) -> None:
+        """From here a signal asks for a stop between steps (or batches). One that came during the set-up
+        stops now, even if its Stopped was lost: Python prints and drops an exception raised while a
+        __del__ or a weakref callback runs (seen with SIGUSR1 landing in an import's module-lock callback)."""
+        self._started = True
+        if self.stop_signal and not self._stop_local:
+            raise Stopped(self.stop_signal)
+
     # -- state -----------------------------------------------------------------------------------
     def track(self, models: dict, optimizers: dict | None = None, state: dict | None = None,
               data: dict | None = None, sample: Callable[[], torch.Tensor] | None = None,
@@ -1194,7 +1202,7 @@ class Run:
             self.say(f"already done at step {step} (--steps {self.cfg.steps})")
         else:
             self.say(f"training from step {step}" + (" (resumed)" if step else ""))
-        self._started = True
+        self._begin()
         return step
 
     def _load_models(self, ckpt: dict, label: str) -> None:
@@ -1384,7 +1392,8 @@ class Run:
         todo = [j for j in mine if npz or not all(p.is_file() for p in names(j))]
         total = sum(len(names(j)) for j in todo)
         where = f" (shard {shard + 1} of {shards})" if shards > 1 else ""
-        self._started, done, kept, t0 = True, 0, [], time.time()   # from here a signal stops between batches
+        self._begin()
+        done, kept, t0 = 0, [], time.time()
         print(f"--sample {n}{where}: {total} images to draw" + (f", {sum(len(names(j)) for j in mine) - total} "
               f"already in {out}" if len(todo) < len(mine) else ""), flush=True)
         with self._eval_mode():

@@ -6,6 +6,7 @@ import gzip
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -350,6 +351,34 @@ def test_a_signal_during_set_up_stops_at_once_and_saves_nothing(tmp_path):
     with pytest.raises(common.Stopped, match="SIGTERM"):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)   # the handler raises in this thread as soon as the signal lands
+    run.track({"m": torch.nn.Linear(3, 1)})
+    with pytest.raises(common.Stopped, match="SIGTERM"):
+        run.start()                            # the stop is not forgotten
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_a_set_up_signal_whose_exception_python_dropped_still_stops_at_start(tmp_path, monkeypatch):
+    """Python prints and drops an exception raised in a __del__ (or an import's weakref callback, where a
+    USR1 landed in CI): training must not then run to its end as if no stop had been asked for."""
+    run = toy_run(tmp_path, ["--steps", "10"])
+
+    class SignalWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.5)   # the handler runs here, inside __del__
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)   # where Python sends what it drops
+    SignalWhenCollected()
+    assert [type(u.exc_value) for u in dropped] == [common.Stopped] and run.stop_signal == "SIGUSR1"
+    run.track({"m": torch.nn.Linear(3, 1)})
+    with pytest.raises(common.Stopped, match="SIGUSR1"):
+        run.start()
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_a_signal_in_the_loop_finishes_the_step_and_a_second_ctrl_c_kills(tmp_path):
+    run = toy_run(tmp_path, ["--steps", "10"])
     run.track({"m": torch.nn.Linear(3, 1)})
     assert run.start() == 0
     os.kill(os.getpid(), signal.SIGINT)       # in the loop: finish the step...
