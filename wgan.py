@@ -56,7 +56,7 @@ Deviations and choices, each deliberate:
 
 Usage:
     python wgan.py                                    # Fashion-MNIST resized to 64 x 64
-    python wgan.py --image-size 28 --steps 4000 --eval-every 500 --eval-n 2000   # the CPU run of README.md
+    python wgan.py --image-size 28 --eval-every 250 --eval-n 2000   # README.md's CPU run (SIGTERM after 51 min)
     python wgan.py --resume                           # continue the run in runs/wgan-fashion-mnist
     python wgan.py --dataset folder --data-root ~/lsun-bedroom   # any folder of images (the paper: LSUN)
     python wgan.py --sample 10000 --sample-out wgan.npz   # images for fid.py

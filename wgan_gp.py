@@ -30,9 +30,10 @@ WGAN's critic has batch norm (the paper's recommended drop-in; off in the author
 Because the critic has no batch statistics, D(x) and D(x~) come from one call on cat(x, x~) (the same
 numbers as two calls) and D(x^) from a call of its own. One call on cat(x, x~, x^) gives the same numbers
 too (tested), but the penalty's inner and double backward then run over all 3m rows instead of m: on this
-project's 2-core CPU (28 x 28, batch 64) it is CALLS1 three calls' speed, the default two calls CALLS2
-(`python tools/bench_wgan.py --critic-calls`). On a GPU, where small batches are launch-bound, the one
-call may pay off; not measured (no GPU here): the same command with --device cuda measures it.
+project's 2-core CPU (28 x 28, batch 64) it runs at about half the speed of three calls (0.48x and 0.56x
+in two measurements), and the default two calls at the speed of three within that busy machine's noise
+(0.95x, 1.26x; `python tools/bench_wgan.py --critic-calls`). On a GPU, where small batches are
+launch-bound, fewer calls may pay off; not measured (no GPU here): the same command with --device cuda.
 
 Networks (--arch):
 - dcgan (default): the WGAN authors' DCGAN generator and critic (wgan.py; their models/dcgan.py), the
@@ -65,7 +66,7 @@ Deviations and choices, each deliberate:
 
 Usage:
     python wgan_gp.py                                 # Fashion-MNIST resized to 64 x 64, the DCGAN networks
-    python wgan_gp.py --image-size 28 --steps 2500 --eval-every 500 --eval-n 2000   # the CPU run of README.md
+    python wgan_gp.py --image-size 28 --eval-every 250 --eval-n 2000   # README.md's CPU run (SIGTERM after 51 min)
     python wgan_gp.py --dataset cifar10 --arch resnet --steps 100000 --lr 2e-4   # the paper's CIFAR-10 ResNet
     python wgan_gp.py --resume                        # continue the run in runs/wgan_gp-fashion-mnist
     python wgan_gp.py --sample 10000 --sample-out wgan_gp.npz   # images for fid.py

@@ -124,19 +124,19 @@ def test_critic_ascends_the_estimate_up_to_the_clip_and_g_descends_minus_f():
 
 
 def test_critic_burst_counted_across_a_resume(tmp):
-    """The default schedule (burst on, n_critic 5) through the CLI: 2 steps, resume to 4, bit-identical to 4 steps
-    straight, 4 x 100 batches drawn; then resumed from step 24 (the burst's last) and from step 499 (before
+    """The default schedule (burst on, n_critic 5) through the CLI: 1 step, resume to 2, bit-identical to 2 steps
+    straight, 2 x 100 batches drawn; then resumed from step 24 (the burst's last) and from step 499 (before
     the 500th): 100 + 5 and 5 + 100 batches, counted by the data position."""
     cli = SMALL[:-3]
     split, straight = tmp / "split", tmp / "straight"
-    run_script("wgan", *cli, "--steps", 2, "--out", split, cwd=tmp)
-    run_script("wgan", "--resume", "--steps", 4, "--out", split, cwd=tmp)
-    run_script("wgan", *cli, "--steps", 4, "--out", straight, cwd=tmp)
+    run_script("wgan", *cli, "--steps", 1, "--out", split, cwd=tmp)
+    run_script("wgan", "--resume", "--steps", 2, "--out", split, cwd=tmp)
+    run_script("wgan", *cli, "--steps", 2, "--out", straight, cwd=tmp)
     ckpt = load(split / "ckpt.pt")
     assert_same_state(load(straight / "ckpt.pt"), ckpt)
     per_epoch = 256 // 16
     drawn = lambda c: c["data"]["train"]["epoch"] * per_epoch + c["data"]["train"]["index"]  # noqa: E731
-    assert drawn(ckpt) == 400
+    assert drawn(ckpt) == 200
     for start, expected in ((24, 100 + 5), (499, 5 + 100)):
         out = tmp / f"from{start}"
         out.mkdir()
