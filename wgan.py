@@ -10,7 +10,7 @@ dual form (eq. 2, theorem 3):
 the supremum approximated by a "critic" f_w, a network whose weights are clipped to a compact set
 W = [-c, c]^d so that the f_w are K-Lipschitz for some K (the distance is then known up to the factor K).
 The critic has no sigmoid and no log: its loss is the estimate itself, which is logged as W_estimate, the
-curve that "correlates well with the observed sample quality" (section 4.2, Figure 3).
+curve that tracks the quality of the samples (section 4.2, Figure 3).
 
 Algorithm 1 (defaults alpha = 0.00005, c = 0.01, m = 64, n_critic = 5):
     while theta has not converged:
@@ -24,7 +24,7 @@ Algorithm 1 (defaults alpha = 0.00005, c = 0.01, m = 64, n_critic = 5):
         (10) g_theta <- -grad_theta 1/m sum f_w(g_theta(z_i))
         (11) theta <- theta - alpha RMSProp(theta, g_theta)
 
-Networks (section 4: "the DCGAN generator and a DCGAN critic"): the authors' models/dcgan.py, which at
+Networks (section 4, DCGAN generator and critic): the authors' models/dcgan.py, which at
 64 x 64 are exactly pytorch/examples' DCGAN networks (3,576,704 and 2,765,568 parameters for 3 channels,
 ngf = ndf = 64; tested), batch normalization in both except G's output and the critic's input, the
 critic's last layer a linear output without sigmoid. Other --image-size values keep the same blocks as
@@ -63,7 +63,7 @@ Usage:
     sbatch submit.sh wgan --image-size 32
     python wgan.py --eval-every 1000 --keep-every 5000   # FID during training, best.pt, snapshots
     python wgan.py --amp --channels-last --compile    # speed flags
-    torchrun --standalone --nproc_per_node=4 wgan.py  # 4 GPUs, one process each (DDP); or GPUS=4 sbatch submit.sh wgan
+    torchrun --standalone --nproc_per_node=4 wgan.py  # 4 GPUs (DDP); or GPUS=4 sbatch submit.sh wgan
 --batch-size is the global batch, shared among the processes (each its own slice and its own noise).
 images/s in the log counts generator iterations x batch; the critic sees n_critic (or 100) real batches
 for each.

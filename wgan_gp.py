@@ -25,7 +25,7 @@ Algorithm 1 (defaults lambda = 10, n_critic = 5, alpha = 0.0001, beta_1 = 0, bet
 The penalty's gradient with respect to w goes through grad_x^ D_w: a double backward (create_graph=True).
 The critic has no batch normalization (section 4, "no critic batch normalization": the penalty is on each
 input's gradient, which batch statistics would couple); --critic-norm layer puts layer normalization where
-WGAN's critic has batch norm (the paper's recommended drop-in; off in the authors' code by default).
+WGAN's critic has batch norm (the paper's recommended drop-in; off in the authors' CIFAR-10 code).
 
 Because the critic has no batch statistics, D(x) and D(x~) come from one call on cat(x, x~) (the same
 numbers as two calls) and D(x^) from a call of its own. One call on cat(x, x~, x^) gives the same numbers
@@ -50,7 +50,8 @@ Deviations and choices, each deliberate:
   gan_cifar.py use beta_1 = 0.5.
 - The paper's CIFAR-10 ResNet run also used lr 2e-4 decayed linearly to 0 over 100,000 generator
   iterations and a generator batch of 2m = 128; --arch resnet keeps Algorithm 1's constant alpha = 1e-4
-  and m (pass --lr 2e-4 for the first), so its Inception score is not a reproduction claim.
+  and m (--lr 2e-4 gives that run's learning rate, without the decay), so it is not a reproduction of the
+  paper's CIFAR-10 Inception score.
 - --compile compiles G only: torch.compile (aot_autograd) does not support the double backward that the
   penalty takes through the critic ("torch.compile with aot_autograd does not currently support double
   backward", torch 2.14), so the critic always runs eagerly.
@@ -348,7 +349,8 @@ def train_step(G, critic, opt_G, opt_critic, batches, n_critic: int, cfg: Config
                 d_real, d_fake = (critic(torch.cat([x, fake])).float().split(len(x)) if critic_calls == 2
                                   else (critic(x).float(), critic(fake).float()))
                 d_hat = critic(x_hat).float()
-        penalty = gradient_penalty(d_hat, x_hat, scaler.scale(torch.ones((), device=x.device)))
+        scale = scaler.scale(torch.ones((), device=x.device)) if scaler.is_enabled() else 1.0   # fp16 only
+        penalty = gradient_penalty(d_hat, x_hat, scale)
         W_estimate = d_real.mean() - d_fake.mean()
         loss_critic = -W_estimate + cfg.lambda_gp * penalty.mean()
         # (9) w <- Adam(grad_w L)
