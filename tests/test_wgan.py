@@ -58,11 +58,11 @@ class Stream:
         return self.batch + self.drift * self.drawn
 
 
-def tiny(lr=5e-5, **kw):
-    cfg = wgan.Config(dataset="synthetic", image_size=16, batch_size=8, ngf=4, ndf=4, lr=lr, **kw)
+def tiny():
+    cfg = wgan.Config(dataset="synthetic", image_size=16, batch_size=8, ngf=4, ndf=4)
     torch.manual_seed(0)
     G, critic = wgan.build(cfg, "cpu")
-    return cfg, G, critic, torch.optim.RMSprop(G.parameters(), lr=lr), torch.optim.RMSprop(critic.parameters(), lr=lr)
+    return cfg, G, critic, *(torch.optim.RMSprop(m.parameters(), lr=cfg.lr) for m in (G, critic))
 
 
 def test_each_critic_step_clips_and_n_critic_steps_are_counted():
