@@ -30,10 +30,10 @@ WGAN's critic has batch norm (the paper's recommended drop-in; off in the author
 Because the critic has no batch statistics, D(x) and D(x~) come from one call on cat(x, x~) (the same
 numbers as two calls) and D(x^) from a call of its own. One call on cat(x, x~, x^) gives the same numbers
 too (tested), but the penalty's inner and double backward then run over all 3m rows instead of m: on this
-project's 2-core CPU (28 x 28, batch 64) it runs at about half the speed of three calls (0.48x and 0.56x
-in two measurements), and the default two calls at the speed of three within that busy machine's noise
-(0.95x, 1.26x; `python tools/bench_wgan.py --critic-calls`). On a GPU, where small batches are
-launch-bound, fewer calls may pay off; not measured (no GPU here): the same command with --device cuda.
+project's 2-core CPU (28 x 28, batch 64) it runs at 0.54x the speed of three calls, and the default two
+calls at 0.96x (`python tools/bench_wgan.py --critic-calls`). Two calls do the same arithmetic as three
+with a third fewer kernel launches, which is what a GPU's small batches are bound by: not measured (no GPU
+here); the same command with --device cuda measures it.
 
 Networks (--arch):
 - dcgan (default): the WGAN authors' DCGAN generator and critic (wgan.py; their models/dcgan.py), the
