@@ -1,12 +1,25 @@
-"""Shared checks that every model script must pass, run as a user runs it: `python <script>.py ...`."""
+"""Shared checks that every model script must pass, run as a user runs it: `python <script>.py ...`.
+
+A script under test runs in a process of its own, as `python <script>.py ARGS` would: its own argv, working
+folder, environment, stdin/stdout/stderr, signals and exit status. To spare each run the 5 s it takes a
+fresh interpreter to import torch (with torch._dynamo, which every optimizer imports) and matplotlib, that
+process is a fork of the test process, which has imported them once, and the script runs in it as
+``__main__`` (runpy): nothing else differs. ``GEN_TEST_FORK=0`` starts a fresh interpreter for every run
+instead (the same tests, about three times slower). The forked copy runs torch with one thread: a forked
+OpenMP pool hangs, and the tests' models are tiny.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
+import runpy
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -20,16 +33,154 @@ sys.path.insert(0, str(ROOT))
 OFFLINE_ENV = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
                "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+FORK = os.environ.get("GEN_TEST_FORK", "1") != "0"
+if FORK:   # what every script imports, loaded once here and shared by the forked runs
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (curves.png)
+    import PIL.Image  # noqa: F401  (sample grids)
+    import torch._dynamo  # noqa: F401  (an optimizer's constructor imports it: 1.2 s)
+    import torch.distributed  # noqa: F401
+    import common  # noqa: F401
+    import fid  # noqa: F401
 
 
-def run_script(script: str, *args, cwd: Path, timeout: float = 300, check: bool = True, env: dict | None = None):
-    """Run ``python <script>.py args`` in ``cwd`` (``env`` added to the offline environment)."""
-    cmd = [sys.executable, str(ROOT / f"{script}.py"), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd, env={**OFFLINE_ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+class Script:
+    """`python <script>.py ARGS` started in ``cwd`` with ``env``, as subprocess.Popen(stdout=PIPE,
+    stderr=PIPE, text=True) would start it: ``stdout`` is readable line by line while it runs, ``stderr``
+    comes with ``communicate``. ``stdout_fd``: write stdout into this descriptor instead (several
+    processes sharing one pipe, as torchrun's workers do). ``fresh``: a new interpreter even when forking."""
+
+    def __init__(self, script: str, args, cwd: Path, env: dict, stdout_fd: int | None = None, fresh: bool = False):
+        path = str(ROOT / f"{script}.py") if not script.endswith(".py") else script
+        args = [str(a) for a in args]
+        self.returncode = None
+        self._err = tempfile.TemporaryFile()
+        if fresh or not FORK:
+            self._proc = subprocess.Popen([sys.executable, path, *args], cwd=cwd, env=env, text=True,
+                                          stdout=subprocess.PIPE if stdout_fd is None else stdout_fd,
+                                          stderr=self._err)
+            self.pid, self.stdout = self._proc.pid, self._proc.stdout
+            return
+        read, write = os.pipe() if stdout_fd is None else (None, stdout_fd)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(path, args, cwd, env, write, self._err.fileno())   # never returns
+        self._proc, self.pid = None, pid
+        if read is not None:
+            os.close(write)
+        self.stdout = os.fdopen(read, "r") if read is not None else None
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            if self._proc is not None:
+                self.returncode = self._proc.poll()
+            else:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.time() + (timeout if timeout is not None else 1e9)
+        while self.poll() is None:
+            if time.time() > deadline:
+                self.kill()
+                self.wait()
+                raise subprocess.TimeoutExpired(self.pid, timeout)
+            time.sleep(0.005)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """The rest of stdout and all of stderr, once the process has ended (killed after ``timeout``)."""
+        out = _read_to_end(self.stdout, timeout, self) if self.stdout is not None else ""
+        self.wait(None if timeout is None else max(1.0, timeout))
+        self._err.seek(0)
+        err = self._err.read().decode(errors="replace")
+        self._err.close()
+        return out, err
+
+
+def _read_to_end(stream, timeout: float | None, proc) -> str:
+    """Everything left in ``stream`` until every writer has closed it (what readline() already buffered
+    included), read in a thread; ``proc`` is killed after ``timeout``."""
+    import threading
+    out = []
+    reader = threading.Thread(target=lambda: out.append(stream.read()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        proc.kill()
+        reader.join()
+        raise subprocess.TimeoutExpired(getattr(proc, "pid", None), timeout)
+    stream.close()
+    return out[0]
+
+
+def _child(path: str, args: list, cwd, env: dict, stdout_fd: int, stderr_fd: int) -> None:
+    """The forked process: become `python path args` and exit with its status."""
+    import atexit
+    import threading
+    code = 1
+    try:
+        atexit._clear()   # the test process's exit handlers are not the script's
+        os.dup2(stdout_fd, 1)
+        os.dup2(stderr_fd, 2)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):   # as in a new interpreter
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(1)
+        sys.argv = [path, *args]
+        try:
+            runpy.run_path(path, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            code = 130
+        except BaseException:
+            traceback.print_exc()
+        threading._shutdown()       # what the interpreter does at exit: wait for the script's threads,
+        atexit._run_exitfuncs()     # then run its exit handlers (e.g. torch.compile's worker pool)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def start_script(script: str, *args, cwd: Path, env: dict | None = None, fresh: bool = False) -> Script:
+    """Start ``python <script>.py args`` in ``cwd`` (``env`` added to the offline environment); ``fresh``: in
+    a new interpreter, not a fork of this one."""
+    return Script(script, args, cwd, {**OFFLINE_ENV, **(env or {})}, fresh=fresh)
+
+
+def run_script(script: str, *args, cwd: Path, timeout: float = 300, check: bool = True, env: dict | None = None,
+               fresh: bool = False):
+    """Run ``python <script>.py args`` in ``cwd`` (``env`` added to the offline environment) to its end."""
+    proc = start_script(script, *args, cwd=cwd, env=env, fresh=fresh)
+    stdout, stderr = proc.communicate(timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+        raise AssertionError(f"{script}.py {' '.join(map(str, args))} exited {proc.returncode}\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess([script, *args], proc.returncode, stdout, stderr)
 
 
 def load(path: Path) -> dict:
@@ -71,9 +222,11 @@ def flatten(tree, prefix=""):
 # The contract of CONVENTIONS.md, one function per clause, called by each script's test file
 # ----------------------------------------------------------------------------------------------
 def check_smoke(script: str, small: list, tmp: Path) -> None:
-    """A few steps write args.json, metrics.csv, a sample grid and a loadable checkpoint."""
+    """A few steps write args.json, metrics.csv, a sample grid and a loadable checkpoint. This run starts a
+    new interpreter, exactly as a user does (the other checks fork this process: module docstring)."""
     out = tmp / "smoke"
-    proc = run_script(script, *small, "--steps", 4, "--log-every", 2, "--sample-every", 2, "--out", out, cwd=tmp)
+    proc = run_script(script, *small, "--steps", 4, "--log-every", 2, "--sample-every", 2, "--out", out, cwd=tmp,
+                      fresh=True)
     assert "training from step 0" in proc.stdout and "done at step 4" in proc.stdout
     for name in ("args.json", "metrics.csv", "ckpt.pt", "samples/000002.png", "samples/000004.png"):
         assert (out / name).is_file(), name
@@ -108,10 +261,8 @@ def check_exact_resume(script: str, small: list, tmp: Path, n: int = 3) -> None:
 def check_signal_resume(script: str, small: list, tmp: Path, sig=signal.SIGTERM) -> None:
     """A signal mid-run: finish the step, checkpoint, exit 0; --resume continues exactly from there."""
     out = tmp / "signalled"
-    cmd = [sys.executable, str(ROOT / f"{script}.py"), *map(str, small), "--steps", 10**6,
-           "--log-every", 1, "--ckpt-every", 10**6, "--sample-every", 10**6, "--out", out]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=tmp, env=OFFLINE_ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_script(script, *small, "--steps", 10**6, "--log-every", 1, "--ckpt-every", 10**6,
+                        "--sample-every", 10**6, "--out", out, cwd=tmp)
     lines = []
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -249,28 +400,63 @@ def check_bad_flags(script: str, small: list, tmp: Path, cases: list) -> None:
 
 
 def torchrun(script: str, *args, cwd: Path, nproc: int = 2) -> subprocess.Popen:
+    """The real launcher: `python -m torch.distributed.run --standalone --nproc_per_node=N <script>.py args`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / f"{script}.py"), *map(str, args)]
     return subprocess.Popen(cmd, cwd=cwd, env=OFFLINE_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
 
+class Launch:
+    """What `torchrun --standalone --nproc_per_node=N <script>.py args` starts, without torchrun's own
+    process: N processes of the script with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT: rank 0 hosts the rendezvous store, as in any env:// launch), their stdout in one
+    pipe (``stdout``); ``communicate`` returns it followed by their stderr. ``workers``: the N processes."""
+
+    def __init__(self, script: str, args, cwd: Path, nproc: int = 2):
+        with socket.socket() as sock:   # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        read, write = os.pipe()
+        self.workers = []
+        for rank in range(nproc):
+            env = {**OFFLINE_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
+                   "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+            self.workers.append(Script(script, args, cwd, env, stdout_fd=write))
+        os.close(write)
+        self.stdout = os.fdopen(read, "r")
+        self.returncode = None
+
+    def communicate(self, timeout: float = 120) -> tuple[str, str]:
+        out = _read_to_end(self.stdout, timeout, self)   # the shared pipe ends when every worker has
+        errs = [w.communicate(timeout)[1] for w in self.workers]
+        self.returncode = next((w.returncode for w in self.workers if w.returncode), 0)
+        return out + "".join(errs), ""
+
+    def kill(self):
+        for w in self.workers:
+            w.kill()
+
+
+def launch_ddp(script: str, *args, cwd: Path, nproc: int = 2) -> Launch:
+    return Launch(script, args, cwd, nproc)
+
+
 def check_ddp(script: str, small: list, tmp: Path) -> None:
-    """torchrun with 2 processes (gloo on the CPU): a SIGTERM that reaches one rank stops both at the same
-    step with one checkpoint and exit 0; --resume then continues bit-identically to an uninterrupted
-    2-process run. (Equality with one process does not hold for a model with batch norm and per-process
-    noise: what does hold, the same images at every step, is tested on Batches.)"""
+    """Two processes with torchrun's environment (gloo on the CPU): a SIGTERM that reaches one rank stops
+    both at the same step with one checkpoint and exit 0; --resume then continues bit-identically to an
+    uninterrupted 2-process run. (Equality with one process does not hold for a model with batch norm and
+    per-process noise: what does hold, the same images at every step, is tested on Batches.)"""
     import re
     out = tmp / "ddp"
-    proc = torchrun(script, *small, "--steps", 10**6, "--log-every", 1, "--out", out, cwd=tmp)
+    proc = launch_ddp(script, *small, "--steps", 10**6, "--log-every", 1, "--out", out, cwd=tmp)
     lines, deadline = [], time.time() + 120
     while time.time() < deadline:
         lines.append(proc.stdout.readline())
         if lines[-1].startswith("step 3/") or not lines[-1]:
             break
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2, "".join(lines)
-    os.kill(int(workers[1]), signal.SIGTERM)  # one rank only, as a signal that reaches them at different moments
+    proc.workers[1].send_signal(signal.SIGTERM)  # one rank only, as a signal that reaches them at different moments
     stdout = "".join(lines) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, stdout
     saved = re.findall(r"^checkpoint saved at step (\d+)", stdout, re.M)
@@ -278,10 +464,10 @@ def check_ddp(script: str, small: list, tmp: Path) -> None:
     stopped = int(saved[0])
     ckpt = load(out / "ckpt.pt")
     assert ckpt["step"] == stopped and ckpt["world"] == 2 and len(ckpt["rng"]) == 2
-    resumed = torchrun(script, "--resume", "--steps", stopped + 3, "--out", out, cwd=tmp)
+    resumed = launch_ddp(script, "--resume", "--steps", stopped + 3, "--out", out, cwd=tmp)
     text = resumed.communicate(timeout=120)[0]
     assert resumed.returncode == 0 and f"training from step {stopped} (resumed)" in text, text
-    straight = torchrun(script, *small, "--steps", stopped + 3, "--out", tmp / "ddp-straight", cwd=tmp)
+    straight = launch_ddp(script, *small, "--steps", stopped + 3, "--out", tmp / "ddp-straight", cwd=tmp)
     text = straight.communicate(timeout=120)[0]
     assert straight.returncode == 0, text
     assert_same_state(load(tmp / "ddp-straight" / "ckpt.pt"), load(out / "ckpt.pt"))

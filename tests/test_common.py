@@ -6,8 +6,6 @@ import gzip
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -17,7 +15,7 @@ import torch
 
 import common
 from common import arg
-from conftest import OFFLINE_ENV, ROOT, assert_clean_error, digest, load, run_script
+from conftest import OFFLINE_ENV, assert_clean_error, digest, load, run_script, start_script
 
 CPU = torch.device("cpu")
 
@@ -367,14 +365,12 @@ def test_sigterm_while_decoding_a_folder_exits_at_once(tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
     for i in range(3000):
         Image.fromarray(np.roll(noise, i, axis=0)).save(tmp_path / "imgs" / f"{i:04d}.png")
-    cmd = [sys.executable, str(ROOT / "dcgan.py"), "--dataset", "folder", "--data-root", "imgs", "--image-size", "16",
-           "--device", "cpu", "--out", "run"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=OFFLINE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start_script("dcgan", "--dataset", "folder", "--data-root", "imgs", "--image-size", 16, "--device", "cpu",
+                        "--out", "run", cwd=tmp_path)
     lines = []
     while not lines or not lines[-1].startswith("decoding"):
         lines.append(proc.stdout.readline())
-        assert lines[-1], "".join(lines) + proc.stderr.read()
+        assert lines[-1], "".join(lines) + proc.communicate()[1]
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)

@@ -2,8 +2,6 @@
 parameter count, and the shared CLI contract (resume with the EMA, signals, DDP, split --sample)."""
 import math
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,8 +11,9 @@ from torch.distributions import Normal, kl_divergence
 
 import common
 import ddpm
-from conftest import (OFFLINE_ENV, ROOT, assert_clean_error, check_bad_flags, check_bad_inputs, check_compile,
-                      check_ddp, check_exact_resume, check_sample, check_signal_resume, check_smoke, load, run_script)
+from conftest import (assert_clean_error, check_bad_flags, check_bad_inputs, check_compile,
+                      check_ddp, check_exact_resume, check_sample, check_signal_resume, check_smoke, load, run_script,
+                      start_script)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 8, "--arch", "tiny", "--T", 10, "--batch-size", 16,
          "--device", "cpu"]
@@ -302,10 +301,8 @@ def test_vlb_command_and_eval_every(tmp):
 
 
 def sample_proc(out, dest, *args, env=None):
-    cmd = [sys.executable, str(ROOT / "ddpm.py"), "--out", str(out), "--sample", "1200", "--sample-out", str(dest),
-           "--sampler", "ddim", "--sample-steps", "2", *map(str, args)]
-    return subprocess.Popen(cmd, cwd=out.parent, env={**OFFLINE_ENV, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_script("ddpm", "--out", out, "--sample", 1200, "--sample-out", dest, "--sampler", "ddim",
+                        "--sample-steps", 2, *args, cwd=out.parent, env=env)
 
 
 def test_sample_split_among_array_tasks_and_resumed(tmp):
@@ -316,7 +313,7 @@ def test_sample_split_among_array_tasks_and_resumed(tmp):
     out = tmp / "run"
     run_script("ddpm", *SMALL, "--steps", 2, "--out", out, cwd=tmp)
     one = sample_proc(out, tmp / "one")
-    assert one.wait(timeout=300) == 0, one.stderr.read()
+    assert one.communicate(timeout=300)[0] and one.returncode == 0
     # two array tasks; the first is stopped after its first batch
     env = lambda task: {"SLURM_ARRAY_TASK_ID": str(task + 3), "SLURM_ARRAY_TASK_MIN": "3",   # noqa: E731
                         "SLURM_ARRAY_TASK_COUNT": "2"}
@@ -339,7 +336,8 @@ def test_sample_split_among_array_tasks_and_resumed(tmp):
     for name in names[::97] + [names[-1]]:
         assert np.array_equal(np.asarray(Image.open(tmp / "one" / name)), np.asarray(Image.open(tmp / "split" / name)))
     npz = sample_proc(out, tmp / "all.npz")
-    assert npz.wait(timeout=300) == 0
+    npz.communicate(timeout=300)
+    assert npz.returncode == 0
     images = np.load(tmp / "all.npz")["images"]
     assert images.shape == (1200, 8, 8, 1)
     assert np.array_equal(images[1100, :, :, 0], np.asarray(Image.open(tmp / "one" / "001100.png")))
