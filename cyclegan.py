@@ -335,6 +335,12 @@ def held_out(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     return common.load_domains(cfg.dataset, cfg.data_root, cfg.image_size, split)
 
 
+def draw(count: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n indices among ``count``, uniformly and independently, from ``generator`` (--eval-every's samples: each
+    an independent draw of a held-out input), on the CPU."""
+    return torch.randint(count, (n,), generator=generator, device=generator.device).cpu()
+
+
 def scaled(images: torch.Tensor, device) -> torch.Tensor:
     """uint8 -> floats in [-1, 1] on ``device``."""
     return images.to(device).float() / 127.5 - 1
@@ -434,7 +440,7 @@ def main():
               state={"scaler": scaler, "pool_X": common.PerProcess(pool_X, run.dist),
                      "pool_Y": common.PerProcess(pool_Y, run.dist)},
               sample=grid, real=test_B,   # --eval-every: G(test A) against test B
-              generate=lambda n, g: G_eval(scaled(test_A[torch.arange(n) % len(test_A)], device)))
+              generate=lambda n, g: G_eval(scaled(test_A[draw(len(test_A), n, g)], device)))
     step = run.start()
     while step < cfg.steps and not run.stop_requested:
         x, y = data["A"].next(), data["B"].next()

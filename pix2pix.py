@@ -331,6 +331,12 @@ def split_pairs(pairs: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.T
     return (a, b) if cfg.direction == "AtoB" else (b, a)
 
 
+def draw(count: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n indices among ``count``, uniformly and independently, from ``generator`` (--eval-every's samples: each
+    an independent draw of a held-out input), on the CPU."""
+    return torch.randint(count, (n,), generator=generator, device=generator.device).cpu()
+
+
 def scaled(images: torch.Tensor, device) -> torch.Tensor:
     """uint8 -> floats in [-1, 1] on ``device``."""
     return images.to(device).float() / 127.5 - 1
@@ -409,7 +415,7 @@ def main():
 
     run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
               state={"scaler": scaler}, sample=grid, real=held_y,   # --eval-every: G(held-out x) against held-out y
-              generate=lambda n, g: translate(G_eval, scaled(held_x[torch.arange(n) % len(held_x)], device),
+              generate=lambda n, g: translate(G_eval, scaled(held_x[draw(len(held_x), n, g)], device),
                                               int(torch.randint(2 ** 62, (1,), generator=g, device=g.device))))
     step = run.start()
     c_a = common.PAIRED_DATASETS[cfg.dataset]
