@@ -515,12 +515,14 @@ def main():
     if cfg.compile:
         model = torch.compile(model)
 
+    def evaluate(should_stop) -> dict | None:   # --eval-vlb; None when a stop request cut it short
+        bpd = vlb_bpd(ema.model, diffusion, test, seed=cfg.seed, should_stop=should_stop)
+        return None if bpd is None else {"test_bpd": bpd}
+
     grid = torch.Generator(device)   # the same noise for every grid of the run
     run.track(models={"model": model, "ema": ema.model}, optimizers={"model": opt}, data={"train": batches},
               state={"scaler": scaler}, sample=lambda: draw(64, grid.manual_seed(cfg.seed)),
-              generate=draw, real=images,
-              evaluate=(lambda stop: {"test_bpd": vlb_bpd(ema.model, diffusion, test, seed=cfg.seed, should_stop=stop)})
-              if test is not None else None)
+              generate=draw, real=images, evaluate=evaluate if test is not None else None)
     step = run.start()
     while step < cfg.steps and not run.stop_requested:
         losses = train_step(model, ema, opt, diffusion, batches.next(), step, cfg, run.amp, scaler)

@@ -2,6 +2,7 @@
 parameter count, and the shared CLI contract (resume with the EMA, signals, DDP, split --sample)."""
 import math
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -298,6 +299,23 @@ def test_vlb_command_and_eval_every(tmp):
     proc = run_script("ddpm", "--out", out, "--vlb", 3, cwd=tmp)
     value = float(proc.stdout.split("test_bpd: ")[1].split()[0])
     assert value == pytest.approx(bpd[-1], rel=1e-5)   # the same EMA weights and noise as at step 4
+
+
+def test_sigterm_during_eval_vlb_skips_it_and_checkpoints(tmp):
+    """A stop request in the middle of --eval-vlb (T = 1000 terms per image: seconds) ends the evaluation
+    without a figure and the run with its checkpoint, as any stop does."""
+    out = tmp / "stopped-eval"
+    proc = start_script("ddpm", *SMALL, "--T", 1000, "--steps", 100, "--log-every", 1, "--eval-every", 2,
+                        "--eval-vlb", 64, "--eval-metrics", "fid", "--eval-features", "inception", "--out", out, cwd=tmp,
+                        env={"TORCH_HOME": str(tmp / "no-weights"), "XDG_CACHE_HOME": str(tmp / "cache")})
+    line = proc.stdout.readline()
+    while line and "evaluation off for this run" not in line:   # FID: no Inception weights; L_vlb comes next
+        line = proc.stdout.readline()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "checkpoint saved at step 2 (SIGTERM)" in stdout, stdout + stderr
+    assert "test_bpd" not in (out / "metrics.csv").read_text() and load(out / "ckpt.pt")["step"] == 2
 
 
 def sample_proc(out, dest, *args, env=None):
