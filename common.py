@@ -149,7 +149,8 @@ class RunConfig:
     eval_metrics: str = arg("fid", "comma-separated, among fid, kid, prc (precision/recall)", run=True,
                             metavar="LIST")
     eval_features: str = arg("auto", "feature space of --eval-every: auto (the dataset's classifier for "
-                             "fashion-mnist and mnist, else inception) | inception | fashion-mnist | mnist",
+                             "fashion-mnist and mnist and its translation demos, else inception) | inception | "
+                             "fashion-mnist | mnist",
                              run=True, choices=("auto", "inception", "fashion-mnist", "mnist"))
     # Speed: none changes the mathematics, so each may change when a run is resumed
     amp: bool = arg(False, "mixed precision: bf16 autocast (fp16 with a GradScaler on GPUs without bf16)",
@@ -642,7 +643,7 @@ class Batches:
         g = torch.Generator().manual_seed(seed)
         top = torch.randint(0, h - size_h + 1, (self.global_batch,), generator=g)
         left = torch.randint(0, w - size_w + 1, (self.global_batch,), generator=g)
-        flip = torch.rand(self.global_batch, generator=g) < 0.5 if self.hflip else torch.zeros(self.global_batch, dtype=torch.bool)
+        flip = torch.rand(self.global_batch, generator=g) < 0.5 if self.hflip else torch.zeros(self.global_batch) > 0
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         rows = top[mine, None] + torch.arange(size_h)                                  # b x size_h
         cols = left[mine, None] + torch.where(flip[mine, None], torch.arange(size_w - 1, -1, -1), torch.arange(size_w))
@@ -1150,7 +1151,8 @@ class Evaluation:
         self.metrics = cfg.eval_metrics.split(",")
         self.features = cfg.eval_features
         if self.features == "auto":
-            self.features = cfg.dataset if cfg.dataset in ("fashion-mnist", "mnist") else "inception"
+            self.features = cfg.dataset if cfg.dataset in ("fashion-mnist", "mnist") else \
+                "fashion-mnist" if cfg.dataset in ("edges2fashion", "sneaker2boot") else "inception"
         self.n, self.seed, self.real, self.generate = cfg.eval_n, cfg.seed + 1, real, generate
         self.value_range, self.device, self.should_stop = value_range, device, should_stop
         key = cfg.dataset if cfg.dataset != "folder" else \

@@ -58,7 +58,8 @@ Usage:
     python cyclegan.py --steps 12000 --sample-every 1000 # the CPU-sized run of README.md
     python cyclegan.py --resume                          # continue runs/cyclegan-sneaker2boot
     python cyclegan.py --dataset unaligned --data-root datasets/horse2zebra
-    python cyclegan.py --dataset unaligned --data-root datasets/apple2orange --image-size 128 --load-size 143 --n-blocks 6
+    python cyclegan.py --dataset unaligned --data-root datasets/apple2orange --image-size 128 --load-size 143 \
+        --n-blocks 6
     python cyclegan.py --translate photos/ --translate-out zebras/           # G: A -> B on a folder
     python cyclegan.py --translate paintings/ --direction BtoA               # F: B -> A
     python cyclegan.py --sample 1000 --sample-out fake_B.npz                 # G(1000 test A images), for fid.py

@@ -10,7 +10,7 @@ import torch.nn as nn
 import common
 import cyclegan
 from conftest import (assert_clean_error, assert_same_state, check_bad_flags, check_ddp, check_sample,
-                      check_signal_resume, check_smoke, digest, load, run_script, torchrun)
+                      check_signal_resume, check_smoke, digest, launch_ddp, load, run_script)
 from test_pix2pix import official_lrs
 
 SMALL = ["--dataset", "synthetic-unpaired", "--image-size", 16, "--load-size", 18, "--ngf", 4, "--ndf", 4,
@@ -300,8 +300,9 @@ def test_ddp_two_processes_stop_together_and_resume_exactly(tmp):
 
 
 def test_batch_of_one_is_refused_under_torchrun(tmp):
-    """The global batch is shared among processes: a batch of 1 cannot be, and the run says what to do."""
-    proc = torchrun("cyclegan", *SMALL, "--batch-size", 1, "--steps", 2, "--out", tmp / "one", cwd=tmp)
+    """The global batch is shared among processes: a batch of 1 cannot be, and each process says what to do
+    (two processes with torchrun's environment)."""
+    proc = launch_ddp("cyclegan", *SMALL, "--batch-size", 1, "--steps", 2, "--out", tmp / "one", cwd=tmp)
     text = proc.communicate(timeout=120)[0]
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and errors, text

@@ -1,6 +1,6 @@
 """pix2pix.py's and cyclegan.py's training step beside the official implementation's, step by step in one process.
 
-    python tools/bench_translation.py --peer /tmp/peers/pytorch-CycleGAN-and-pix2pix            # CPU, 128 x 128, batch 1
+    python tools/bench_translation.py --peer /tmp/peers/pytorch-CycleGAN-and-pix2pix     # CPU, 128 x 128, batch 1
     python tools/bench_translation.py --peer ~/pytorch-CycleGAN-and-pix2pix --device cuda --image-size 256 \
         --configs none amp+channels-last
 
@@ -135,8 +135,8 @@ def main():
                 sync()
                 times[name].append(time.perf_counter() - t0)
         peer = a.batch_size / statistics.median(times["peer"][a.warmup:])
-        print(f"\n{script}, {a.image_size}x{a.image_size}, batch {a.batch_size}, {device}, median of {a.steps - a.warmup} "
-              f"steps each, taking turns:")
+        print(f"\n{script}, {a.image_size}x{a.image_size}, batch {a.batch_size}, {device}, "
+              f"median of {a.steps - a.warmup} steps each, taking turns:")
         for name in names:
             rate = a.batch_size / statistics.median(times[name][a.warmup:])
             label = "official optimize_parameters" if name == "peer" else f"ours ({name.replace('+', ' ')})"
