@@ -7,6 +7,7 @@ What lives here, in the order a training script calls it:
     G, D = build(cfg, run.device)            # the script's own checks (e.g. --image-size) come before...
     images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)   # ...and data errors too
     batches = common.Batches(images, cfg.batch_size, cfg.seed, run.device)  # seeded epochs, resumable
+    # (translation: load_pairs / load_domains, and Batches(..., crop=, hflip=) for the random jitter)
     run.track(models={...}, optimizers={...}, state={...}, data={"train": batches}, sample=fn)
     step = run.start()                       # folder, lock, args.json, then the checkpoint (or --init)
     while step < cfg.steps and not run.stop_requested:
@@ -29,7 +30,8 @@ Resume semantics (README.md, "Resume and run folders", is the user's version):
 Checkpoint format 2 (one dict, loaded with ``weights_only=True``): ``script``, ``format``, ``run`` (an id
 kept across resumes), ``step``, ``time_s`` (training time so far), ``config``, ``models`` (plain
 state_dicts, without DDP's ``module.`` or torch.compile's ``_orig_mod.``), ``optimizers``, ``state``
-(registered tensors and objects with state_dict: schedulers, EMA, GradScaler, image pools), ``data``
+(registered tensors and objects with state_dict: schedulers, EMA, GradScaler, image pools; ``PerProcess`` for
+state that differs between torchrun processes), ``data``
 (epoch and index of every data stream) and ``rng`` (python, numpy, torch CPU and the run device's).
 """
 from __future__ import annotations
@@ -147,7 +149,8 @@ class RunConfig:
     eval_metrics: str = arg("fid", "comma-separated, among fid, kid, prc (precision/recall)", run=True,
                             metavar="LIST")
     eval_features: str = arg("auto", "feature space of --eval-every: auto (the dataset's classifier for "
-                             "fashion-mnist and mnist, else inception) | inception | fashion-mnist | mnist",
+                             "fashion-mnist and mnist and its translation demos, else inception) | inception | "
+                             "fashion-mnist | mnist",
                              run=True, choices=("auto", "inception", "fashion-mnist", "mnist"))
     # Speed: none changes the mathematics, so each may change when a run is resumed
     amp: bool = arg(False, "mixed precision: bf16 autocast (fp16 with a GradScaler on GPUs without bf16)",
@@ -225,9 +228,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "gen-models"
 
 
-def check_dataset(name: str) -> None:
-    if name not in DATASET_NAMES:
-        raise UserError(f"unknown --dataset {name}; choose one of {', '.join(DATASET_NAMES)}")
+def check_dataset(name: str, names: tuple = DATASET_NAMES) -> None:
+    if name not in names:
+        raise UserError(f"unknown --dataset {name}; choose one of {', '.join(names)}")
 
 
 def dataset_channels(dataset: str) -> int:
@@ -298,10 +301,13 @@ def _decode(path: Path, size: int) -> torch.Tensor:
         raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); fix or remove it") from None
 
 
-def _load_folder(root: Path, size: int) -> torch.Tensor:
+def _load_folder(root: Path, size: int, decode: Callable = None, channels: int = 3, kind: str = "") -> torch.Tensor:
     """Every image below ``root`` as RGB size x size, decoded once (in threads, with progress) and cached
-    beside the images in ``.cache-<size>px-<key>.pt``, where the key hashes the file list, sizes and
-    modification times: a requeued job reads the cache in a second; any change of the files decodes again."""
+    beside the images in ``.cache-<kind><size>px-<key>.pt``, where the key hashes the file list, sizes and
+    modification times: a requeued job reads the cache in a second; any change of the files decodes again.
+    ``decode(path, size)`` gives ``channels`` x size x size (default ``_decode``: short side resized, then
+    center-cropped); ``kind`` names another decoding in the cache's name (the translation formats)."""
+    decode = decode or _decode
     if not root.is_dir():
         raise UserError(f"--data-root {root} is not a folder; --dataset folder reads every image below it")
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
@@ -312,22 +318,22 @@ def _load_folder(root: Path, size: int) -> torch.Tensor:
     # beside the images, or in the user's cache folder where the data folder is read-only
     fallback = cache_dir() / "folders" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     for folder in (root, fallback):
-        cache = folder / f".cache-{size}px-{key}.pt"
+        cache = folder / f".cache-{kind}{size}px-{key}.pt"
         if cache.is_file():
             try:
                 images = torch.load(cache, weights_only=True)
-                if images.shape == (len(paths), 3, size, size):
+                if images.shape == (len(paths), channels, size, size):
                     return images
             except Exception:
                 pass  # a damaged cache is decoded again below
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    out = torch.empty(len(paths), channels, size, size, dtype=torch.uint8)
     t0 = t_print = time.time()
     print(f"decoding {len(paths)} images below {root} (once: they are cached)", flush=True)
     pool = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # PIL decodes without the GIL
     try:
         chunk = 256  # a stop signal waits for one chunk at most
         for i in range(0, len(paths), chunk):
-            out[i:i + chunk] = torch.stack(list(pool.map(_decode, paths[i:i + chunk], [size] * chunk)))
+            out[i:i + chunk] = torch.stack(list(pool.map(decode, paths[i:i + chunk], [size] * chunk)))
             if time.time() - t_print > 5:
                 t_print = time.time()
                 done = min(i + chunk, len(paths))
@@ -336,10 +342,10 @@ def _load_folder(root: Path, size: int) -> torch.Tensor:
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     for folder in (root, fallback):
-        cache = folder / f".cache-{size}px-{key}.pt"
+        cache = folder / f".cache-{kind}{size}px-{key}.pt"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            for old in folder.glob(f".cache-{size}px-*.pt*"):  # stale caches, and a killed save's .tmp files
+            for old in folder.glob(f".cache-{kind}{size}px-*.pt*"):  # stale caches, and a killed save's .tmp files
                 old.unlink()
             save_checkpoint(out, cache)
             return out
@@ -412,6 +418,169 @@ def load_images(dataset: str, data_root: str, image_size: int | None = None, spl
     return (images, y.long()) if labels else images
 
 
+# ----------------------------------------------------------------------------------------------
+# Image-to-image translation: aligned pairs (pix2pix) and two unaligned domains (CycleGAN)
+# ----------------------------------------------------------------------------------------------
+# name -> channels of each side. "aligned" and "unaligned" are the official datasets' formats under
+# --data-root; the Fashion-MNIST demos are built here, offline; the synthetic ones are for the tests.
+PAIRED_DATASETS = {"edges2fashion": 1, "aligned": 3, "synthetic-pairs": 1}
+UNPAIRED_DATASETS = {"sneaker2boot": 1, "unaligned": 3, "synthetic-unpaired": 1}
+DEMO_SIZE = 32               # the demos' images: Fashion-MNIST's 28 x 28 with 2 background pixels on each side
+SNEAKER, ANKLE_BOOT = 7, 9   # Fashion-MNIST's labels of sneaker2boot's domains A and B
+EDGE_THRESHOLD = 1.0         # edges2fashion: Sobel gradient magnitude (pixels in [0, 1]) that makes an edge
+
+
+def edge_map(images: torch.Tensor, threshold: float = EDGE_THRESHOLD) -> torch.Tensor:
+    """edges2fashion's input, computed once at load time: black lines on white, like the official edges2shoes.
+    A pixel is an edge where the Sobel gradient magnitude sqrt(gx^2 + gy^2) of the image in [0, 1] (borders
+    replicated) exceeds ``threshold`` (the largest is 4, at a black-to-white step). uint8 in, uint8 out."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    kernels = torch.stack([kx, kx.t()])[:, None]                                    # 2 x 1 x 3 x 3
+    out = torch.empty_like(images)
+    for i in range(0, len(images), 4096):
+        x = images[i:i + 4096].float().div(255).flatten(0, 1)[:, None]             # one channel at a time
+        g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels)
+        edge = g.pow(2).sum(1).sqrt() > threshold
+        out[i:i + 4096] = torch.where(edge, 0, 255).to(torch.uint8).view(-1, *images.shape[1:])
+    return out
+
+
+def _demo_images(data_root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST (offline from Debian's dataset-fashion-mnist) at DEMO_SIZE: padded, not resized."""
+    images, labels = load_images("fashion-mnist", data_root, split=split, labels=True)
+    pad = (DEMO_SIZE - images.shape[-1]) // 2
+    return F.pad(images, (pad, pad, pad, pad)), labels
+
+
+def _split_folder(data_root: str, name: str, hint: str) -> Path:
+    folder = Path(data_root).expanduser() / name
+    if not folder.is_dir():
+        raise UserError(f"--data-root {data_root} has no {name}/ folder: {hint}")
+    return folder
+
+
+def _decode_pair(path: Path, size: int) -> torch.Tensor:
+    """An aligned A|B image (the official pix2pix format): its left half A and right half B, each resized to
+    size x size (bicubic, as the official Resize), stacked as 6 x size x size."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            half = im.width // 2
+            halves = [im.crop(box).resize((size, size), Image.BICUBIC)
+                      for box in ((0, 0, half, im.height), (half, 0, im.width, im.height))]
+            return torch.from_numpy(np.concatenate([np.array(h) for h in halves], axis=2)).permute(2, 0, 1)
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... on a bad file
+        raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); fix or remove it") from None
+
+
+def _decode_resized(path: Path, size: int, mode: str = "RGB") -> torch.Tensor:
+    """One image resized to size x size, aspect ratio not kept (bicubic, as the official Resize)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            array = np.array(im.convert(mode).resize((size, size), Image.BICUBIC))
+            return torch.from_numpy(array).view(size, size, -1).permute(2, 0, 1)
+    except Exception as e:
+        raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); fix or remove it") from None
+
+
+ALIGNED_HINT = ("the aligned format is one image per pair, A and B side by side, in train/ (and val/, test/), as "
+                "in the official pix2pix datasets (their datasets/download_pix2pix_dataset.sh)")
+UNALIGNED_HINT = ("the unaligned format is two folders of images, trainA/ and trainB/ (and testA/, testB/), as in the "
+                  "official CycleGAN datasets (their datasets/download_cyclegan_dataset.sh)")
+
+
+def load_pairs(dataset: str, data_root: str, size: int, split: str = "train") -> torch.Tensor:
+    """pix2pix's pairs (x, y) as one uint8 tensor N x 2C x size x size: A's C channels, then B's (the script
+    picks the direction). "aligned": <data_root>/<split>/ (train, val or test) of A|B images, each half
+    resized to size x size; "edges2fashion": the edge map of a Fashion-MNIST image (A) and the image (B),
+    DEMO_SIZE resized to size; "synthetic-pairs": the same from the synthetic disks (tests)."""
+    check_dataset(dataset, tuple(PAIRED_DATASETS))
+    if dataset == "aligned":
+        folder = _split_folder(data_root, split, ALIGNED_HINT)
+        return _load_folder(folder, size, decode=_decode_pair, channels=6, kind="pairs-")
+    if split not in ("train", "test"):
+        raise UserError(f"--dataset {dataset} has the splits train and test, not {split}")
+    if dataset == "edges2fashion":
+        images = _demo_images(data_root, split)[0]
+    else:
+        images = load_images("synthetic", data_root, DEMO_SIZE, split=split)
+    return resize_uint8(torch.cat([edge_map(images), images], 1), size)
+
+
+def load_domains(dataset: str, data_root: str, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """CycleGAN's two unpaired domains (A, B), uint8 N_A x C x size x size and N_B x C x size x size.
+    "unaligned": every image of <data_root>/<split>A/ and <split>B/ (split: train or test), resized to size x
+    size; "sneaker2boot": Fashion-MNIST's sneakers (A) and ankle boots (B), DEMO_SIZE resized to size;
+    "synthetic-unpaired": the synthetic disks (A) and other disks in negative (B) (tests)."""
+    check_dataset(dataset, tuple(UNPAIRED_DATASETS))
+    if split not in ("train", "test"):
+        raise UserError(f"--dataset {dataset} has the splits train and test, not {split}")
+    if dataset == "unaligned":
+        folders = [_split_folder(data_root, split + side, UNALIGNED_HINT) for side in "AB"]
+        return tuple(_load_folder(f, size, decode=_decode_resized, kind="resized-") for f in folders)
+    if dataset == "sneaker2boot":
+        images, labels = _demo_images(data_root, split)
+        a, b = images[labels == SNEAKER], images[labels == ANKLE_BOOT]
+    else:
+        a = load_images("synthetic", data_root, DEMO_SIZE, split=split)
+        b = 255 - synthetic_images(len(a), 1, DEMO_SIZE, seed=2 if split == "train" else 3)
+    return resize_uint8(a, size), resize_uint8(b, size)
+
+
+def has_split(dataset: str, data_root: str, split: str) -> bool:
+    """Whether a translation dataset has this split (the official folders may lack val/ or testA/)."""
+    if dataset == "aligned":
+        return (Path(data_root).expanduser() / split).is_dir()
+    if dataset == "unaligned":
+        return all((Path(data_root).expanduser() / (split + side)).is_dir() for side in "AB")
+    return split in ("train", "test")
+
+
+def read_images(folder: str, size: int, channels: int, flag: str = "--translate") -> tuple[torch.Tensor, list[Path]]:
+    """Every image directly in ``folder`` (sorted by name), resized to size x size (bicubic), as uint8
+    N x channels x size x size (gray when channels is 1), with their paths: --translate's inputs."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{flag} {folder} is not a folder; give a folder of images")
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not paths:
+        raise UserError(f"{flag} {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    mode = "L" if channels == 1 else "RGB"
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(lambda p: _decode_resized(p, size, mode), paths))
+    return torch.stack(images), paths
+
+
+def write_named(images: torch.Tensor, paths: list[Path], folder: Path,
+                value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+    """Write image i as <folder>/<stem of paths[i]>.png (replacing a file of that name, never another)."""
+    from PIL import Image
+    for image, path in zip(to_uint8(images, value_range).permute(0, 2, 3, 1).numpy(), paths):
+        target = folder / f"{path.stem}.png"
+        part = target.with_name(f".{target.name}.part")   # a killed process leaves no half image
+        Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(part, format="PNG")
+        os.replace(part, target)
+
+
+def prepare_folder(path: str | Path, inputs: str | Path, flag: str) -> Path:
+    """An output folder, created if needed and checked writable before any work; never the input folder."""
+    path = Path(path).expanduser()
+    if path.resolve() == Path(inputs).expanduser().resolve():
+        raise UserError(f"{flag} {path} is the input folder: give another folder (its images would be replaced)")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is an existing file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write to {path} ({e.strerror}); choose a writable place") from None
+    return path
+
+
 class Batches:
     """Minibatches drawn without replacement from a uint8 tensor kept on the device.
 
@@ -420,21 +589,31 @@ class Batches:
     The last incomplete batch of an epoch is dropped (constant batch size for BatchNorm).
     Under DDP ``batch_size`` is the global batch: process ``rank`` of ``world`` takes its slice of each
     global batch, so the images of a step are the same whatever the number of processes.
+
+    ``crop`` and ``hflip`` are pix2pix's and CycleGAN's random jitter: the images are stored larger (their
+    "load size", e.g. 286) and each one is cropped at a random place to ``crop`` (e.g. 256) and, with
+    ``hflip``, mirrored with probability 1/2, in one gather on the device. The places and flips of batch
+    (epoch, index) come from a generator seeded by (seed, epoch, index), drawn for the global batch: like
+    the order, they are resumed exactly and are the same whatever the number of processes. The channels
+    of an image are cropped alike (a pix2pix pair stored as one 2C-channel image keeps its alignment).
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int, device: torch.device,
                  value_range: tuple[float, float] = (-1.0, 1.0), rank: int = 0, world: int = 1,
-                 memory_format=torch.contiguous_format):
+                 memory_format=torch.contiguous_format, crop: int = 0, hflip: bool = False):
         if len(images) < batch_size:
             raise UserError(f"--batch-size {batch_size} is larger than the dataset ({len(images)} images)")
         if batch_size % world:
             raise UserError(f"--batch-size {batch_size} is the global batch: it must divide among the {world} "
-                            f"processes")
+                            f"processes (e.g. --batch-size {world * -(-batch_size // world)})")
+        if crop > min(images.shape[-2:]):
+            raise UserError(f"a crop of {crop} pixels does not fit in images of {tuple(images.shape[-2:])}")
         self.images = images.to(device)
         self.global_batch, self.seed, self.device = batch_size, seed, device
         self.batch_size = batch_size // world  # this process's share of every global batch
         self.rank, self.memory_format = rank, memory_format
         self.low, self.high = value_range
+        self.crop, self.hflip = crop, hflip
         self.epoch, self.index = 0, 0
         self.batches_per_epoch = len(images) // batch_size
         self._order = None
@@ -451,9 +630,27 @@ class Batches:
             self._order = self._epoch_order()
         start = self.index * self.global_batch + self.rank * self.batch_size
         idx = self._order[start:start + self.batch_size]
+        x = self._jittered(idx) if self.crop or self.hflip else self.images[idx]
         self.index += 1
-        x = self.images[idx].float() * ((self.high - self.low) / 255.0) + self.low
+        x = x.float() * ((self.high - self.low) / 255.0) + self.low
         return x.contiguous(memory_format=self.memory_format)
+
+    def _jittered(self, idx: torch.Tensor) -> torch.Tensor:
+        """images[idx], each cropped at its random place and maybe mirrored: one gather, uint8."""
+        _, c, h, w = self.images.shape
+        size_h, size_w = (self.crop, self.crop) if self.crop else (h, w)
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, self.index]).generate_state(1)[0])
+        g = torch.Generator().manual_seed(seed)
+        top = torch.randint(0, h - size_h + 1, (self.global_batch,), generator=g)
+        left = torch.randint(0, w - size_w + 1, (self.global_batch,), generator=g)
+        flip = torch.rand(self.global_batch, generator=g) < 0.5 if self.hflip else torch.zeros(self.global_batch) > 0
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        rows = top[mine, None] + torch.arange(size_h)                                  # b x size_h
+        cols = left[mine, None] + torch.where(flip[mine, None], torch.arange(size_w - 1, -1, -1), torch.arange(size_w))
+        rows, cols = rows.to(self.device, non_blocking=True), cols.to(self.device, non_blocking=True)
+        channels = torch.arange(c, device=self.device)
+        return self.images[idx[:, None, None, None], channels[None, :, None, None], rows[:, None, :, None],
+                           cols[:, None, None, :]]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -824,6 +1021,34 @@ class Distributed:
             dist.destroy_process_group()
 
 
+class PerProcess:
+    """Registered state that differs from process to process under torchrun (CycleGAN's pools of past fakes,
+    each filled by its own process's generator): the checkpoint holds every process's ``state_dict``, in rank
+    order (gathered through the CPU side channel, tensors moved to the CPU), and each process restores its
+    own. With another number of processes, process r takes entry r mod the number saved (Run already says
+    that such a resume is not bit-identical)."""
+
+    def __init__(self, obj, dist: Distributed):
+        self.obj, self.dist = obj, dist
+
+    def state_dict(self) -> dict:
+        return {"processes": self.dist.gather(_to_cpu(self.obj.state_dict()))}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["processes"]
+        self.obj.load_state_dict(saved[self.dist.rank % len(saved)])
+
+
+def _to_cpu(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics.csv and curves.png
 # ----------------------------------------------------------------------------------------------
@@ -926,7 +1151,8 @@ class Evaluation:
         self.metrics = cfg.eval_metrics.split(",")
         self.features = cfg.eval_features
         if self.features == "auto":
-            self.features = cfg.dataset if cfg.dataset in ("fashion-mnist", "mnist") else "inception"
+            self.features = cfg.dataset if cfg.dataset in ("fashion-mnist", "mnist") else \
+                "fashion-mnist" if cfg.dataset in ("edges2fashion", "sneaker2boot") else "inception"
         self.n, self.seed, self.real, self.generate = cfg.eval_n, cfg.seed + 1, real, generate
         self.value_range, self.device, self.should_stop = value_range, device, should_stop
         key = cfg.dataset if cfg.dataset != "folder" else \
@@ -977,10 +1203,12 @@ class Run:
     Under torchrun only rank 0 writes; the pieces it uses are Distributed, MetricsFile and Evaluation.
     """
 
-    def __init__(self, cfg, script: str, command: str | None = None, shards: bool = False):
+    def __init__(self, cfg, script: str, command: str | None = None, shards: bool = False,
+                 datasets: tuple = DATASET_NAMES):
         """``command``: the flag of another no-training command of the script (ddpm's --vlb) when it is given:
         like --sample, it reads a checkpoint and writes nothing in the run folder. ``shards``: the script's
-        --sample may be split among torchrun processes and SLURM array tasks (``write_sharded``)."""
+        --sample may be split among torchrun processes and SLURM array tasks (``write_sharded``).
+        ``datasets``: the --dataset names the script reads (the translation scripts have their own)."""
         self.cfg, self.script = cfg, script
         if cfg.sample and command:
             raise UserError(f"--sample and {command} are two commands: give one")
@@ -988,7 +1216,7 @@ class Run:
         self.command = command or "--sample"
         self.is_main = os.environ.get("RANK", "0") == "0"
         self.ckpt, self.init = self._resolve()
-        check_dataset(cfg.dataset)
+        check_dataset(cfg.dataset, datasets)
         unknown = set(cfg.eval_metrics.split(",")) - set(EVAL_METRICS)
         if unknown:
             raise UserError(f"--eval-metrics {cfg.eval_metrics}: choose among {', '.join(EVAL_METRICS)}")

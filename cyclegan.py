@@ -1,0 +1,456 @@
+"""Unpaired Image-to-Image Translation using Cycle-Consistent Adversarial Networks (CycleGAN).
+
+Jun-Yan Zhu, Taesung Park, Phillip Isola, Alexei A. Efros. ICCV 2017. arXiv:1703.10593
+
+Two mappings learned from unpaired images of two domains X and Y: G: X -> Y and F: Y -> X, each with its
+discriminator (D_Y tells real y from G(x), D_X real x from F(y)), and a cycle-consistency loss that asks each
+image to come back from the round trip (eq. 1-3, section 5.2 for the identity term):
+
+    L_GAN(G, D_Y, X, Y) = E_y[log D_Y(y)] + E_x[log(1 - D_Y(G(x)))]        (and L_GAN(F, D_X, Y, X))
+    L_cyc(G, F)         = E_x[ ||F(G(x)) - x||_1 ] + E_y[ ||G(F(y)) - y||_1 ]
+    L_identity(G, F)    = E_y[ ||G(y) - y||_1 ] + E_x[ ||F(x) - x||_1 ]
+    L = L_GAN(G, D_Y, X, Y) + L_GAN(F, D_X, Y, X) + lambda L_cyc + 0.5 lambda L_identity,     lambda = 10
+    G*, F* = arg min_{G,F} max_{D_X,D_Y} L
+
+Training details (section 4, appendix 7.1): the GAN terms are least squares (LSGAN, Mao et al. 2017):
+G minimizes E_x[(D_Y(G(x)) - 1)^2], D_Y minimizes E_y[(D_Y(y) - 1)^2] + E_x[D_Y(G(x))^2], halved ("we divide
+the objective by 2 while optimizing D, which slows down the rate at which D learns, relative to G"). D is
+updated on a history of generated images (Shrivastava et al. 2017): a pool of the 50 latest fakes, from which
+a stored fake is returned half the time once it is full (ImagePool). Adam lr 2e-4 (beta1 0.5), batch 1, 100
+epochs at that rate then 100 of linear decay to zero; weights N(0, 0.02).
+
+Each training step (the official code's optimize_parameters: G and F first, then the discriminators):
+    (1) update G and F: minimize the LSGAN terms of G(x) and F(y) (labelled real), lambda L_cyc, 0.5 lambda L_identity
+    (2) update D_X and D_Y: minimize their halved LSGAN objectives on real images and on fakes from the pools
+
+Networks (appendix 7.2; the official resnet_9blocks and "basic" D), at 256 x 256:
+- G and F: c7s1-64, d128, d256, R256 x 9, u128, u64, c7s1-3: a 7 x 7 convolution, two stride-2 convolutions,
+  9 residual blocks (two 3 x 3 convolutions each), two stride-1/2 transposed convolutions, a 7 x 7
+  convolution and tanh; reflection padding, instance norm (no learned scale), ReLU. 11,378,179 parameters
+  each, the official count; the paper uses 6 blocks for 128 x 128 images (--n-blocks 6).
+- D_X and D_Y: the 70 x 70 PatchGAN, C64-C128-C256-C512 (no norm on the first), a 1-channel 4 x 4 convolution;
+  instance norm, LeakyReLU 0.2; 30 x 30 outputs at 256 x 256. 2,764,737 parameters each, the official count.
+Data (the official unaligned format): trainA/ and trainB/; each image resized to 286 x 286 (bicubic), randomly
+cropped to 256 and flipped; an epoch is max(|A|, |B|) steps.
+
+The offline demo (--dataset sneaker2boot, the default): Fashion-MNIST's sneakers (A) and ankle boots (B),
+padded to 32 x 32, resized to 36 and cropped back to 32 (the 286/256 jitter at this size); its defaults are
+smaller: ngf = ndf = 32, 6 residual blocks (the paper's choice below 256), D with 2 layers (34 x 34 patches:
+the 70 x 70 one is twice the image), 20 + 20 epochs of 6,000 steps (the paper's horse2zebra: 200 x 1,334).
+--dataset unaligned reads the official datasets (horse2zebra, monet2photo...) with the paper's defaults.
+
+Deviations, each deliberate:
+- The domains are two data streams, each visiting its images in a fresh random order every pass (seeded,
+  resumed exactly). The official loader shuffles A over max(|A|, |B|) indices and draws B uniformly with
+  replacement (--serial_batches off): the same distribution of pairs, each B image once per pass here.
+- The schedule is a function of the step (epoch = step // steps per epoch + 1): lr * (1 - max(0, epoch + 1 -
+  n_epochs) / (n_epochs_decay + 1)), the official values epoch by epoch, its LambdaLR stepped at the start of
+  each epoch: so epoch 100 already runs at 100/101 of lr and epoch 200 at 0, as there.
+- Resume is exact: the pools (their images, fill count and random generator) and the schedule position are
+  in the checkpoint. The official --continue_train restarts both (empty pools, --epoch_count by hand).
+- The pools draw from their own seeded generator, not Python's global one; the crops and flips from a
+  generator seeded by (--seed, epoch, batch); the images are decoded once and kept in memory as uint8.
+- --batch-size is global under torchrun and a batch of 1 cannot be shared: several processes need
+  --batch-size a multiple of their number (each process then has its own pools, saved together).
+
+Usage:
+    python cyclegan.py                                   # the offline demo: sneakers <-> ankle boots
+    python cyclegan.py --steps 12000 --sample-every 1000 # the CPU-sized run of README.md
+    python cyclegan.py --resume                          # continue runs/cyclegan-sneaker2boot
+    python cyclegan.py --dataset unaligned --data-root datasets/horse2zebra
+    python cyclegan.py --dataset unaligned --data-root datasets/apple2orange --image-size 128 --load-size 143 \
+        --n-blocks 6
+    python cyclegan.py --translate photos/ --translate-out zebras/           # G: A -> B on a folder
+    python cyclegan.py --translate paintings/ --direction BtoA               # F: B -> A
+    python cyclegan.py --sample 1000 --sample-out fake_B.npz                 # G(1000 test A images), for fid.py
+    sbatch submit.sh cyclegan --dataset unaligned --data-root datasets/horse2zebra
+    torchrun --standalone --nproc_per_node=4 cyclegan.py --batch-size 4     # 4 GPUs, one pair each
+
+From Python: G, F = cyclegan.load("runs/cyclegan-sneaker2boot/ckpt.pt"); y = G(x) (x in [-1, 1], N x C x H x W).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.functional import l1_loss, mse_loss
+
+import common
+from common import arg
+
+DEMOS = ("sneaker2boot", "synthetic-unpaired")
+DEMO_DEFAULTS = {"image_size": 32, "load_size": 36, "ngf": 32, "ndf": 32, "n_blocks": 6, "n_layers_D": 2,
+                 "n_epochs": 20, "n_epochs_decay": 20}   # 32 x 32 images; about the paper's number of steps
+
+
+@dataclass
+class Config(common.RunConfig):
+    dataset: str = arg("sneaker2boot", "sneaker2boot (offline demo: Fashion-MNIST sneakers <-> ankle boots) | "
+                       "unaligned (the official format: --data-root with trainA/, trainB/, testA/, testB/) | "
+                       "synthetic-unpaired (tests)", metavar="NAME")
+    steps: int = arg(0, "updates of G and F (0: the schedule's n_epochs + n_epochs_decay epochs)", run=True, min=0)
+    translate: str = arg("", "no training: translate every image in DIR with the checkpoint, to --translate-out",
+                         command=True, metavar="DIR")
+    translate_out: str = arg("", "where --translate writes <image name>.png (default: <out>/translated)",
+                             command=True, metavar="DIR")
+    direction: str = arg("AtoB", "which mapping --translate and --sample use: AtoB (G: A -> B) | BtoA (F: B -> A)",
+                         command=True, choices=("AtoB", "BtoA"))
+    # Paper hyper-parameters (section 4, appendix 7: the official code's defaults; demos: DEMO_DEFAULTS)
+    image_size: int = arg(256, "the training crop, a multiple of 4 (demos: 32)", min=8)
+    load_size: int = arg(286, "images are resized to this size, then randomly cropped (demos: 36)", min=8)
+    flip: bool = arg(True, "random horizontal flips")
+    batch_size: int = arg(1, "minibatch size (global, shared among processes)", min=1)
+    lr: float = arg(2e-4, "Adam learning rate", min=0)
+    beta1: float = arg(0.5, "Adam beta1", min=0, max=0.999999)
+    beta2: float = arg(0.999, "Adam beta2", min=0, max=0.999999)
+    n_epochs: int = arg(100, "epochs at the initial learning rate (demos: 20)", min=1)
+    n_epochs_decay: int = arg(100, "then epochs of linear decay to zero (demos: 20)", min=0)
+    lambda_cyc: float = arg(10.0, "lambda: weight of the cycle-consistency loss, both directions (eq. 3)", min=0)
+    lambda_identity: float = arg(0.5, "weight of the identity loss, relative to lambda (section 5.2: 0.5 lambda)",
+                                 min=0)
+    pool_size: int = arg(50, "past fakes kept for each discriminator's updates (0: the latest fakes only)", min=0)
+    ngf: int = arg(64, "G's and F's filters in their first layer (demos: 32)", min=1)
+    ndf: int = arg(64, "D's filters in its first layer (demos: 32)", min=1)
+    n_blocks: int = arg(9, "residual blocks of G and F (the paper: 9 at 256 x 256, 6 at 128 x 128; demos: 6)", min=0)
+    n_layers_D: int = arg(3, "D's stride-2 layers: 3 is the 70 x 70 PatchGAN (demos: 2, 34 x 34)", min=1)
+    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation", min=0)
+    channels_last: bool = arg(False, "NHWC memory layout for the convolutions (faster with --amp)", run=True)
+
+
+def apply_demo_defaults(cfg: Config) -> None:
+    """The demos' own defaults for the fields not typed (a checkpoint's config still wins: Run merges after)."""
+    if cfg.dataset in DEMOS:
+        for name, value in DEMO_DEFAULTS.items():
+            if name not in cfg.given:
+                setattr(cfg, name, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+class ResnetBlock(nn.Module):
+    """R256: x + (reflection pad, 3 x 3 conv, instance norm, ReLU, reflection pad, 3 x 3 conv, instance norm)(x)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim), nn.ReLU(True),
+                                   nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """G or F (Johnson et al. 2016's network). resnet_9blocks at 256 x 256:
+
+        3 x 256 -> c7s1-64: 64 x 256 -> d128: 128 x 128 -> d256: 256 x 64 -> R256 x 9: 256 x 64
+        -> u128: 128 x 128 -> u64: 64 x 256 -> c7s1-3: 3 x 256, tanh
+    """
+
+    def __init__(self, c_in: int, c_out: int, ngf: int, n_blocks: int):
+        super().__init__()
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(c_in, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]  # ngf x S
+        for mult in (1, 2):                                                   # d128, d256: halve the size
+            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, 2, 1), nn.InstanceNorm2d(ngf * mult * 2), nn.ReLU(True)]
+        layers += [ResnetBlock(ngf * 4) for _ in range(n_blocks)]             # 4 ngf x S/4
+        for mult in (4, 2):                                                   # u128, u64: double it
+            layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, 2, 1, output_padding=1),
+                       nn.InstanceNorm2d(ngf * mult // 2), nn.ReLU(True)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, c_out, 7), nn.Tanh()]  # c_out x S
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class PatchGAN(nn.Module):
+    """image -> a map of scores, one per patch. The 70 x 70 PatchGAN (n_layers = 3) at 256 x 256:
+
+        3 x 256 -> 64 x 128 -> 128 x 64 -> 256 x 32 -> 512 x 31 (stride 1) -> 1 x 30 (stride 1)
+    """
+
+    def __init__(self, c_in: int, ndf: int, n_layers: int):
+        super().__init__()
+        layers = [nn.Conv2d(c_in, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]           # ndf x S/2, no norm
+        ch = ndf
+        for n in range(1, n_layers + 1):
+            out, stride = ndf * min(2 ** n, 8), 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ch, out, 4, stride, 1),                           # out x S/2^(n+1), last: -1
+                       nn.InstanceNorm2d(out), nn.LeakyReLU(0.2, True)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))                                   # 1 x (size - 1): scores
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def patch_grid(image_size: int, n_layers: int) -> int:
+    """Side of D's output map (30 at 256 x 256 with 3 layers); refused where no patch is left."""
+    size = image_size
+    for _ in range(n_layers):
+        size = size // 2
+    side = size - 2
+    if side < 1:
+        raise common.UserError(f"--n-layers-D {n_layers} leaves no patch at --image-size {image_size}: use fewer "
+                               f"layers or larger images")
+    return side
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Appendix 7.1 (the official init_type normal): weights N(0, 0.02), biases 0 (instance norm has no weights)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.zeros_(m.bias)
+
+
+def build(cfg: Config, device):
+    """G: X -> Y, F: Y -> X, D_X, D_Y."""
+    if cfg.image_size % 4:
+        raise common.UserError(f"--image-size {cfg.image_size}: G halves it twice and doubles it back; use a "
+                               f"multiple of 4")
+    patch_grid(cfg.image_size, cfg.n_layers_D)
+    c = common.UNPAIRED_DATASETS[cfg.dataset]
+    G, F = (ResnetGenerator(c, c, cfg.ngf, cfg.n_blocks).to(device) for _ in range(2))
+    D_X, D_Y = (PatchGAN(c, cfg.ndf, cfg.n_layers_D).to(device) for _ in range(2))
+    for net in (G, F, D_X, D_Y):
+        init_weights(net, cfg.init_std)
+    return G, F, D_X, D_Y
+
+
+# ----------------------------------------------------------------------------------------------
+# The pool of past fakes, losses, schedule, training step
+# ----------------------------------------------------------------------------------------------
+class ImagePool:
+    """A history of up to ``size`` generated images (section 4; Shrivastava et al. 2017), for D's updates.
+    ``query(fakes)`` returns, for each new fake: while the pool is not full, the fake itself (and stores it);
+    once full, with probability 1/2 a stored fake drawn uniformly (the new one takes its place), else the new
+    fake. The draws come from the pool's own generator (on the CPU: no device synchronisation), which is
+    part of its state: a resumed run makes the same draws."""
+
+    def __init__(self, size: int, seed: int, device):
+        self.size, self.device = size, device
+        self.images: torch.Tensor | None = None    # size x C x H x W, allocated at the first query
+        self.count = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def query(self, fakes: torch.Tensor) -> torch.Tensor:
+        fakes = fakes.detach()
+        if self.size == 0:
+            return fakes
+        if self.images is None:
+            self.images = torch.empty(self.size, *fakes.shape[1:], device=fakes.device)
+        out = fakes.clone()
+        for i in range(len(fakes)):
+            if self.count < self.size:                                  # filling: store, return the new fake
+                self.images[self.count] = fakes[i]
+                self.count += 1
+            elif torch.rand((), generator=self.generator) > 0.5:      # full: half the time, an old fake
+                j = int(torch.randint(self.size, (), generator=self.generator))
+                out[i] = self.images[j]
+                self.images[j] = fakes[i]
+        return out
+
+    def state_dict(self) -> dict:
+        images = self.images[:self.count].clone() if self.images is not None else torch.empty(0)
+        return {"images": images, "count": self.count, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+        self.images = None
+        if self.count:
+            self.images = torch.empty(self.size, *state["images"].shape[1:], device=self.device)
+            self.images[:self.count] = state["images"]
+        self.generator.set_state(state["generator"])
+
+
+def lsgan_loss(scores: torch.Tensor, real: bool) -> torch.Tensor:
+    """(D - 1)^2 for a target 'real', D^2 for 'fake', averaged over every patch and image (the official
+    'lsgan' GANLoss: MSE against 1 or 0)."""
+    scores = scores.float()
+    return mse_loss(scores, torch.ones_like(scores) if real else torch.zeros_like(scores))
+
+
+def lr_at(step: int, steps_per_epoch: int, cfg: Config) -> float:
+    """The learning rate of update ``step`` (from 0): the official 'linear' policy, constant for n_epochs, then
+    linearly to zero over n_epochs_decay. Epoch e = step // steps_per_epoch + 1 runs at
+    lr * (1 - max(0, e + 1 - n_epochs) / (n_epochs_decay + 1))  (their lambda_rule with epoch_count 1, after
+    the LambdaLR step at the start of epoch e)."""
+    epoch = step // steps_per_epoch + 1
+    return cfg.lr * (1.0 - max(0, epoch + 1 - cfg.n_epochs) / (cfg.n_epochs_decay + 1))
+
+
+def train_step(G, F, D_X, D_Y, opt_G, opt_D, pool_X: ImagePool, pool_Y: ImagePool, x, y, lr: float, cfg: Config,
+               amp: torch.dtype | None = None, scaler=torch.amp.GradScaler("cpu", enabled=False)) -> dict:
+    """One iteration on x from X and y from Y at learning rate ``lr``. ``amp``: the autocast dtype (None:
+    float32); ``scaler``: the GradScaler of fp16 (disabled, it passes the losses and steps through unchanged)."""
+    for opt in (opt_G, opt_D):
+        for group in opt.param_groups:
+            group["lr"] = lr
+    lambda_idt = cfg.lambda_identity * cfg.lambda_cyc                               # 0.5 lambda (section 5.2)
+    # (1) Update G and F. The discriminators' own gradients are not needed: freezing them skips computing them.
+    D_X.requires_grad_(False)
+    D_Y.requires_grad_(False)
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        fake_y, fake_x = G(x), F(y)                                               # G(x), F(y)
+        loss_G = lsgan_loss(D_Y(fake_y), real=True)                                # (D_Y(G(x)) - 1)^2
+        loss_F = lsgan_loss(D_X(fake_x), real=True)                                # (D_X(F(y)) - 1)^2
+        loss_cyc_X = l1_loss(F(fake_y).float(), x)                              # ||F(G(x)) - x||_1
+        loss_cyc_Y = l1_loss(G(fake_x).float(), y)                               # ||G(F(y)) - y||_1
+        loss = loss_G + loss_F + cfg.lambda_cyc * (loss_cyc_X + loss_cyc_Y)        # eq. 3
+        if lambda_idt > 0:
+            loss_idt_X = l1_loss(F(x).float(), x)                               # ||F(x) - x||_1
+            loss_idt_Y = l1_loss(G(y).float(), y)                                # ||G(y) - y||_1
+            loss = loss + lambda_idt * (loss_idt_X + loss_idt_Y)
+    opt_G.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt_G)
+    D_X.requires_grad_(True)
+    D_Y.requires_grad_(True)
+
+    # (2) Update D_Y and D_X on real images and on fakes from the pools, each objective halved
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        loss_D_Y = 0.5 * (lsgan_loss(D_Y(y), real=True) + lsgan_loss(D_Y(pool_Y.query(fake_y)), real=False))
+        loss_D_X = 0.5 * (lsgan_loss(D_X(x), real=True) + lsgan_loss(D_X(pool_X.query(fake_x)), real=False))
+    opt_D.zero_grad(set_to_none=True)
+    scaler.scale(loss_D_X + loss_D_Y).backward()
+    scaler.step(opt_D)
+    scaler.update()
+    losses = {"G": loss_G.detach(), "F": loss_F.detach(), "cyc_X": loss_cyc_X.detach(), "cyc_Y": loss_cyc_Y.detach(),
+              "D_X": loss_D_X.detach(), "D_Y": loss_D_Y.detach()}
+    if lambda_idt > 0:
+        losses.update(idt_X=loss_idt_X.detach(), idt_Y=loss_idt_Y.detach())
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Translating
+# ----------------------------------------------------------------------------------------------
+def held_out(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images of A and B (the training ones where there is no test split), resized to image_size
+    without jitter: for the sample grids, --sample and --eval-every. Training never sees them."""
+    split = "test" if common.has_split(cfg.dataset, cfg.data_root, "test") else "train"
+    return common.load_domains(cfg.dataset, cfg.data_root, cfg.image_size, split)
+
+
+def draw(count: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n indices among ``count``, uniformly and independently, from ``generator`` (--eval-every's samples: each
+    an independent draw of a held-out input), on the CPU."""
+    return torch.randint(count, (n,), generator=generator, device=generator.device).cpu()
+
+
+def scaled(images: torch.Tensor, device) -> torch.Tensor:
+    """uint8 -> floats in [-1, 1] on ``device``."""
+    return images.to(device).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def in_batches(net: nn.Module, images: torch.Tensor, device, batch: int = 64):
+    """net(images), uint8 in, floats in [-1, 1] out, batch by batch."""
+    for i in range(0, len(images), batch):
+        yield net(scaled(images[i:i + batch], device))
+
+
+def load(path: str, device="cpu") -> tuple[ResnetGenerator, ResnetGenerator]:
+    """(G: A -> B, F: B -> A) of a checkpoint, in eval mode, their config rebuilt from the checkpoint:
+
+        G, F = cyclegan.load("runs/cyclegan-sneaker2boot/ckpt.pt")
+        y = G(x)                            # x, y in [-1, 1], N x C x H x W
+    """
+    cfg, ckpt = common.load_config(Config, path, "cyclegan")
+    c = common.UNPAIRED_DATASETS[cfg.dataset]
+    nets = []
+    for name in ("G", "F"):
+        net = ResnetGenerator(c, c, cfg.ngf, cfg.n_blocks)
+        net.load_state_dict(ckpt["models"][name])
+        nets.append(net.to(device).eval())
+    return nets[0], nets[1]
+
+
+def main():
+    cfg = common.parse_config(Config)
+    apply_demo_defaults(cfg)
+    if cfg.translate_out and not cfg.translate:
+        raise common.UserError("--translate-out goes with --translate DIR")
+    if "direction" in cfg.given and not (cfg.translate or cfg.sample):
+        raise common.UserError("--direction picks the mapping of --translate or --sample (training learns both)")
+    run = common.Run(cfg, "cyclegan", command="--translate" if cfg.translate else None,
+                     datasets=tuple(common.UNPAIRED_DATASETS))
+    device = run.device
+    G, F, D_X, D_Y = build(cfg, device)
+    if cfg.load_size < cfg.image_size:
+        raise common.UserError(f"--load-size {cfg.load_size} is smaller than the crop, --image-size {cfg.image_size}")
+    side = patch_grid(cfg.image_size, cfg.n_layers_D)
+    run.say(f"G, F (ResNet, {cfg.n_blocks} blocks): {common.count_parameters(G):,} parameters each, D_X, D_Y "
+            f"(PatchGAN, {side} x {side} patches): {common.count_parameters(D_X):,} parameters each")
+
+    if run.sampling:    # --translate DIR or --sample N: one mapping of the checkpoint, no training
+        net = G if cfg.direction == "AtoB" else F
+        run.track(models={"G": G, "F": F})
+        if cfg.translate:
+            inputs, paths = common.read_images(cfg.translate, cfg.image_size, common.UNPAIRED_DATASETS[cfg.dataset])
+            out = common.prepare_folder(cfg.translate_out or run.out / "translated", cfg.translate, "--translate-out")
+            run.start()
+            net.eval()
+            for i, fake in zip(range(0, len(inputs), 64), in_batches(net, inputs, device)):
+                common.write_named(fake, paths[i:i + 64], out)
+            print(f"translated {len(inputs)} images of {cfg.translate} to {out} ({cfg.direction})")
+        else:
+            source = held_out(cfg)[0 if cfg.direction == "AtoB" else 1]
+            if cfg.sample > len(source):
+                raise common.UserError(f"--sample {cfg.sample}: the held-out split has {len(source)} images of that "
+                                       f"domain")
+            source = source[torch.randperm(len(source), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.sample]]
+            run.start()
+            net.eval()
+            run.write_generated(in_batches(net, source, device))
+        return
+
+    domain_A, domain_B = common.load_domains(cfg.dataset, cfg.data_root, cfg.load_size)
+    test_A, test_B = held_out(cfg)
+    fixed_A, fixed_B = scaled(test_A[:6], device), scaled(test_B[:6], device)    # a 6 x 6 grid of triplets
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    data = {name: common.Batches(images, cfg.batch_size, cfg.seed + k, device, rank=run.rank, world=run.world,
+                                 memory_format=memory_format, crop=cfg.image_size, hflip=cfg.flip)
+            for k, (name, images) in enumerate((("A", domain_A), ("B", domain_B)))}
+    steps_per_epoch = max(len(domain_A), len(domain_B)) // cfg.batch_size   # the official epoch: max(|A|, |B|)
+    if not cfg.steps:
+        cfg.steps = (cfg.n_epochs + cfg.n_epochs_decay) * steps_per_epoch
+    G, F, D_X, D_Y = (net.to(memory_format=memory_format) for net in (G, F, D_X, D_Y))
+    opt_G = torch.optim.Adam([*G.parameters(), *F.parameters()], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_D = torch.optim.Adam([*D_X.parameters(), *D_Y.parameters()], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
+    pool_X = ImagePool(cfg.pool_size, seed=cfg.seed * 1000 + 2 * run.rank, device=device)   # fakes F(y), for D_X
+    pool_Y = ImagePool(cfg.pool_size, seed=cfg.seed * 1000 + 2 * run.rank + 1, device=device)   # G(x), for D_Y
+    G_eval, F_eval = G, F  # samples and evaluation use the plain modules, on rank 0 alone
+    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
+        ids = [device.index] if device.type == "cuda" else None
+        G, F, D_X, D_Y = (nn.parallel.DistributedDataParallel(net, device_ids=ids) for net in (G, F, D_X, D_Y))
+    if cfg.compile:
+        G, F, D_X, D_Y = (torch.compile(net) for net in (G, F, D_X, D_Y))
+
+    def grid() -> torch.Tensor:   # x | G(x) | F(G(x)) (3 rows), then y | F(y) | G(F(y)) (3 rows), two a row
+        fake_B, fake_A = G_eval(fixed_A), F_eval(fixed_B)
+        return torch.cat([torch.stack([fixed_A, fake_B, F_eval(fake_B)], 1).flatten(0, 1),
+                          torch.stack([fixed_B, fake_A, G_eval(fake_A)], 1).flatten(0, 1)])
+
+    run.track(models={"G": G, "F": F, "D_X": D_X, "D_Y": D_Y}, optimizers={"G": opt_G, "D": opt_D}, data=data,
+              state={"scaler": scaler, "pool_X": common.PerProcess(pool_X, run.dist),
+                     "pool_Y": common.PerProcess(pool_Y, run.dist)},
+              sample=grid, real=test_B,   # --eval-every: G(test A) against test B
+              generate=lambda n, g: G_eval(scaled(test_A[draw(len(test_A), n, g)], device)))
+    step = run.start()
+    while step < cfg.steps and not run.stop_requested:
+        x, y = data["A"].next(), data["B"].next()
+        losses = train_step(G, F, D_X, D_Y, opt_G, opt_D, pool_X, pool_Y, x, y, lr_at(step, steps_per_epoch, cfg),
+                            cfg, run.amp, scaler)
+        step += 1
+        run.end_step(step, losses)
+    run.finish(step)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
