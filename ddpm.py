@@ -288,8 +288,10 @@ class Attention(nn.Module):
 
     def forward(self, x, temb=None):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)  # B x 1 x HW x C
-        h = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(C)) v
+        # positions x channels, each row contiguous: what the fused attention kernels take (else a slower path)
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()   # B x HW x 3C
+        q, k, v = qkv.view(B, 1, H * W, 3 * C).chunk(3, dim=-1)                # B x 1 x HW x C each
+        h = F.scaled_dot_product_attention(q, k, v)                              # softmax(q k^T / sqrt(C)) v
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 

@@ -92,7 +92,7 @@ def main():
     p.add_argument("--log-every", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2, help="steps of the peer left out of its median")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--configs", nargs="*", default=["none", "amp+channels-last"],
+    p.add_argument("--configs", nargs="*", default=["none", "amp"],
                    help="our flag sets, flags without dashes joined by + (default: %(default)s)")
     a = p.parse_args()
     results = {}
