@@ -571,14 +571,19 @@ def prepare_folder(path: str | Path, inputs: str | Path, flag: str) -> Path:
         raise UserError(f"{flag} {path} is the input folder: give another folder (its images would be replaced)")
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is an existing file; give a folder")
+    make_writable(path, flag)
+    return path
+
+
+def make_writable(folder: Path, flag: str) -> None:
+    """Create ``folder`` if needed and check, by writing a probe file, that it is writable."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"{flag}: cannot write to {path} ({e.strerror}); choose a writable place") from None
-    return path
+        raise UserError(f"{flag}: cannot write to {folder} ({e.strerror}); choose a writable place") from None
 
 
 class Batches:
@@ -708,13 +713,7 @@ def prepare_output(path: str | Path, key: str | None = None) -> Path:
         raise UserError(f"{flag} is a folder; give a .npz file name or a folder without the .npz suffix")
     if not npz and path.exists() and not path.is_dir():
         raise UserError(f"{flag} is an existing file; give a folder or a .npz file")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{flag}: cannot write to {folder} ({e.strerror}); choose a writable place") from None
+    make_writable(folder, flag)
     if npz:
         return path
     lock = os.open(path, os.O_RDONLY)   # flock on the folder itself: no file of ours in a foreign folder

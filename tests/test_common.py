@@ -718,6 +718,16 @@ def test_sample_out_never_empties_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "UPPER.NPZ").is_file()
 
 
+def test_an_output_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(common.UserError, match="--sample-out .*: cannot write to .*file/sub"):
+        common.prepare_output(tmp_path / "file" / "sub" / "s.npz")
+    with pytest.raises(common.UserError, match="--translate-out: cannot write to .*file/sub"):
+        common.prepare_folder(tmp_path / "file" / "sub", tmp_path, "--translate-out")
+    with pytest.raises(common.UserError, match="--translate-out .* is the input folder"):
+        common.prepare_folder(tmp_path, tmp_path, "--translate-out")
+
+
 def test_empty_paths_are_refused_not_the_current_folder(tmp_path):
     proc = run_script("gan", "--dataset", "synthetic", "--out", "", "--steps", 1, cwd=tmp_path, check=False)
     assert_clean_error(proc, "--out ''")
