@@ -9,8 +9,8 @@ import torch.nn as nn
 
 import common
 import cyclegan
-from conftest import (assert_clean_error, assert_same_state, check_bad_flags, check_ddp, check_sample,
-                      check_signal_resume, check_smoke, digest, launch_ddp, load, run_script)
+from conftest import (assert_clean_error, assert_same_state, check_bad_flags, check_ddp, check_eval_every,
+                      check_sample, check_signal_resume, check_smoke, digest, launch_ddp, load, run_script)
 from test_pix2pix import official_lrs
 
 SMALL = ["--dataset", "synthetic-unpaired", "--image-size", 16, "--load-size", 18, "--ngf", 4, "--ndf", 4,
@@ -308,3 +308,14 @@ def test_batch_of_one_is_refused_under_torchrun(tmp):
     assert proc.returncode != 0 and errors, text
     assert all("--batch-size 1 is the global batch" in e and "2 processes (e.g. --batch-size 2)" in e for e in errors)
     assert not (tmp / "one").exists()
+
+
+def test_eval_every_logs_fid_of_translated_held_out_inputs(tmp):
+    check_eval_every("cyclegan", SMALL, tmp)
+
+
+def test_eval_draws_independent_held_out_inputs():
+    """--eval-every's images translate inputs drawn anew at each call (not the first ones again and again)."""
+    g = torch.Generator().manual_seed(0)
+    first, second = cyclegan.draw(10, 50, g), cyclegan.draw(10, 50, g)
+    assert set(first.tolist()) == set(range(10)) and not torch.equal(first, second)

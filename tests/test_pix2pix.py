@@ -9,8 +9,8 @@ import torch.nn as nn
 
 import common
 import pix2pix
-from conftest import (assert_clean_error, check_bad_flags, check_ddp, check_exact_resume, check_sample,
-                      check_signal_resume, check_smoke, digest, load, run_script)
+from conftest import (assert_clean_error, check_bad_flags, check_ddp, check_eval_every, check_exact_resume,
+                      check_sample, check_signal_resume, check_smoke, digest, load, run_script)
 
 SMALL = ["--dataset", "synthetic-pairs", "--image-size", 16, "--load-size", 18, "--ngf", 4, "--ndf", 4,
          "--n-layers-D", 2, "--batch-size", 16, "--device", "cpu"]
@@ -352,3 +352,14 @@ def test_load_from_python(tmp):
 
 def test_ddp_two_processes_stop_together_and_resume_exactly(tmp):
     check_ddp("pix2pix", SMALL, tmp)
+
+
+def test_eval_every_logs_fid_of_translated_held_out_inputs(tmp):
+    check_eval_every("pix2pix", SMALL, tmp)
+
+
+def test_eval_draws_independent_held_out_inputs():
+    """--eval-every's images translate inputs drawn anew at each call (not the first ones again and again)."""
+    g = torch.Generator().manual_seed(0)
+    first, second = pix2pix.draw(10, 50, g), pix2pix.draw(10, 50, g)
+    assert set(first.tolist()) == set(range(10)) and not torch.equal(first, second)
