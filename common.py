@@ -547,6 +547,10 @@ def read_images(folder: str, size: int, channels: int, flag: str = "--translate"
     paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not paths:
         raise UserError(f"{flag} {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    for before, path in zip(paths, paths[1:]):   # sorted: a name's variants are neighbours
+        if before.stem == path.stem:
+            raise UserError(f"{flag} {folder} holds {before.name} and {path.name}, which would both be written as "
+                            f"{path.stem}.png: rename one")
     mode = "L" if channels == 1 else "RGB"
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         images = list(pool.map(lambda p: _decode_resized(p, size, mode), paths))

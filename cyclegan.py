@@ -15,9 +15,9 @@ image to come back from the round trip (eq. 1-3, section 5.2 for the identity te
 Training details (section 4, appendix 7.1): the GAN terms are least squares (LSGAN, Mao et al. 2017):
 G minimizes E_x[(D_Y(G(x)) - 1)^2], D_Y minimizes E_y[(D_Y(y) - 1)^2] + E_x[D_Y(G(x))^2], halved ("we divide
 the objective by 2 while optimizing D, which slows down the rate at which D learns, relative to G"). D is
-updated on a history of generated images (Shrivastava et al. 2017): a pool of the 50 latest fakes, from which
-a stored fake is returned half the time once it is full (ImagePool). Adam lr 2e-4 (beta1 0.5), batch 1, 100
-epochs at that rate then 100 of linear decay to zero; weights N(0, 0.02).
+updated on a history of generated images (Shrivastava et al. 2017): a pool of 50 past fakes, from which a
+stored fake is returned (and replaced by the new one) half the time once it is full (ImagePool). Adam lr 2e-4
+(beta1 0.5), batch 1, 100 epochs at that rate then 100 of linear decay to zero; weights N(0, 0.02).
 
 Each training step (the official code's optimize_parameters: G and F first, then the discriminators):
     (1) update G and F: minimize the LSGAN terms of G(x) and F(y) (labelled real), lambda L_cyc, 0.5 lambda L_identity
@@ -45,7 +45,8 @@ Deviations, each deliberate:
   replacement (--serial_batches off): the same distribution of pairs, each B image once per pass here.
 - The schedule is a function of the step (epoch = step // steps per epoch + 1): lr * (1 - max(0, epoch + 1 -
   n_epochs) / (n_epochs_decay + 1)), the official values epoch by epoch, its LambdaLR stepped at the start of
-  each epoch: so epoch 100 already runs at 100/101 of lr and epoch 200 at 0, as there.
+  each epoch: so epoch 100 already runs at 100/101 of lr and epoch 200 at 0, as there. A --steps past the
+  last epoch is refused (the lr would turn negative).
 - Resume is exact: the pools (their images, fill count and random generator) and the schedule position are
   in the checkpoint. The official --continue_train restarts both (empty pools, --epoch_count by hand).
 - The pools draw from their own seeded generator, not Python's global one; the crops and flips from a
@@ -55,7 +56,7 @@ Deviations, each deliberate:
 
 Usage:
     python cyclegan.py                                   # the offline demo: sneakers <-> ankle boots
-    python cyclegan.py --steps 12000 --sample-every 1000 # the CPU-sized run of README.md
+    python cyclegan.py --steps 7000 --sample-every 1000  # the CPU-sized run of README.md
     python cyclegan.py --resume                          # continue runs/cyclegan-sneaker2boot
     python cyclegan.py --dataset unaligned --data-root datasets/horse2zebra
     python cyclegan.py --dataset unaligned --data-root datasets/apple2orange --image-size 128 --load-size 143 \
@@ -330,16 +331,18 @@ def train_step(G, F, D_X, D_Y, opt_G, opt_D, pool_X: ImagePool, pool_Y: ImagePoo
 # Translating
 # ----------------------------------------------------------------------------------------------
 def held_out(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test images of A and B (the training ones where there is no test split), resized to image_size
-    without jitter: for the sample grids, --sample and --eval-every. Training never sees them."""
+    """The test images of A and B (the training ones, said in a warning, where there is no test split), resized
+    to image_size without jitter: for the sample grids, --sample and --eval-every."""
     split = "test" if common.has_split(cfg.dataset, cfg.data_root, "test") else "train"
+    if split == "train":
+        common.warn(f"{cfg.data_root} has no testA/ and testB/: the sample grids, --sample and --eval-every use "
+                    f"the training images")
     return common.load_domains(cfg.dataset, cfg.data_root, cfg.image_size, split)
 
 
-def draw(count: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n indices among ``count``, uniformly and independently, from ``generator`` (--eval-every's samples: each
-    an independent draw of a held-out input), on the CPU."""
-    return torch.randint(count, (n,), generator=generator, device=generator.device).cpu()
+def draw(images: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n of ``images``, each drawn uniformly and independently with ``generator``: --eval-every's inputs."""
+    return images[torch.randint(len(images), (n,), generator=generator, device=generator.device).cpu()]
 
 
 def scaled(images: torch.Tensor, device) -> torch.Tensor:
@@ -417,8 +420,12 @@ def main():
                                  memory_format=memory_format, crop=cfg.image_size, hflip=cfg.flip)
             for k, (name, images) in enumerate((("A", domain_A), ("B", domain_B)))}
     steps_per_epoch = max(len(domain_A), len(domain_B)) // cfg.batch_size   # the official epoch: max(|A|, |B|)
-    if not cfg.steps:
-        cfg.steps = (cfg.n_epochs + cfg.n_epochs_decay) * steps_per_epoch
+    schedule = (cfg.n_epochs + cfg.n_epochs_decay) * steps_per_epoch
+    if cfg.steps > schedule:   # past the last epoch, lr_at turns negative: gradient ascent
+        raise common.UserError(f"--steps {cfg.steps} runs past the end of the learning-rate schedule, step {schedule} "
+                               f"({cfg.n_epochs} + {cfg.n_epochs_decay} epochs of {steps_per_epoch} steps, the last at "
+                               f"lr 0); give at most that, or start a new run with more --n-epochs or --n-epochs-decay")
+    cfg.steps = cfg.steps or schedule
     G, F, D_X, D_Y = (net.to(memory_format=memory_format) for net in (G, F, D_X, D_Y))
     opt_G = torch.optim.Adam([*G.parameters(), *F.parameters()], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_D = torch.optim.Adam([*D_X.parameters(), *D_Y.parameters()], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -441,7 +448,7 @@ def main():
               state={"scaler": scaler, "pool_X": common.PerProcess(pool_X, run.dist),
                      "pool_Y": common.PerProcess(pool_Y, run.dist)},
               sample=grid, real=test_B,   # --eval-every: G(test A) against test B
-              generate=lambda n, g: G_eval(scaled(test_A[draw(len(test_A), n, g)], device)))
+              generate=lambda n, g: G_eval(scaled(draw(test_A, n, g), device)))
     step = run.start()
     while step < cfg.steps and not run.stop_requested:
         x, y = data["A"].next(), data["B"].next()

@@ -30,7 +30,8 @@ Networks (section 3.2, appendix 6.1; the official PyTorch code's unet_256 and "b
 Training (section 4, appendix 6.2; the official defaults): weights N(0, 0.02), batch-norm scales N(1, 0.02);
 Adam lr 2e-4, betas (0.5, 0.999); batch 1; random jitter: each pair resized to 286 x 286 (bicubic), then the
 same random 256 x 256 crop and horizontal flip for x and y; lr constant for 100 epochs, then linearly down
-to zero over 100 more. The training split only: val/ or test/ give the sample grids and --sample.
+to zero over 100 more (a longer --steps is refused: the lr would turn negative). Training reads train/ only;
+val/ (else test/) gives the sample grids, --sample and --eval-every (train/ itself, with a warning, if neither).
 
 Inference (section 3.3): "we run the generator net in exactly the same manner as during the training phase",
 with dropout and with batch norm on the test batch's statistics; one image at a time, as the official
@@ -59,7 +60,7 @@ Deviations, each deliberate:
 
 Usage:
     python pix2pix.py                                   # the offline demo: Fashion-MNIST edges -> images
-    python pix2pix.py --steps 9000 --sample-every 1000  # the CPU-sized run of README.md
+    python pix2pix.py --steps 15000 --sample-every 1500 # the CPU-sized run of README.md
     python pix2pix.py --resume                          # continue runs/pix2pix-edges2fashion
     python pix2pix.py --dataset aligned --data-root datasets/facades --direction BtoA   # the paper's facades
     python pix2pix.py --dataset aligned --data-root datasets/edges2shoes --batch-size 4 --n-epochs 5 --n-epochs-decay 10
@@ -318,9 +319,12 @@ def translate(G: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def held_out(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pairs (x, y) of the first held-out split there is (val, test; else train), resized to image_size
-    without jitter: for the sample grids, --sample and --eval-every. Training never sees them."""
+    """The pairs (x, y) of the first held-out split there is (val, test; else train, said in a warning), resized
+    to image_size without jitter: for the sample grids, --sample and --eval-every."""
     split = next((s for s in ("val", "test") if common.has_split(cfg.dataset, cfg.data_root, s)), "train")
+    if split == "train":
+        common.warn(f"{cfg.data_root} has no val/ or test/: the sample grids, --sample and --eval-every use the "
+                    f"training pairs")
     return split_pairs(common.load_pairs(cfg.dataset, cfg.data_root, cfg.image_size, split), cfg)
 
 
@@ -331,10 +335,9 @@ def split_pairs(pairs: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.T
     return (a, b) if cfg.direction == "AtoB" else (b, a)
 
 
-def draw(count: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n indices among ``count``, uniformly and independently, from ``generator`` (--eval-every's samples: each
-    an independent draw of a held-out input), on the CPU."""
-    return torch.randint(count, (n,), generator=generator, device=generator.device).cpu()
+def draw(images: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n of ``images``, each drawn uniformly and independently with ``generator``: --eval-every's inputs."""
+    return images[torch.randint(len(images), (n,), generator=generator, device=generator.device).cpu()]
 
 
 def scaled(images: torch.Tensor, device) -> torch.Tensor:
@@ -376,7 +379,7 @@ def main():
         run.track(models={"G": G})
         run.start()
         for i in range(0, len(inputs), 64):
-            common.write_named(translate(G, scaled(inputs[i:i + 64], device), cfg.seed), paths[i:i + 64], out)
+            common.write_named(translate(G, scaled(inputs[i:i + 64], device), cfg.seed + i), paths[i:i + 64], out)
         print(f"translated {len(inputs)} images of {cfg.translate} to {out}")
         return
     if run.sampling:    # --sample N: N held-out inputs picked by --seed, translated
@@ -396,8 +399,12 @@ def main():
     batches = common.Batches(pairs, cfg.batch_size, cfg.seed, device, rank=run.rank, world=run.world,
                              memory_format=memory_format, crop=cfg.image_size, hflip=cfg.flip)
     steps_per_epoch = batches.batches_per_epoch
-    if not cfg.steps:
-        cfg.steps = (cfg.n_epochs + cfg.n_epochs_decay) * steps_per_epoch
+    schedule = (cfg.n_epochs + cfg.n_epochs_decay) * steps_per_epoch
+    if cfg.steps > schedule:   # past the last epoch, lr_at turns negative: gradient ascent
+        raise common.UserError(f"--steps {cfg.steps} runs past the end of the learning-rate schedule, step {schedule} "
+                               f"({cfg.n_epochs} + {cfg.n_epochs_decay} epochs of {steps_per_epoch} steps, the last at "
+                               f"lr 0); give at most that, or start a new run with more --n-epochs or --n-epochs-decay")
+    cfg.steps = cfg.steps or schedule
     G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -415,14 +422,11 @@ def main():
 
     run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
               state={"scaler": scaler}, sample=grid, real=held_y,   # --eval-every: G(held-out x) against held-out y
-              generate=lambda n, g: translate(G_eval, scaled(held_x[draw(len(held_x), n, g)], device),
+              generate=lambda n, g: translate(G_eval, scaled(draw(held_x, n, g), device),
                                               int(torch.randint(2 ** 62, (1,), generator=g, device=g.device))))
     step = run.start()
-    c_a = common.PAIRED_DATASETS[cfg.dataset]
     while step < cfg.steps and not run.stop_requested:
-        pair = batches.next()
-        a, b = pair[:, :c_a], pair[:, c_a:]
-        x, y = (a, b) if cfg.direction == "AtoB" else (b, a)
+        x, y = split_pairs(batches.next(), cfg)
         losses = train_step(G, D, opt_G, opt_D, x, y, lr_at(step, steps_per_epoch, cfg), cfg, run.amp, scaler)
         step += 1
         run.end_step(step, losses)

@@ -1,6 +1,7 @@
 """cyclegan.py: the official networks' parameter counts, the losses and the schedule against closed forms and the
 official formula, the pool of past fakes and its exact restore, the unaligned data, and the shared CLI contract
 (two data streams and the pools resumed exactly, signals, DDP, the batch-1 convention)."""
+import copy
 import signal
 
 import pytest
@@ -15,6 +16,7 @@ from test_pix2pix import official_lrs
 
 SMALL = ["--dataset", "synthetic-unpaired", "--image-size", 16, "--load-size", 18, "--ngf", 4, "--ndf", 4,
          "--n-blocks", 1, "--n-layers-D", 2, "--batch-size", 16, "--device", "cpu"]
+ENDLESS = [*SMALL, "--n-epochs", 10**5]   # a schedule long enough for the --steps 10**6 of the signal tests
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,8 +93,8 @@ class Affine(nn.Module):
 
 def test_each_update_follows_the_gradient_of_its_objective():
     """With SGD at lr 1 the step is minus the gradient: G's and F's of LSGAN(G) + LSGAN(F) + 10 (cyc_X + cyc_Y)
-    + 5 (idt_X + idt_Y), then (with the updated G, F) the discriminators' of their halved LSGAN objectives, on the
-    fakes themselves while the pools fill; the returned terms are those."""
+    + 5 (idt_X + idt_Y), then the discriminators' of their halved LSGAN objectives, on the fakes made before G's
+    and F's update (themselves while the pools fill); the returned terms are those."""
     torch.manual_seed(0)
     x, y = torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3)
     start = {"G": (0.8, 0.1), "F": (1.1, -0.2), "D_X": (0.3, 0.4), "D_Y": (-0.5, 0.2)}
@@ -122,6 +124,33 @@ def test_each_update_follows_the_gradient_of_its_objective():
     for a, b, g in zip(new, old, (*grads_G, *grads_D)):
         assert a == pytest.approx(b - g.item(), rel=1e-5, abs=1e-7)
     assert pools[0].count == pools[1].count == 2
+
+
+def test_once_full_the_pools_feed_the_discriminators():
+    """With full pools, D_X and D_Y are trained on what the pools return (here one stored fake and one new one
+    each), not on the new fakes: their SGD step at lr 1 is minus the gradient of that objective."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3)
+    start = {"G": (0.8, 0.1), "F": (1.1, -0.2), "D_X": (0.3, 0.4), "D_Y": (-0.5, 0.2)}
+    nets = {k: Affine(*v) for k, v in start.items()}
+    pools = [cyclegan.ImagePool(2, seed=s, device="cpu") for s in (0, 1)]   # seeds that swap one of two
+    for pool in pools:
+        pool.query(torch.full((2, 1, 3, 3), 3.0))                             # full of old fakes
+    with torch.no_grad():
+        fake_x, fake_y = nets["F"](y), nets["G"](x)                         # before G's and F's update
+    seen_x, seen_y = copy.deepcopy(pools[0]).query(fake_x), copy.deepcopy(pools[1]).query(fake_y)
+    assert [int((seen[:, 0, 0, 0] == 3).sum()) for seen in (seen_x, seen_y)] == [1, 1]
+    p = {k: [torch.tensor(v, requires_grad=True) for v in start[k]] for k in ("D_X", "D_Y")}
+    ls = lambda s, target: ((s - target) ** 2).mean()   # noqa: E731
+    D_X, D_Y = (lambda t: p["D_X"][0] * t + p["D_X"][1]), (lambda t: p["D_Y"][0] * t + p["D_Y"][1])
+    loss_D = 0.5 * (ls(D_Y(y), 1) + ls(D_Y(seen_y), 0)) + 0.5 * (ls(D_X(x), 1) + ls(D_X(seen_x), 0))
+    grads = torch.autograd.grad(loss_D, p["D_X"] + p["D_Y"])
+    sgd = lambda *names: torch.optim.SGD([q for n in names for q in nets[n].parameters()], lr=0.0)   # noqa: E731
+    cyclegan.train_step(nets["G"], nets["F"], nets["D_X"], nets["D_Y"], sgd("G", "F"), sgd("D_X", "D_Y"), *pools,
+                        x, y, lr=1.0, cfg=cyclegan.Config())
+    new = [q.item() for n in ("D_X", "D_Y") for q in nets[n].parameters()]
+    for a, b, g in zip(new, [*start["D_X"], *start["D_Y"]], grads):
+        assert a == pytest.approx(b - g.item(), rel=1e-5, abs=1e-7)
 
 
 def test_lr_schedule_is_the_official_one_step_by_step():
@@ -244,7 +273,7 @@ def test_exact_resume_with_pools_and_both_streams(tmp):
 
 
 def test_sigusr1_checkpoints_and_resumes_exactly(tmp):
-    check_signal_resume("cyclegan", SMALL, tmp, signal.SIGUSR1)
+    check_signal_resume("cyclegan", ENDLESS, tmp, signal.SIGUSR1)
 
 
 def test_sample(tmp):
@@ -279,7 +308,9 @@ def test_bad_inputs(tmp):
                "--n-layers-D", 2, "--batch-size", 16, "--steps", 1, "--out", tmp / "p2p", "--device", "cpu", cwd=tmp)
     for args, words in ((["--resume", "--seed", 7, "--batch-size", 3, "--out", out], ["seed 0 -> 7", "batch_size"]),
                         (["--resume", tmp / "p2p" / "ckpt.pt", "--out", out], ["pix2pix.py"]),
-                        ([*SMALL, "--steps", 4, "--out", out], ["--resume"])):
+                        ([*SMALL, "--steps", 4, "--out", out], ["--resume"]),
+                        (["--resume", "--steps", 10**9, "--out", out], ["--steps 1000000000 runs past the end of the "
+                                                                         "learning-rate schedule"])):
         assert_clean_error(run_script("cyclegan", *args, cwd=tmp, check=False), *words)
     assert digest(out / "ckpt.pt") == before
 
@@ -294,7 +325,7 @@ def test_bad_flags(tmp):
 
 def test_ddp_two_processes_stop_together_and_resume_exactly(tmp):
     """Two processes, each with its own pools (both saved, each restored by its own process)."""
-    check_ddp("cyclegan", SMALL, tmp)
+    check_ddp("cyclegan", ENDLESS, tmp)
     pools = load(tmp / "ddp" / "ckpt.pt")["state"]["pool_X"]["processes"]
     assert len(pools) == 2 and not torch.equal(pools[0]["images"], pools[1]["images"])
 
@@ -317,5 +348,7 @@ def test_eval_every_logs_fid_of_translated_held_out_inputs(tmp):
 def test_eval_draws_independent_held_out_inputs():
     """--eval-every's images translate inputs drawn anew at each call (not the first ones again and again)."""
     g = torch.Generator().manual_seed(0)
-    first, second = cyclegan.draw(10, 50, g), cyclegan.draw(10, 50, g)
-    assert set(first.tolist()) == set(range(10)) and not torch.equal(first, second)
+    images = torch.arange(10).view(10, 1, 1, 1)
+    first, second = cyclegan.draw(images, 50, g), cyclegan.draw(images, 50, g)
+    assert first.shape == (50, 1, 1, 1) and set(first.flatten().tolist()) == set(range(10))
+    assert not torch.equal(first, second)

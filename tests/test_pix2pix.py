@@ -14,6 +14,7 @@ from conftest import (assert_clean_error, check_bad_flags, check_ddp, check_eval
 
 SMALL = ["--dataset", "synthetic-pairs", "--image-size", 16, "--load-size", 18, "--ngf", 4, "--ndf", 4,
          "--n-layers-D", 2, "--batch-size", 16, "--device", "cpu"]
+ENDLESS = [*SMALL, "--n-epochs", 10**5]   # a schedule long enough for the --steps 10**6 of the signal tests
 CPU = torch.device("cpu")
 
 
@@ -286,7 +287,7 @@ def test_exact_resume_with_dropout(tmp):
 
 
 def test_sigterm_checkpoints_and_resumes_exactly(tmp):
-    check_signal_resume("pix2pix", SMALL, tmp, signal.SIGTERM)
+    check_signal_resume("pix2pix", ENDLESS, tmp, signal.SIGTERM)
 
 
 def test_sample(tmp):
@@ -314,6 +315,11 @@ def test_translate_a_folder(tmp):
                         ([inputs, "--translate-out", inputs], ["is the input folder"])):
         proc = run_script("pix2pix", "--out", tmp / "run", "--translate", *args, cwd=tmp, check=False)
         assert_clean_error(proc, *words)
+    (tmp / "twins").mkdir()
+    for name in ("a.jpg", "a.png"):   # both would be written as a.png
+        Image.new("L", (16, 16), 40).save(tmp / "twins" / name)
+    proc = run_script("pix2pix", "--out", tmp / "run", "--translate", tmp / "twins", cwd=tmp, check=False)
+    assert_clean_error(proc, "a.jpg and a.png", "rename")
     assert digest(tmp / "run" / "ckpt.pt") == before and sorted(p.name for p in inputs.iterdir()) == \
         ["a.jpg", "b.png", "notes.txt"]
 
@@ -327,7 +333,9 @@ def test_bad_inputs(tmp):
               ["--data-root", "train/", "aligned format"]),
              ([*SMALL, "--steps", 4, "--out", out], ["--resume"]),
              (["--resume", "--seed", 7, "--batch-size", 3, "--out", out], ["seed 0 -> 7", "batch_size"]),
-             (["--resume", tmp / "broken.pt", "--out", out], ["corrupt"])]
+             (["--resume", tmp / "broken.pt", "--out", out], ["corrupt"]),
+             (["--resume", "--steps", 10**9, "--out", out],   # the lr would turn negative
+              ["--steps 1000000000 runs past the end of the learning-rate schedule"])]
     (tmp / "broken.pt").write_bytes((out / "ckpt.pt").read_bytes()[:1000])
     for args, words in cases:
         assert_clean_error(run_script("pix2pix", *args, cwd=tmp, check=False), *words)
@@ -351,7 +359,7 @@ def test_load_from_python(tmp):
 
 
 def test_ddp_two_processes_stop_together_and_resume_exactly(tmp):
-    check_ddp("pix2pix", SMALL, tmp)
+    check_ddp("pix2pix", ENDLESS, tmp)
 
 
 def test_eval_every_logs_fid_of_translated_held_out_inputs(tmp):
@@ -361,5 +369,7 @@ def test_eval_every_logs_fid_of_translated_held_out_inputs(tmp):
 def test_eval_draws_independent_held_out_inputs():
     """--eval-every's images translate inputs drawn anew at each call (not the first ones again and again)."""
     g = torch.Generator().manual_seed(0)
-    first, second = pix2pix.draw(10, 50, g), pix2pix.draw(10, 50, g)
-    assert set(first.tolist()) == set(range(10)) and not torch.equal(first, second)
+    images = torch.arange(10).view(10, 1, 1, 1)
+    first, second = pix2pix.draw(images, 50, g), pix2pix.draw(images, 50, g)
+    assert first.shape == (50, 1, 1, 1) and set(first.flatten().tolist()) == set(range(10))
+    assert not torch.equal(first, second)
