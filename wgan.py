@@ -51,6 +51,8 @@ Deviations and choices, each deliberate:
 - Their code minimises f(x) - f(g(z)) (a critic of the opposite sign, f -> -f); we follow the paper's
   sign: W_estimate = mean f(x) - mean f(g(z)) of the last critic iteration of each generator iteration,
   what their log prints as -Loss_D (the paper's Figure 3 is its median-filtered curve).
+- Sample grids and --sample use G in eval mode (batch norm's running statistics); the authors' main.py
+  draws its samples with G in training mode (each batch's own statistics).
 - --steps 20000 generator iterations (about 110 Fashion-MNIST epochs of real batches for the critic, at
   m = 64 and n_critic = 5) is our default; the authors' LSUN run is 25 epochs of 3M images.
 
@@ -190,9 +192,10 @@ def critic_iterations(step: int, cfg: Config) -> int:
 
 @torch.no_grad()
 def clip_weights(critic: nn.Module, c: float) -> None:
-    """Algorithm 1, line 7: w <- clip(w, -c, c), for every parameter of the critic."""
-    for w in critic.parameters():
-        w.clamp_(-c, c)
+    """Algorithm 1, line 7: w <- clip(w, -c, c), for every parameter of the critic (two calls for them all)."""
+    weights = list(critic.parameters())
+    torch._foreach_clamp_min_(weights, -c)
+    torch._foreach_clamp_max_(weights, c)
 
 
 def train_step(G, critic, opt_G, opt_critic, batches, n_critic: int, cfg: Config, amp: torch.dtype | None = None,

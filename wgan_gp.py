@@ -56,9 +56,10 @@ Deviations and choices, each deliberate:
   penalty takes through the critic ("torch.compile with aot_autograd does not currently support double
   backward", torch 2.14), so the critic always runs eagerly.
 - --amp: the critic runs in bf16 (fp16 on GPUs without bf16); the gradient grad_x^ D(x^) is returned in
-  float32 (x^ is a float32 leaf) and its norm and the penalty are computed in float32. With fp16, D(x^) is
-  multiplied by the GradScaler's scale before the inner backward and the gradient divided by it after, so
-  that the fp16 inner backward does not underflow (PyTorch's AMP recipe for gradient penalties).
+  float32 (x^ is a float32 leaf) and its norm and the penalty are computed in float32. With fp16, D(x^) and
+  its double backward run in float32: no loss scale suits both the inner gradient and the outer one (the
+  GradScaler's 2^16, put on the inner backward as PyTorch's AMP recipe does, is already beyond fp16's
+  65,504 for each sample's gradient: a NaN penalty), and bf16 has float32's range.
 - Sample grids and --sample use G in eval mode (batch norm running statistics); the authors' TF code
   draws with batch statistics.
 - --steps 20000 generator iterations is our default (about 110 Fashion-MNIST epochs of real batches for
@@ -311,15 +312,14 @@ def interpolate(x: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return eps * x + (1 - eps) * fake
 
 
-def gradient_penalty(d_hat: torch.Tensor, x_hat: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+def gradient_penalty(d_hat: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """(||grad_x^ D(x^)||_2 - 1)^2 for each sample (Algorithm 1, line 7), differentiable in the critic's
     weights (create_graph=True: the loss's backward differentiates the gradient itself).
 
     d_hat = D(x^) of the m samples; the gradient of their sum is each sample's own gradient because the
-    critic has no batch statistics. ``scale``: the GradScaler's scale under fp16, applied before the inner
-    backward so that its fp16 gradients do not underflow, and divided out after (1 otherwise)."""
-    grad, = torch.autograd.grad(d_hat.sum() * scale, x_hat, create_graph=True)
-    grad_norm = (grad.float() / scale).flatten(1).norm(dim=1)   # float32, whatever the autocast dtype
+    critic has no batch statistics."""
+    grad, = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
+    grad_norm = grad.float().flatten(1).norm(dim=1)   # float32, whatever the autocast dtype
     return (grad_norm - 1) ** 2
 
 
@@ -333,6 +333,8 @@ def train_step(G, critic, opt_G, opt_critic, batches, n_critic: int, cfg: Config
     (disabled, it passes the losses and steps through unchanged). ``critic_calls``: how D(x), D(x~), D(x^)
     are evaluated, the same numbers in each case (no batch statistics): 2, cat(x, x~) then x^; 1, one call
     on cat(x, x~, x^); 3, three calls (the last two for tools/bench_wgan.py's comparison)."""
+    if critic_calls not in (1, 2, 3) or (critic_calls == 1 and amp == torch.float16):
+        raise ValueError(f"critic_calls {critic_calls}: 2 or 3, or 1 outside fp16 (where D(x^) runs in float32)")
     for _ in range(n_critic):
         # (4) a real batch, a prior batch and eps; (5) x~ = G(z), G fixed here: no graph through it; (6) x^
         x = batches.next()
@@ -348,9 +350,10 @@ def train_step(G, critic, opt_G, opt_critic, batches, n_critic: int, cfg: Config
             else:
                 d_real, d_fake = (critic(torch.cat([x, fake])).float().split(len(x)) if critic_calls == 2
                                   else (critic(x).float(), critic(fake).float()))
+        if critic_calls != 1:   # under fp16 in float32: its double backward would leave fp16's range
+            with torch.autocast(x.device.type, dtype=amp, enabled=amp == torch.bfloat16):
                 d_hat = critic(x_hat).float()
-        scale = scaler.scale(torch.ones((), device=x.device)) if scaler.is_enabled() else 1.0   # fp16 only
-        penalty = gradient_penalty(d_hat, x_hat, scale)
+        penalty = gradient_penalty(d_hat, x_hat)
         W_estimate = d_real.mean() - d_fake.mean()
         loss_critic = -W_estimate + cfg.lambda_gp * penalty.mean()
         # (9) w <- Adam(grad_w L)

@@ -100,19 +100,79 @@ def test_interpolation_has_one_eps_per_sample_in_0_1():
     assert eps.min() >= 0 and eps.max() <= 1 and eps[:, 0].std() > 0.2, "eps ~ U[0, 1], a different one per sample"
 
 
-def test_penalty_under_a_loss_scale_and_in_bf16():
-    """fp16's GradScaler scale is divided out (the same penalty); a bf16 critic gives the float32 penalty to
-    bf16 precision, computed in float32."""
+def test_penalty_in_bf16_is_computed_in_float32():
+    """A bf16 critic gives the float32 penalty to bf16 precision, computed in float32."""
     torch.manual_seed(2)
     critic = wgan_gp.Critic(8, 1, 16, 0.2)
     x_hat = torch.randn(4, 1, 16, 16).requires_grad_(True)
     plain = wgan_gp.gradient_penalty(critic(x_hat), x_hat)
-    scaled = wgan_gp.gradient_penalty(critic(x_hat), x_hat, torch.tensor(2.0 ** 16))
-    assert torch.allclose(plain, scaled, rtol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         d_hat = critic(x_hat)
     bf16 = wgan_gp.gradient_penalty(d_hat.float(), x_hat)
     assert bf16.dtype == torch.float32 and torch.allclose(bf16, plain, rtol=0.05)
+
+
+def test_fp16_with_its_grad_scaler_gives_a_finite_penalty_and_steps():
+    """fp16 with a GradScaler at its initial scale, 2^16: the step's penalty is the float32 one (D(x^) runs in
+    float32; a scaled inner backward in fp16 overflowed to NaN) and no step is skipped (the scale stays)."""
+    penalties = []
+    for amp in (None, torch.float16):
+        cfg, G, critic, opt_G, opt_critic = tiny()
+        scaler = torch.amp.GradScaler("cpu", enabled=amp is not None)
+        torch.manual_seed(4)
+        losses = wgan_gp.train_step(G, critic, opt_G, opt_critic, Stream(torch.rand(8, 1, 16, 16) * 2 - 1), 1, cfg,
+                                    amp, scaler)
+        penalties.append(losses["gradient_penalty"])
+    assert torch.isfinite(penalties[1]) and torch.allclose(penalties[1], penalties[0], rtol=1e-3)
+    assert scaler.get_scale() == 2.0 ** 16
+
+
+class Quadratic(nn.Module):
+    """D(x) = w.x + c ||x||^2 / 2, whose gradient w + c x depends on where x^ lies."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w, self.c = nn.Parameter(torch.linspace(-0.6, 0.9, dim)), nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return x @ self.w + 0.5 * self.c * x.pow(2).sum(1)
+
+
+def test_a_critic_step_and_a_generator_step_against_their_closed_forms():
+    """With SGD at lr 1 each step is minus the gradient: the critic's of D(x~) - D(x) + lambda (||w + c x^|| - 1)^2
+    (averaged, x^ = eps x + (1 - eps) x~ with the step's own eps), then G's of -D(G(z)) with the updated critic."""
+    cfg = wgan_gp.Config(nz=3)
+    torch.manual_seed(0)
+    G, critic = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (1, 2, 2))), Quadratic(4)
+    x = torch.randn(5, 1, 2, 2)
+    w, c = (p.detach().clone().requires_grad_(True) for p in (critic.w, critic.c))
+    G_before = [p.detach().clone() for p in G.parameters()]
+    torch.manual_seed(5)   # what train_step draws, in its order: z, eps, then the generator step's z
+    z, eps, z_G = torch.randn(5, 3), torch.rand(5, 1, 1, 1), torch.randn(5, 3)
+    D = lambda t: t.flatten(1) @ w + 0.5 * c * t.flatten(1).pow(2).sum(1)   # noqa: E731
+    fake = G(z).detach()
+    x_hat = (eps * x + (1 - eps) * fake).flatten(1)
+    penalty = ((w + c * x_hat).norm(dim=1) - 1) ** 2
+    loss = D(fake).mean() - D(x).mean() + cfg.lambda_gp * penalty.mean()
+    grad_w, grad_c = torch.autograd.grad(loss, [w, c])
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=1.0)   # noqa: E731
+
+    class Fixed:
+        def next(self):
+            return x
+
+    torch.manual_seed(5)
+    losses = wgan_gp.train_step(G, critic, sgd(G), sgd(critic), Fixed(), 1, cfg)
+    assert losses["gradient_penalty"].item() == pytest.approx(penalty.mean().item(), rel=1e-5)
+    assert losses["W_estimate"].item() == pytest.approx((D(x).mean() - D(fake).mean()).item(), rel=1e-5)
+    assert torch.allclose(critic.w, w - grad_w, atol=1e-6) and torch.allclose(critic.c, c - grad_c, atol=1e-6)
+    G_old = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (1, 2, 2)))
+    for p, q in zip(G_old.parameters(), G_before):
+        p.data.copy_(q)
+    grads_G = torch.autograd.grad(-critic(G_old(z_G)).mean(), list(G_old.parameters()))
+    for p, q, g in zip(G.parameters(), G_before, grads_G):
+        assert torch.allclose(p, q - g, atol=1e-6)
 
 
 class Stream:
