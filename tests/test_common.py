@@ -718,6 +718,13 @@ def test_sample_out_never_empties_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "UPPER.NPZ").is_file()
 
 
+def test_a_dataset_too_large_for_the_gpu_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))   # 2 GiB free
+    images = torch.zeros(1, dtype=torch.uint8).expand(2**30 + 1)   # 1 GiB + 1 byte, without allocating it
+    with pytest.raises(common.UserError, match="take 1.0 GiB, kept on the GPU: more than half of its 2.0 GiB free"):
+        common.Batches(images.view(-1, 1, 1, 1), 4, 0, torch.device("cuda"))
+
+
 def test_an_output_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path):
     (tmp_path / "file").write_text("a file, not a folder")
     with pytest.raises(common.UserError, match="--sample-out .*: cannot write to .*file/sub"):
