@@ -54,6 +54,8 @@ Deviations, each deliberate:
   first update has lr 0.
 - The course notes give the hybrid objective L_simple + 0.001 L_vlb with learned variances: that is
   Nichol & Dhariwal 2021 (arXiv:2102.09672); this file is Ho et al., L_simple and fixed variances.
+- The network is given the paper's t = 1..T; the official code feeds its 0-based index t - 1 to the
+  embedding: the same model, trained from scratch, but official weights would need t - 1.
 - Downsampling pads its stride-2 convolution symmetrically (PyTorch's padding=1), TensorFlow's SAME pads
   right and bottom only: the same parameters, a one-pixel shift of where the kernel lands.
 
@@ -106,7 +108,7 @@ class Config(common.RunConfig):
     sampler: str = arg("ddpm", "ddpm (Algorithm 2, T steps) | ddim (--sample-steps steps)", run=True,
                        choices=("ddpm", "ddim"))
     sample_steps: int = arg(50, "DDIM's S: steps of --sampler ddim", run=True, min=1)
-    eta: float = arg(0.0, "DDIM's eta: 0 deterministic, 1 the ancestral sampler's noise", run=True, min=0)
+    eta: float = arg(0.0, "DDIM's eta: 0 deterministic, 1 the ancestral sampler's noise", run=True, min=0, max=1)
     var: str = arg("beta", "sigma_t^2 of the reverse process: beta (the paper's CIFAR-10 choice) | beta-tilde",
                    run=True, choices=("beta", "beta-tilde"))
     # The paper's hyper-parameters (section 4, appendix B)
@@ -145,7 +147,8 @@ class Diffusion:
         beta_tilde[1:] = (1 - alpha_bar_prev[1:]) / (1 - alpha_bar[1:]) * beta[1:]    # eq. 7; beta_tilde_1 = 0
         sigma2 = (beta if var == "beta" else beta_tilde).clone()
         sigma2[1] = beta_tilde[2]   # sigma_1 only enters L_0 (no noise is added at t = 1): official code, above
-        to = lambda v: v.to(device)                                                  # noqa: E731
+        wide = torch.float32 if torch.device(device).type == "mps" else torch.float64   # MPS has no float64
+        to = lambda v: v.to(device, wide)                                            # noqa: E731
         self.beta, self.alpha, self.alpha_bar, self.alpha_bar_prev = map(to, (beta, alpha, alpha_bar, alpha_bar_prev))
         self.beta_tilde, self.sigma2 = to(beta_tilde), to(sigma2)
         self.log_beta_tilde = to(beta_tilde.clamp(min=1e-300).log())   # t = 1 (log 0) is never used
@@ -222,7 +225,7 @@ def prior_bpd(diffusion: Diffusion, x0):
 def vlb_bpd(model, diffusion: Diffusion, images: torch.Tensor, batch: int = 100, seed: int = 0, should_stop=None,
             progress=None) -> float:
     """The bound L_vlb in bits/dim, averaged over ``images`` (uint8 N x C x H x W): every one of the T terms
-    for every image (T network evaluations per image), as the paper's Table 2. None if ``should_stop()``."""
+    for every image (T network evaluations per image), as the paper's Table 1. None if ``should_stop()``."""
     device = next(model.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     total, t0 = 0.0, time.time()
@@ -283,7 +286,10 @@ class Attention(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.norm = nn.GroupNorm(32, ch)
-        self.qkv = init_(nn.Conv2d(ch, 3 * ch, 1))   # the official q, k, v NIN layers, in one
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)          # the official q, k, v NIN layers, in one
+        for third in self.qkv.weight.data.split(ch):  # each initialized as its own C x C layer (fan_out C, not 3C)
+            nn.init.xavier_uniform_(third)
+        nn.init.zeros_(self.qkv.bias)
         self.out = init_(nn.Conv2d(ch, ch, 1), 0)
 
     def forward(self, x, temb=None):
@@ -477,6 +483,11 @@ def load(path: str, device="cpu"):
 def main():
     cfg = common.parse_config(Config)
     run = common.Run(cfg, "ddpm", command="--vlb" if cfg.vlb else None, shards=True)
+    if not 0 < cfg.beta_1 <= cfg.beta_T:
+        raise common.UserError(f"--beta-1 {cfg.beta_1} and --beta-T {cfg.beta_T}: the schedule needs 0 < beta_1 <= "
+                               f"beta_T (beta_1 = 0 makes beta_tilde_1 0/0)")
+    if cfg.eval_vlb and not cfg.eval_every and not run.sampling:
+        raise common.UserError("--eval-vlb N goes with --eval-every N (on a checkpoint: --vlb N)")
     device = run.device
     model = build(cfg, device)
     memory_format = torch.channels_last if cfg.channels_last and not run.sampling else torch.contiguous_format

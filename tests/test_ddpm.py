@@ -101,6 +101,16 @@ def test_schedule_in_float64(diffusion):
     assert diffusion.alpha_bar[0] == 1 and float(diffusion.alpha_bar[1000]) == pytest.approx(4.04e-5, rel=0.01)
 
 
+def test_reverse_variances():
+    """sigma_t^2 = beta_t (--var beta) or beta_tilde_t (--var beta-tilde) for t >= 2; sigma_1^2 = beta_tilde_2 under
+    both (the official code's clipped log variance); their logs are theirs."""
+    for var, expected in (("beta", "beta"), ("beta-tilde", "beta_tilde")):
+        d = ddpm.Diffusion(1000, 1e-4, 0.02, var=var)
+        torch.testing.assert_close(d.sigma2[2:], getattr(d, expected)[2:], rtol=0, atol=0)
+        assert d.sigma2[1] == d.beta_tilde[2] and d.beta_tilde[2] > 0
+        torch.testing.assert_close(d.log_sigma2[1:], d.sigma2[1:].log(), rtol=1e-15, atol=0)
+
+
 def test_posterior_is_bayes_rule(diffusion):
     """beta_tilde and mu_tilde (eq. 7) against the product of q(x_t | x_{t-1}) and q(x_{t-1} | x_0),
     computed from the Gaussians' precisions."""
@@ -213,8 +223,53 @@ def test_ddim_eta_0_is_deterministic_and_its_steps():
     a = ddpm.sample(model, diffusion, 8, (1, 4, 4), "ddim", steps=20, generator=torch.Generator().manual_seed(1))
     b = ddpm.sample(model, diffusion, 8, (1, 4, 4), "ddim", steps=20, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.equal(a, x_T)
+    # eq. 12 with eta = 0, step by step: x_{t'} = sqrt(ab') x0_hat + sqrt(1 - ab') eps_hat, x0_hat clipped, eps_hat
+    # re-derived from it; ab' = 1 at the last step
+    x, ab = x_T, diffusion.alpha_bar.tolist()
+    for t, t_prev in zip(range(951, 0, -50), [*range(901, 0, -50), 0]):   # 20 steps: 1, 51, ..., 951
+        eps = model(x, torch.full((8,), t)).float()
+        x0 = ((x - math.sqrt(1 - ab[t]) * eps) / math.sqrt(ab[t])).clamp(-1, 1)
+        eps = (x - math.sqrt(ab[t]) * x0) / math.sqrt(1 - ab[t])
+        x = math.sqrt(ab[t_prev]) * x0 + math.sqrt(1 - ab[t_prev]) * eps
+    torch.testing.assert_close(a, x, rtol=1e-5, atol=1e-5)
     with pytest.raises(common.UserError, match="--sample-steps 2000"):
         ddpm.ddim_timesteps(1000, 2000)
+
+
+def test_train_step_draws_t_in_1_to_T_and_flips_horizontally():
+    """t ~ Uniform{1..T} (the paper's t, never 0), and --hflip mirrors about half the images left to right."""
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t):
+            self.seen.append((x, t))
+            return self.w * x
+
+    diffusion, model = ddpm.Diffusion(4, 1e-4, 0.02), Recorder()
+    cfg = ddpm.Config(T=4, hflip=True, warmup=0)
+    x0 = torch.arange(16.0).view(1, 1, 4, 4).expand(4000, 1, 4, 4) / 15 * 2 - 1   # left-right asymmetric
+    model.seen = []
+    torch.manual_seed(0)
+    ddpm.train_step(model, ddpm.EMA(model, 0.9), torch.optim.SGD(model.parameters(), lr=0.0), diffusion, x0, 0, cfg)
+    x_t, t = model.seen[0]
+    assert t.min() == 1 and t.max() == 4 and t.bincount().tolist()[1:] == pytest.approx([1000] * 4, rel=0.1)
+    torch.manual_seed(0)   # the same draws: which images flipped, then t and eps, as train_step makes them
+    flip = torch.rand(4000) < 0.5
+    t2, eps = torch.randint(1, 5, (4000,)), torch.randn(4000, 1, 4, 4)
+    expected = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+    assert torch.equal(t, t2) and 0.45 < flip.float().mean() < 0.55
+    torch.testing.assert_close(x_t, diffusion.q_sample(expected, t, eps))
+
+
+def test_attention_q_k_v_are_initialized_as_three_official_layers():
+    """Each of q, k, v: Xavier uniform of a C x C layer (std 1/sqrt(C)), not of one C x 3C layer (std 1/sqrt(2C))."""
+    torch.manual_seed(0)
+    att = ddpm.Attention(128)
+    for third in att.qkv.weight.detach().split(128):
+        assert third.abs().max() <= math.sqrt(6 / 256) and third.std().item() == pytest.approx(128 ** -0.5, rel=0.03)
+    assert not att.qkv.bias.any() and not att.out.weight.abs().max() > 1e-4
 
 
 def test_attention_is_softmax_qk_v():
@@ -263,7 +318,9 @@ def test_bad_flags(tmp):
         (["--arch", "huge"], ["--arch"]), (["--T", 1], ["--T 1"]),
         (["--arch", "small", "--image-size", 30], ["--image-size 30", "multiple of 4"]),
         (["--sampler", "ddim", "--sample-steps", 20], ["--sample-steps 20", "at most"]),
-        (["--vlb", 3, "--sample", 2], ["two commands"]), (["--ema-decay", 1.5], ["--ema-decay"])])
+        (["--vlb", 3, "--sample", 2], ["two commands"]), (["--ema-decay", 1.5], ["--ema-decay"]),
+        (["--beta-1", 0], ["--beta-1 0.0", "0 < beta_1 <= beta_T"]), (["--beta-1", 0.1], ["--beta-1 0.1"]),
+        (["--eval-vlb", 10], ["--eval-vlb N goes with --eval-every"]), (["--eta", 1.5], ["--eta"])])
 
 
 def test_ddp_two_processes_stop_together_and_resume_exactly(tmp):
