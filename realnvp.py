@@ -16,7 +16,8 @@ ResNets; s is a tanh times a learned scale (section 4.1), t has an affine output
 
 Masks (section 3.4): a spatial checkerboard, b = 1 where i + j is even (or odd); and channel-wise, b = 1 on
 the first (or last) half of the channels. The squeeze (section 3.6) turns each 2 x 2 x c block into
-1 x 1 x 4c, so a channel-wise mask after it splits every 2 x 2 block in two rows.
+1 x 1 x 4c (channel 4k + 2 dy + dx), so a channel-wise mask after it splits those 4c channels in two halves:
+for a one-channel image, each 2 x 2 block's top row from its bottom row.
 
 Multi-scale architecture (section 3.6, Figure 4), recursively: at each scale, 3 couplings with alternating
 checkerboard masks, a squeeze, 3 couplings with alternating channel-wise masks, and half of the dimensions
@@ -444,7 +445,7 @@ def train_step(model, opt, x, scales: list, cfg: Config, amp: torch.dtype | None
     with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
         zs, logdet = model(dequantize(x))
     nll = -(log_prior(zs) + logdet)                                    # -log p(x~), nats per image
-    l2 = cfg.l2 * sum(g.pow(2).sum() for g in scales)                  # on the weight scale parameters
+    l2 = cfg.l2 * torch.stack(torch._foreach_norm(scales)).pow(2).sum()   # on the weight scale parameters
     loss = nll.mean() + l2
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -460,13 +461,15 @@ def train_step(model, opt, x, scales: list, cfg: Config, amp: torch.dtype | None
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample(model: RealNVP, n: int, temperature: float = 1.0, generator=None, device=None) -> torch.Tensor:
-    """n images in [0, 1] (N x C x H x W), from the running averages of every batch norm (eval mode)."""
+    """n images in [0, 1] (N x C x H x W), from the running averages of every batch norm (eval mode), each
+    pixel k / 255 for the bin k = floor(256 x~) in which the flow's x~ in [0, 1) falls: the dequantization's
+    own pixel (rounding 255 x~ would move half of bin 0's mass to pixel 1)."""
     device = device or next(model.parameters()).device
     zs = [temperature * torch.randn((n, *shape), device=device, generator=generator) for shape in model.z_shapes]
     was_training = model.training
     model.eval()
     try:
-        return model.inverse(zs).clamp(0, 1)
+        return (256 * model.inverse(zs)).floor().clamp(0, 255) / 255
     finally:
         model.train(was_training)
 

@@ -1,6 +1,7 @@
 """realnvp.py: every layer's log-determinant and the whole flow's (with the logit pre-processing) against
 autograd Jacobians, exact inverses, the bits/dim bookkeeping against a hand computation, batch norm as a
 flow layer, the paper's settings and CIFAR-10 model, and the shared CLI contract."""
+import copy
 import csv
 import math
 import signal
@@ -78,10 +79,14 @@ def test_coupling_logdet_is_the_jacobians_and_inverts(shape, mask, parity):
         assert float(ld[i]) == pytest.approx(autograd_logdet(f, x[i]), abs=1e-9)
     assert float(ld.abs().min()) > 0.1                           # the scales are exercised
     torch.testing.assert_close(back, x, rtol=0, atol=1e-12)
-    # the conditioning half passes unchanged, the other half changes
-    kept = (layer.b.bool().expand_as(y)) if mask == "checkerboard" else None
-    if kept is not None:
-        assert torch.equal(y[kept], x[kept]) and not torch.allclose(y[~kept], x[~kept])
+    # the conditioning half passes unchanged, the other half changes; parity 1 changes what parity 0 keeps
+    if mask == "checkerboard":
+        i, j = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+        kept, x_in = ((i + j + parity) % 2 == 0).expand_as(y), x
+    else:
+        kept, x_in = (torch.arange(4 * c) < 2 * c) == (parity == 0), squeeze(x)[0]
+        kept = kept.view(1, -1, 1, 1).expand_as(y)
+    assert torch.equal(y[kept], x_in[kept]) and not torch.allclose(y[~kept], x_in[~kept])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -235,6 +240,7 @@ def test_parameter_count_and_layout_of_the_papers_cifar10_model():
     assert common.count_parameters(model) == 19_637_884
     couplings = [m for m in model.modules() if isinstance(m, realnvp.Coupling)]
     assert [c.checkerboard for c in couplings] == [True] * 3 + [False] * 3 + [True] * 4
+    assert [c.parity for c in couplings] == [0, 1, 0] * 2 + [0, 1, 0, 1]   # alternating masks
     assert [c.st.conv_in.out_channels for c in couplings] == [64] * 3 + [128] * 7
     assert all(len(c.st.blocks) == 8 for c in couplings)
     assert model.z_shapes == [(6, 16, 16), (6, 16, 16)]
@@ -256,6 +262,38 @@ def tiny_step(l2: float, clip: float = 1e9):
     return model, out
 
 
+def test_the_prior_covers_every_scales_z_once():
+    torch.manual_seed(0)
+    model = realnvp.RealNVP(1, 8, *realnvp.ARCHS["tiny"]).eval()
+    zs, _ = model(torch.rand(3, 1, 8, 8))
+    z = torch.cat([z.flatten(1) for z in zs], 1)
+    assert len(zs) >= 2 and z.shape == (3, 64)
+    torch.testing.assert_close(realnvp.log_prior(zs), torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1))
+
+
+def test_train_step_flips_dequantizes_and_descends_the_mean_nll():
+    """--hflip mirrors about half the images left to right, x~ = (x + u) / 256, and the gradient is that of the
+    batch's mean -log p(x~) plus the L2 penalty (a sum would weaken the penalty and the clip by the batch size)."""
+    torch.manual_seed(0)
+    model = realnvp.RealNVP(1, 8, *realnvp.ARCHS["tiny"]).double()
+    twin = copy.deepcopy(model)
+    x = torch.arange(64.0, dtype=torch.float64).view(1, 1, 8, 8).expand(8, 1, 8, 8) * 4   # left-right asymmetric
+    cfg = realnvp.Config(hflip=True, grad_clip=1e9)
+    torch.manual_seed(1)   # train_step's draws, in its order: the flips, then u
+    flip = torch.rand(8) < 0.5
+    zs, logdet = twin(realnvp.dequantize(torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)))
+    nll = -(realnvp.log_prior(zs) + logdet)
+    loss = nll.mean() + cfg.l2 * sum(g.pow(2).sum() for g in realnvp.weight_scales(twin))
+    grads = torch.autograd.grad(loss, list(twin.parameters()))
+    torch.manual_seed(1)
+    out = realnvp.train_step(model, torch.optim.Adam(model.parameters(), lr=0.0), x, realnvp.weight_scales(model),
+                             cfg)
+    assert 0 < flip.sum() < 8
+    assert out["bpd"].item() == pytest.approx(realnvp.bits_per_dim(nll, 64).mean().item(), rel=1e-10)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
 def test_l2_penalty_is_on_the_weight_scales_only_and_gradients_are_clipped():
     """The penalty 5e-5 sum g^2 adds 2 * 5e-5 * g to the gradient of every weight-norm g and coupling scale,
     and nothing to any other parameter; the gradient's global norm is clipped at grad_clip."""
@@ -273,14 +311,17 @@ def test_l2_penalty_is_on_the_weight_scales_only_and_gradients_are_clipped():
 
 
 def test_sampling_temperature():
-    """z ~ N(0, T^2 I): T scales every scale's z; T = 0 gives the image of z = 0 for every sample."""
+    """z ~ N(0, T^2 I): T scales every scale's z; T = 0 gives the image of z = 0 for every sample. Each pixel is
+    the bin k = floor(256 x~) of the flow's x~, as k / 255 (exactly the uint8 k once written)."""
     torch.manual_seed(0)
     model = realnvp.RealNVP(1, 8, *realnvp.ARCHS["tiny"]).eval()
     a = realnvp.sample(model, 6, 0.7, torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     zs = [0.7 * torch.randn((6, *s), generator=g) for s in model.z_shapes]
     with torch.no_grad():
-        torch.testing.assert_close(a, model.inverse(zs).clamp(0, 1))
+        x = model.inverse(zs)
+    torch.testing.assert_close(a, (256 * x).floor().clamp(0, 255) / 255)
+    assert torch.equal(common.to_uint8(a, (0, 1)).long(), (256 * x).floor().clamp(0, 255).long())
     cold = realnvp.sample(model, 3, 0.0)
     assert torch.equal(cold[0], cold[2]) and a.std(dim=0).mean() > 0.01
     assert a.min() >= 0 and a.max() <= 1 and a.shape == (6, 1, 8, 8)
