@@ -36,7 +36,8 @@ Evaluation on the test set, in nats per image (printed by --nll N, logged by --e
 Likelihoods p(x | z) (--likelihood):
 - bernoulli (default; appendix C.1) models binary images. Grey-level images are binarized as the papers
   that report MNIST likelihoods do: each training image afresh at every step, x ~ Bernoulli(pixel / 255)
-  ("dynamic binarization", drawn inside train_step from the run's generator, so resume is exact), and the
+  ("dynamic binarization", drawn inside train_step from torch's generator, which the run seeds with --seed
+  + rank and checkpoints, so resume is exact), and the
   test set once, with a fixed seed (TEST_SEED, whatever --seed is), so every run is scored on the same
   binary images. The NLL is that of these binary images.
 - gaussian (appendix C.2, the paper's Frey Face decoder: means squashed by a sigmoid into (0, 1), a
@@ -45,8 +46,9 @@ Likelihoods p(x | z) (--likelihood):
   (Theis et al. 2016, arXiv:1511.01844), and that is what is reported.
 - logistic: a discretized logistic on the 256 pixel values (as in Kingma et al. 2016, "Improved Variational
   Inference with Inverse Autoregressive Flow", arXiv:1606.04934: the decoder gives the mean, one learned
-  log-scale is shared by all pixels), the edge bins stretched to -inf and +inf so the 256 probabilities sum
-  to 1 (tested): a probability of the 8-bit image itself.
+  log-scale is shared by all pixels), the edge bins stretched to -inf and +inf as in PixelCNN++ (Salimans
+  et al. 2017, arXiv:1701.05517; the IAF code keeps bins of width 1/256) so the 256 probabilities sum to 1
+  (tested): a probability of the 8-bit image itself.
 --arch conv is our convolutional option for 32 x 32 and 64 x 64 RGB (also 28 and 16): stride-2 convolutions
 with ReLU to a 4 x 4 (7 x 7 at 28) map, then a linear layer to (mu, log sigma^2), and the mirror image in
 the decoder; use it with --likelihood logistic. (With gaussian, its per-pixel log-variances diverged within
@@ -333,15 +335,15 @@ def test_images(cfg: Config, n: int | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bounds(model: VAE, x, k: int, generator=None, rows: int = 20_000):
+def bounds(model: VAE, x, k: int, generator=None, values: int = 2 ** 24):
     """(negative ELBO, IWAE estimate of -log p(x)) of each image of x, in nats. With z_i = mu + sigma eps_i,
     i = 1..k, and log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x):
         -L_k = -log 1/k sum_i w_i = -(logsumexp_i log w_i - log k)    (IWAE, section 3)
         -ELBO = KL(q || p(z)) - 1/k sum_i log p(x | z_i)               (eq. 10, averaged over the k samples)
-    The k samples go through the decoder ``rows`` images at a time."""
+    The k samples go through the decoder about ``values`` pixel values at a time (memory bounded at any size)."""
     mu, logvar = model.encode(x)                                           # B x nz
     sigma = torch.exp(0.5 * logvar)
-    chunk = max(1, rows // len(x))
+    chunk = max(1, values // x.numel())
     log_w, sum_log_px = [], 0.0
     for i in range(0, k, chunk):
         eps = torch.randn((min(chunk, k - i), *mu.shape), device=mu.device, generator=generator)   # n x B x nz
@@ -488,6 +490,9 @@ def main():
     run = common.Run(cfg, "vae", command="--nll" if cfg.nll else None)
     device = run.device
     model = build(cfg, device)
+    if cfg.arch == "conv" and cfg.likelihood == "bernoulli" and common.dataset_channels(cfg.dataset) == 3:
+        common.warn("--arch conv on colour images with --likelihood bernoulli models their binarized channels; "
+                    "--likelihood logistic models the 8-bit image")
     run.say(f"VAE ({cfg.arch}, {cfg.likelihood}): encoder {common.count_parameters(model.encoder):,} + decoder "
             f"{common.count_parameters(model.decoder):,} = {common.count_parameters(model):,} parameters")
 
@@ -513,7 +518,10 @@ def main():
         return
 
     images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
-    test = test_images(cfg, cfg.eval_nll).to(device) if cfg.eval_every and cfg.eval_nll else None
+    try:
+        test = test_images(cfg, cfg.eval_nll).to(device) if cfg.eval_every and cfg.eval_nll else None
+    except common.UserError as e:   # --dataset folder: no test split
+        raise common.UserError(f"{e}, or --eval-nll 0 (FID alone)") from None
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 1.0), rank=run.rank,
                              world=run.world, memory_format=memory_format)
