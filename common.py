@@ -285,20 +285,27 @@ def _torchvision(dataset: str, root: Path, train: bool):
         raise UserError(f"{_download_hint(dataset, root)} ({type(e).__name__})") from None
 
 
-def _decode(path: Path, size: int) -> torch.Tensor:
-    """One image as RGB, resized so its short side is ``size``, then center-cropped: 3 x size x size."""
+@contextlib.contextmanager
+def _opened(path: Path):
+    """The PIL image at ``path``; a file PIL cannot read (or decode) is a UserError that names it."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = size / min(im.size)
-            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
-                           Image.BICUBIC)
-            left, top = (im.width - size) // 2, (im.height - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+            yield im
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... on a bad file
         raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); fix or remove it") from None
+
+
+def _decode(path: Path, size: int) -> torch.Tensor:
+    """One image as RGB, resized so its short side is ``size``, then center-cropped: 3 x size x size."""
+    from PIL import Image
+    with _opened(path) as im:
+        im = im.convert("RGB")
+        scale = size / min(im.size)
+        im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1)
 
 
 def _load_folder(root: Path, size: int, decode: Callable = None, channels: int = 3, kind: str = "") -> torch.Tensor:
@@ -463,26 +470,20 @@ def _decode_pair(path: Path, size: int) -> torch.Tensor:
     """An aligned A|B image (the official pix2pix format): its left half A and right half B, each resized to
     size x size (bicubic, as the official Resize), stacked as 6 x size x size."""
     from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            half = im.width // 2
-            halves = [im.crop(box).resize((size, size), Image.BICUBIC)
-                      for box in ((0, 0, half, im.height), (half, 0, im.width, im.height))]
-            return torch.from_numpy(np.concatenate([np.array(h) for h in halves], axis=2)).permute(2, 0, 1)
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... on a bad file
-        raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); fix or remove it") from None
+    with _opened(path) as im:
+        im = im.convert("RGB")
+        half = im.width // 2
+        halves = [im.crop(box).resize((size, size), Image.BICUBIC)
+                  for box in ((0, 0, half, im.height), (half, 0, im.width, im.height))]
+        return torch.from_numpy(np.concatenate([np.array(h) for h in halves], axis=2)).permute(2, 0, 1)
 
 
 def _decode_resized(path: Path, size: int, mode: str = "RGB") -> torch.Tensor:
     """One image resized to size x size, aspect ratio not kept (bicubic, as the official Resize)."""
     from PIL import Image
-    try:
-        with Image.open(path) as im:
-            array = np.array(im.convert(mode).resize((size, size), Image.BICUBIC))
-            return torch.from_numpy(array).view(size, size, -1).permute(2, 0, 1)
-    except Exception as e:
-        raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); fix or remove it") from None
+    with _opened(path) as im:
+        array = np.array(im.convert(mode).resize((size, size), Image.BICUBIC))
+        return torch.from_numpy(array).view(size, size, -1).permute(2, 0, 1)
 
 
 ALIGNED_HINT = ("the aligned format is one image per pair, A and B side by side, in train/ (and val/, test/), as "
@@ -560,12 +561,17 @@ def read_images(folder: str, size: int, channels: int, flag: str = "--translate"
 def write_named(images: torch.Tensor, paths: list[Path], folder: Path,
                 value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
     """Write image i as <folder>/<stem of paths[i]>.png (replacing a file of that name, never another)."""
-    from PIL import Image
     for image, path in zip(to_uint8(images, value_range).permute(0, 2, 3, 1).numpy(), paths):
         target = folder / f"{path.stem}.png"
-        part = target.with_name(f".{target.name}.part")   # a killed process leaves no half image
-        Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(part, format="PNG")
-        os.replace(part, target)
+        write_png(image, target, target.with_name(f".{target.name}.part"))
+
+
+def write_png(image: np.ndarray, path: Path, part: Path) -> None:
+    """An H x W x C uint8 image to ``path`` as PNG, written to ``part`` first: a killed process leaves no half
+    image under ``path``."""
+    from PIL import Image
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(part, format="PNG")
+    os.replace(part, path)
 
 
 def prepare_folder(path: str | Path, inputs: str | Path, flag: str) -> Path:
@@ -1610,7 +1616,6 @@ class Run:
         same command continues; submit.sh requeues it). ``key`` (what else fixes the images: sampler
         settings) goes into the folder's mark with the checkpoint, N, the batch and --seed: a folder drawn
         from anything else is replaced, never mixed. A .npz is written whole by one process."""
-        from PIL import Image
         cfg = self.cfg
         out = Path(cfg.sample_out or self.out / "generated")
         array = os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -1641,9 +1646,7 @@ class Run:
                 if npz:
                     kept.append(images)
                 for path, image in zip([] if npz else names(j), images):
-                    part = path.with_name(path.name + ".part")  # a killed process leaves no half image
-                    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(part, format="PNG")
-                    os.replace(part, path)
+                    write_png(image, path, path.with_name(path.name + ".part"))   # prepare_output knows .part
                 done += len(images)
                 elapsed = time.time() - t0
                 print(f"--sample{where}: {done}/{total} | {duration(elapsed)} | "

@@ -473,17 +473,22 @@ def check_ddp(script: str, small: list, tmp: Path) -> None:
     assert_same_state(load(tmp / "ddp-straight" / "ckpt.pt"), load(out / "ckpt.pt"))
 
 
-def check_eval_every(script: str, small: list, tmp: Path) -> dict:
-    """--eval-every with a random-weight Inception (offline: no real weights here): FID in metrics.csv at each
-    evaluated step and best.pt at the best one. Returns {step: FID}."""
-    import csv
+def random_inception_env(tmp: Path) -> dict:
+    """The environment of a run whose fid.py finds random-weight Inception weights (offline: no real ones here)
+    and keeps its cache under ``tmp``."""
     from test_fid import random_inception_state
     hub = tmp / "torch" / "hub" / "checkpoints"   # where fid.py looks without --weights: $TORCH_HOME/hub/...
     hub.mkdir(parents=True, exist_ok=True)
     torch.save(random_inception_state(), hub / "pt_inception-2015-12-05-6726825d.pth")
-    env = {"TORCH_HOME": str(tmp / "torch"), "XDG_CACHE_HOME": str(tmp / "cache")}
+    return {"TORCH_HOME": str(tmp / "torch"), "XDG_CACHE_HOME": str(tmp / "cache")}
+
+
+def check_eval_every(script: str, small: list, tmp: Path) -> dict:
+    """--eval-every with a random-weight Inception: FID in metrics.csv at each evaluated step and best.pt at the
+    best one. Returns {step: FID}."""
+    import csv
     run_script(script, *small, "--eval-every", 2, "--eval-n", 8, "--eval-features", "inception", "--steps", 4,
-               "--out", tmp / "eval", cwd=tmp, env=env)
+               "--out", tmp / "eval", cwd=tmp, env=random_inception_env(tmp))
     with open(tmp / "eval" / "metrics.csv", newline="") as f:
         fids = {int(r["step"]): float(r["fid"]) for r in csv.DictReader(f) if r["fid"]}
     assert sorted(fids) == [2, 4] and all(v > 0 for v in fids.values()), fids

@@ -718,6 +718,17 @@ def test_sample_out_never_empties_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "UPPER.NPZ").is_file()
 
 
+def test_an_unreadable_image_of_a_translation_folder_is_one_line_naming_it(tmp_path):
+    for folder in ("train", "trainA", "trainB", "mine"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "bad.png").write_bytes(b"not a png")
+    for load in (lambda: common.load_pairs("aligned", str(tmp_path), 8),
+                 lambda: common.load_domains("unaligned", str(tmp_path), 8),
+                 lambda: common.read_images(str(tmp_path / "mine"), 8, 1)):
+        with pytest.raises(common.UserError, match="cannot read the image .*bad.png .*fix or remove it"):
+            load()
+
+
 def test_a_dataset_too_large_for_the_gpu_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))   # 2 GiB free
     images = torch.zeros(1, dtype=torch.uint8).expand(2**30 + 1)   # 1 GiB + 1 byte, without allocating it

@@ -8,7 +8,8 @@ import torch.nn as nn
 import common
 import dcgan
 from conftest import (assert_same_state, check_bad_flags, check_bad_inputs, check_compile, check_ddp,
-                      check_exact_resume, check_sample, check_signal_resume, check_smoke, load, run_script)
+                      check_exact_resume, check_sample, check_signal_resume, check_smoke, load, random_inception_env,
+                      run_script)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 16, "--batch-size", 16, "--ngf", 4, "--ndf", 4,
          "--device", "cpu"]
@@ -133,11 +134,7 @@ def test_eval_every_logs_fid_keeps_best_and_changes_nothing(tmp):
     and the training itself bit-identical to a run without evaluation. Offline without weights, the run
     goes on and says once how to get them."""
     import csv
-    from test_fid import random_inception_state
-    hub = tmp / "torch" / "hub" / "checkpoints"   # where fid.py looks without --weights: $TORCH_HOME/hub/...
-    hub.mkdir(parents=True)
-    torch.save(random_inception_state(), hub / "pt_inception-2015-12-05-6726825d.pth")
-    env = {"TORCH_HOME": str(tmp / "torch"), "XDG_CACHE_HOME": str(tmp / "cache")}
+    env = random_inception_env(tmp)
     evaluated = ["--eval-every", 2, "--eval-n", 8, "--eval-features", "inception", "--eval-metrics", "fid,kid"]
     run_script("dcgan", *SMALL, *evaluated, "--steps", 4, "--out", tmp / "eval", cwd=tmp, env=env)
     with open(tmp / "eval" / "metrics.csv", newline="") as f:
