@@ -99,21 +99,26 @@ def warn(message: str) -> None:
 # Config: one dataclass per script, fields with help text, turned into argparse flags
 # ----------------------------------------------------------------------------------------------
 def arg(default, help: str, run: bool = False, command: bool = False, min: float | None = None,
-        max: float | None = None, choices: tuple | None = None, metavar: str | None = None,
-        sampling: bool = False):
+        max: float | None = None, above: float | None = None, below: float | None = None,
+        choices: tuple | None = None, metavar: str | None = None, sampling: bool = False, const=None,
+        predates=None):
     """A config field with its --help line.
 
     run=True:     may differ when a run is resumed: it does not change what is computed (where to write,
                   how often to log, how many steps). Not typed, it still comes from the checkpoint.
     command=True: belongs to one command (--resume, --sample...): never taken from a checkpoint.
     sampling=True: an option of --sample (a command field, refused without --sample).
-    min, max, choices: refused in one line when typed outside them (bounds included; NaN is refused).
+    min, max, above, below, choices: refused in one line when typed outside them (min and max included,
+                  above and below excluded; NaN is refused).
     metavar:      the value's name in --help (default: its type, or the choices).
+    const:        the value of the flag typed alone (``--amp`` is ``--amp auto``).
+    predates:     the value a checkpoint written before this field existed was trained with, when it differs
+                  from the default (so that it still resumes as it was).
     """
     return dataclasses.field(default=default, metadata={"help": help, "run": run, "command": command or sampling,
-                                                       "sampling": sampling,
-                                                       "min": min, "max": max, "choices": choices,
-                                                       "metavar": metavar})
+                                                       "sampling": sampling, "min": min, "max": max,
+                                                       "above": above, "below": below, "choices": choices,
+                                                       "metavar": metavar, "const": const, "predates": predates})
 
 
 @dataclasses.dataclass
@@ -153,8 +158,9 @@ class RunConfig:
                              "fashion-mnist | mnist",
                              run=True, choices=("auto", "inception", "fashion-mnist", "mnist"))
     # Speed: none changes the mathematics, so each may change when a run is resumed
-    amp: bool = arg(False, "mixed precision: bf16 autocast (fp16 with a GradScaler on GPUs without bf16)",
-                    run=True)
+    amp: str = arg("off", "mixed precision: --amp alone is auto, bf16 autocast where the device has it, else fp16 "
+                   "with a GradScaler (V100, T4, MPS); bf16 | fp16 force one", run=True,
+                   choices=("off", "auto", "bf16", "fp16"), const="auto")
     compile: bool = arg(False, "torch.compile the networks", run=True)
 
 
@@ -172,7 +178,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_config(cls, argv: list[str] | None = None):
     """Build argparse from the dataclass ``cls``; returns the config with ``cfg.given`` = flags typed."""
-    parser = _Parser(description=sys.modules["__main__"].__doc__,
+    parser = _Parser(description=sys.modules["__main__"].__doc__, allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -181,6 +187,9 @@ def parse_config(cls, argv: list[str] | None = None):
             help += f" (default: {default})"
         if f.name == "resume":
             parser.add_argument(flag, nargs="?", const="auto", metavar="PATH", help=help)
+        elif f.metadata.get("const") is not None:
+            parser.add_argument(flag, nargs="?", const=f.metadata["const"], choices=f.metadata.get("choices"),
+                                help=help)
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
@@ -197,6 +206,10 @@ def parse_config(cls, argv: list[str] | None = None):
             parser.error(f"{flag} {value}: must be at least {low}")
         if high is not None and value is not None and value > high:
             parser.error(f"{flag} {value}: must be at most {high}")
+        if f.metadata.get("above") is not None and value is not None and value <= f.metadata["above"]:
+            parser.error(f"{flag} {value}: must be above {f.metadata['above']}")
+        if f.metadata.get("below") is not None and value is not None and value >= f.metadata["below"]:
+            parser.error(f"{flag} {value}: must be below {f.metadata['below']}")
     for name in ("out", "resume", "init", "sample_out", "data_root"):
         if given.get(name) == "":  # e.g. an unset shell variable: never "the current folder"
             parser.error(f"--{name.replace('_', '-')} '': give a path" + (", or --resume alone" if name == "resume" else ""))
@@ -833,8 +846,9 @@ def load_config(cls, path: str | Path, script: str):
     """(config, checkpoint) of a checkpoint: its saved fields, and the defaults of fields it predates.
     For using a trained model from Python (each script's ``load``)."""
     ckpt = load_checkpoint(path, script)
-    known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in ckpt["config"].items() if k in known}), ckpt
+    fields = {f.name: f.metadata.get("predates") for f in dataclasses.fields(cls)}
+    config = {k: v for k, v in fields.items() if v is not None} | ckpt["config"]
+    return cls(**{k: v for k, v in config.items() if k in fields}), ckpt
 
 
 def run_id(ckpt: dict) -> str:
@@ -953,6 +967,18 @@ def pick_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def amp_dtype(amp, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --amp: None (off), bf16 (no loss scaling needed) or fp16 (with a GradScaler);
+    auto is bf16 where the device has it. A checkpoint written before --amp took a value holds True or False."""
+    amp = {True: "auto", False: "off"}.get(amp, amp)
+    bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if amp == "bf16" and not bf16:
+        raise UserError(f"--amp bf16: {device.type} has no bf16 here; use --amp fp16 (or --amp alone)")
+    if amp == "auto":
+        amp = "bf16" if bf16 else "fp16"
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -1242,9 +1268,7 @@ class Run:
         seed_everything(cfg.seed + self.rank)  # each rank its own noise; DDP copies rank 0's initial weights
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-        # --amp: bf16 where the device has it (no loss scaling needed), else fp16 with a GradScaler
-        bf16 = self.device.type == "cpu" or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        self.amp = (torch.bfloat16 if bf16 else torch.float16) if cfg.amp else None
+        self.amp = amp_dtype(cfg.amp, self.device)
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "ckpt.pt"
         self.metrics = MetricsFile(self.out / "metrics.csv")
@@ -1318,11 +1342,14 @@ class Run:
         run_fields, command_fields = field_kinds(cfg)
         free = run_fields | ({"seed"} if self.sampling else set())
         clashes, predates = [], []
-        fields = [f.name for f in dataclasses.fields(cfg) if f.name not in command_fields and f.name != "out"]
-        for name in fields:
+        fields = [f for f in dataclasses.fields(cfg) if f.name not in command_fields and f.name != "out"]
+        for f in fields:
+            name = f.name
             if name not in saved:
                 if name not in given:
-                    predates.append(f"--{name.replace('_', '-')} (default {getattr(cfg, name)!r})")
+                    if f.metadata.get("predates") is not None:
+                        setattr(cfg, name, f.metadata["predates"])
+                    predates.append(f"--{name.replace('_', '-')} ({getattr(cfg, name)!r})")
             elif name not in given:
                 setattr(cfg, name, saved[name])
             elif refuse and name not in free and getattr(cfg, name) != saved[name]:
@@ -1331,7 +1358,7 @@ class Run:
             raise UserError(f"the checkpoint was trained with another config ({', '.join(clashes)}); drop those "
                             f"flags to continue it, or start a new run with --init and another --out")
         if predates:
-            self.say(f"the checkpoint predates {', '.join(predates)}: using the default")
+            self.say(f"the checkpoint predates {', '.join(predates)}: using these values")
         gone = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
         if gone:
             self.say(f"ignoring the checkpoint's {', '.join(gone)}: no longer a flag of {self.script}.py")
@@ -1481,8 +1508,15 @@ class Run:
                 warn(f"the checkpoint has no {name} (an older version of {self.script}.py): it starts afresh")
             elif isinstance(obj, torch.Tensor):
                 obj.copy_(saved[name])
+            elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() and not saved[name]:
+                self.say("the checkpoint ran without fp16 (its GradScaler was off): the loss scale starts at "
+                         f"{obj.get_scale():g}")   # --amp may change on resume: bf16 or none -> fp16
             else:
-                obj.load_state_dict(saved[name])
+                try:
+                    obj.load_state_dict(saved[name])
+                except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                    raise UserError(f"{label}: its {name} does not fit {self.script}.py's ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0]}); nothing was written") from None
         rng, world = ck["rng"], int(ck.get("world", 1))
         if world != self.world:
             self.say(f"the checkpoint was written by {world} process(es), this run has {self.world}: the global "

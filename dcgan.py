@@ -74,14 +74,14 @@ class Config(common.RunConfig):
     # Paper hyper-parameters (section 4)
     image_size: int = arg(64, "28, or a power of two >= 16 (64: the paper)", min=16)
     batch_size: int = arg(128, "minibatch size", min=1)
-    lr: float = arg(2e-4, "Adam learning rate (0.001 was too high, section 4)", min=0)
+    lr: float = arg(2e-4, "Adam learning rate (0.001 was too high, section 4)", above=0)
     beta1: float = arg(0.5, "Adam beta1 (0.9 oscillated, section 4)", min=0, max=0.999999)
     beta2: float = arg(0.999, "Adam beta2 (PyTorch's default)", min=0, max=0.999999)
     nz: int = arg(100, "dimension of z ~ U[-1, 1]", min=1)
     ngf: int = arg(64, "G's channels at its last hidden layer (doubled at each block towards z)", min=1)
     ndf: int = arg(64, "D's channels at its first layer (doubled at each block)", min=1)
     leak: float = arg(0.2, "LeakyReLU slope in D", min=0)
-    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation", min=0)
+    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation", above=0)
     channels_last: bool = arg(False, "NHWC memory layout for the convolutions (faster with --amp)", run=True)
 
 

@@ -90,8 +90,8 @@ class Config(common.RunConfig):
     # Paper hyper-parameters (Algorithm 1, section 4)
     image_size: int = arg(64, "28, or a power of two >= 16 (64: the paper's LSUN)", min=16)
     batch_size: int = arg(64, "m, the minibatch of every critic and generator iteration", min=1)
-    lr: float = arg(5e-5, "alpha, the RMSProp learning rate of both networks", min=0)
-    clip: float = arg(0.01, "c: the critic's weights are clipped to [-c, c] after each of its updates", min=0)
+    lr: float = arg(5e-5, "alpha, the RMSProp learning rate of both networks", above=0)
+    clip: float = arg(0.01, "c: the critic's weights are clipped to [-c, c] after each of its updates", above=0)
     n_critic: int = arg(5, "critic iterations per generator iteration", min=1)
     critic_burst: bool = arg(True, "100 critic iterations at the first 25 and every 500th generator iteration "
                              "(the authors' main.py)")
@@ -99,7 +99,7 @@ class Config(common.RunConfig):
     ngf: int = arg(64, "G's channels at its last hidden layer (doubled at each block towards z)", min=1)
     ndf: int = arg(64, "the critic's channels at its first layer (doubled at each block)", min=1)
     leak: float = arg(0.2, "LeakyReLU slope in the critic", min=0)
-    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation", min=0)
+    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation", above=0)
     channels_last: bool = arg(False, "NHWC memory layout for the convolutions (faster with --amp)", run=True)
 
 

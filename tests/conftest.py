@@ -284,6 +284,18 @@ def check_signal_resume(script: str, small: list, tmp: Path, sig=signal.SIGTERM)
     assert_same_state(load(straight / "ckpt.pt"), load(out / "ckpt.pt"))
 
 
+def check_amp_change_on_resume(script: str, small: list, tmp: Path) -> None:
+    """--amp may change when a run is resumed, as a requeue onto another GPU type does: a checkpoint written
+    without AMP, then resumed under fp16 (what --amp is on a V100, a T4 or MPS; forced here on the CPU),
+    then bf16, then without AMP again, trains on each time (the fp16 GradScaler starts afresh)."""
+    out = tmp / "amp"
+    run_script(script, *small, "--steps", 1, "--out", out, cwd=tmp)
+    for step, amp in ((2, "fp16"), (3, "bf16"), (4, "off"), (5, "fp16")):
+        proc = run_script(script, "--resume", "--steps", step, "--amp", amp, "--out", out, cwd=tmp)
+        assert f"done at step {step}" in proc.stdout, proc.stdout
+        assert load(out / "ckpt.pt")["config"]["amp"] == amp
+
+
 def check_sample(script: str, small: list, tmp: Path) -> None:
     """--sample N writes N PNGs (or one .npz of uint8 N x H x W x C), the same for the same --seed and
     others for another; a second --sample replaces the first's images; bad destinations are refused."""
@@ -366,7 +378,8 @@ BAD_FLAGS = [(["--sample-every", 0], ["--sample-every 0", "at least 1"]), (["--l
              (["--ckpt-every", -1], ["--ckpt-every -1"]), (["--batch-size", 0], ["--batch-size 0"]),
              (["--steps", -5], ["--steps -5"]), (["--device", "mps"], ["--device mps"]),
              (["--dataset", "nosuch"], ["--dataset nosuch"]), (["--seed", -1], ["--seed -1"]),
-             (["--lr", "nan"], ["--lr nan", "finite"]), (["--sample-out", "x.npz"], ["goes with --sample"])]
+             (["--lr", "nan"], ["--lr nan", "finite"]), (["--sample-out", "x.npz"], ["goes with --sample"]),
+             (["--step", 3], ["unrecognized arguments: --step"]), (["--amp", "fp8"], ["--amp", "fp8"])]
 
 
 def check_bad_flags(script: str, small: list, tmp: Path, cases: list) -> None:

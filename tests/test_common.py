@@ -331,7 +331,7 @@ def test_a_checkpoint_from_an_older_script_still_resumes(tmp_path, capsys):
     common.save_checkpoint(ckpt, tmp_path / "run/ckpt.pt")
     run = toy_run(tmp_path, ["--resume"])
     out = capsys.readouterr().out
-    assert run.cfg.width == 3 and "predates --width (default 3)" in out and "ignoring the checkpoint's gone" in out
+    assert run.cfg.width == 3 and "predates --width (3)" in out and "ignoring the checkpoint's gone" in out
     run._lock.close()
     with pytest.raises(common.UserError, match="lr 0.1 -> 0.5"):   # a real change is still refused
         toy_run(tmp_path, ["--resume", "--lr", "0.5"])

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import common
 import dcgan
-from conftest import (assert_same_state, check_bad_flags, check_bad_inputs, check_compile, check_ddp,
+from conftest import (check_amp_change_on_resume, assert_same_state, check_bad_flags, check_bad_inputs, check_compile, check_ddp,
                       check_exact_resume, check_sample, check_signal_resume, check_smoke, load, random_inception_env,
                       run_script)
 
@@ -104,7 +104,8 @@ def test_bad_inputs(tmp):
 
 def test_bad_flags(tmp):
     check_bad_flags("dcgan", SMALL, tmp, [(["--image-size", 48], ["--image-size 48"]), (["--beta1", 1], ["--beta1"]),
-                                          (["--interpolate", 3], ["--interpolate goes with --sample"])])
+                                          (["--interpolate", 3], ["--interpolate goes with --sample"]),
+                                          (["--lr", 0], ["--lr 0", "above 0"]), (["--init-std", 0], ["--init-std 0"])])
 
 
 def test_load_from_python(tmp):
@@ -147,3 +148,8 @@ def test_eval_every_logs_fid_keeps_best_and_changes_nothing(tmp):
     proc = run_script("dcgan", *SMALL, *evaluated, "--steps", 4, "--out", tmp / "offline", cwd=tmp,
                       env={"TORCH_HOME": str(tmp / "empty"), "XDG_CACHE_HOME": str(tmp / "cache2")})
     assert proc.stdout.count("evaluation off for this run") == 1 and "done at step 4" in proc.stdout
+
+
+def test_amp_may_change_on_resume_fp16_included(tmp):
+    """A requeue onto another GPU type changes what --amp means; the fp16 GradScaler starts afresh."""
+    check_amp_change_on_resume("dcgan", SMALL, tmp)
