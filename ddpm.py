@@ -29,15 +29,17 @@ the same network, S of the T steps, x_{t'} = sqrt(alpha_bar_t') x_0 + sqrt(1 - a
 + s z with s = eta sqrt((1 - alpha_bar_t') / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t');
 eta = 0 is deterministic; S = 50 takes 20x fewer network evaluations than Algorithm 2's T = 1000.
 
-The paper's setup (section 4, appendix B), all defaults: T = 1000, beta linear from 1e-4 to 0.02 (computed
-in float64, as the official code); a U-Net (PixelCNN++ backbone) of ResNet blocks with GroupNorm (32
-groups), the sinusoidal embedding of t added in every block, self-attention at 16 x 16, dropout 0.1;
-Adam lr 2e-4 with a linear warm-up over 5,000 steps, gradients clipped at norm 1, an EMA of the weights
-with decay 0.9999 (samples and evaluation use it), batch 128, random horizontal flips for CIFAR-10.
---arch cifar10 is the paper's CIFAR-10 network (ch 128, ch_mult 1,2,2,2, 2 blocks per resolution): 35,746,307
-parameters, the official code's count (tested). --arch small (the default) is the same network, a
-quarter as wide and one resolution shorter (ch 32, ch_mult 1,2,2: 28 -> 14 -> 7, attention at 14 x 14),
-so that Fashion-MNIST trains on a CPU: 1,623,169 parameters for one channel.
+The paper's hyper-parameters (section 4, appendix B) are the defaults: T = 1000, beta linear from 1e-4 to 0.02
+(computed in float64, as the official code); a U-Net (PixelCNN++ backbone) of ResNet blocks with GroupNorm (32
+groups), the sinusoidal embedding of t added in every block, dropout 0.1; Adam lr 2e-4 with a linear warm-up
+over 5,000 steps, gradients clipped at norm 1, an EMA of the weights with decay 0.9999 (samples and evaluation
+use it), batch 128. Two parts of the paper's CIFAR-10 setup are flags: --arch cifar10 and --hflip (random
+horizontal flips). --arch cifar10 is the paper's network (ch 128, ch_mult 1,2,2,2, 2 blocks per resolution,
+self-attention at 16 x 16 and in the middle): 35,746,307 parameters, the official code's count (tested); at
+other sizes its attention stays at the 16 x 16 level. --arch small (the default) is the same network a quarter
+as wide and one resolution shorter (ch 32, ch_mult 1,2,2: 28 -> 14 -> 7), so that Fashion-MNIST trains on a
+CPU: 1,623,169 parameters for one channel; its levels have no 16 x 16, so attention sits at level 1 (14 x 14),
+as in --arch tiny. With 32 channels, GroupNorm's 32 groups are one channel each there: instance norm.
 
 Deviations, each deliberate:
 - x_0 predicted at sampling time is clipped to [-1, 1] before mu_theta is formed, as the official sampler
@@ -45,9 +47,9 @@ Deviations, each deliberate:
   evaluation, clip_denoised=True). DDIM clips x_0 too and re-derives eps from the clipped x_0 (as OpenAI's
   guided-diffusion does): with eta = 1 and S = T it is then exactly Algorithm 2 with sigma^2 = beta_tilde
   (tested); the DDIM paper's code does not clip.
-- sigma_1^2 under --var beta (the paper's CIFAR-10 choice) is beta_tilde_2, not beta_1, as in the
-  official code: a better decoder likelihood L_0 for the same samples (beta_1 = 1e-4 is far below the
-  pixel bin width).
+- sigma_1^2 is beta_tilde_2, under --var beta (the paper's CIFAR-10 choice) and --var beta-tilde alike, as in
+  the official code: sigma_1 = sqrt(beta_1) = 0.010 is wider than a pixel bin (2/255 = 0.0078), sqrt(beta_tilde_2)
+  = 0.0074 about one bin, so L_0 is better for the same samples (1.71 -> 1.31 bits/dim for a perfect mean).
 - L_0's Gaussian mass per pixel bin uses the exact normal CDF (eq. 13); the official code uses the tanh
   approximation 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), off by up to 1.8e-4 in each CDF.
 - The learning rate of update s (counted from 0) is 2e-4 min(s / 5000, 1), the official warm-up, so the
@@ -58,6 +60,11 @@ Deviations, each deliberate:
   embedding: the same model, trained from scratch, but official weights would need t - 1.
 - Downsampling pads its stride-2 convolution symmetrically (PyTorch's padding=1), TensorFlow's SAME pads
   right and bottom only: the same parameters, a one-pixel shift of where the kernel lands.
+- GroupNorm's eps is PyTorch's 1e-5; the official tf.contrib group_norm uses 1e-6.
+- The paper's beta endpoints are for T = 1000: at another --T the chain stops short of N(0, I) (alpha_bar_T
+  0.36 at T = 100), which the run prints and warns about; --beta-schedule scaled multiplies both by 1000 / T.
+- DDIM's S steps start at t = 1 and end at tau_S = 1 + (S - 1) T / S (981 for S = 50), as the DDIM code's
+  uniform skip: its x at tau_S is drawn from N(0, I) (alpha_bar 5.9e-5 there, 4.0e-5 at T).
 
 Usage:
     python ddpm.py                                     # Fashion-MNIST 28 x 28, the small U-Net
@@ -90,10 +97,10 @@ import torch.nn.functional as F
 import common
 from common import arg
 
-# name -> (ch, ch_mult, blocks per resolution, attention at these levels (level i: image_size / 2^i))
-ARCHS = {"tiny": (32, (1, 2), 1, (1,)),              # for the tests and a first look
-         "small": (32, (1, 2, 2), 2, (1,)),
-         "cifar10": (128, (1, 2, 2, 2), 2, (1,))}   # the paper's CIFAR-10 U-Net: attention at 16 x 16
+# name -> (ch, ch_mult, blocks per resolution); self-attention: attention_level
+ARCHS = {"tiny": (32, (1, 2), 1),              # for the tests and a first look
+         "small": (32, (1, 2, 2), 2),
+         "cifar10": (128, (1, 2, 2, 2), 2)}   # the paper's CIFAR-10 U-Net
 
 
 @dataclass
@@ -118,14 +125,19 @@ class Config(common.RunConfig):
                     "tiny (tests)",
                     choices=tuple(ARCHS))
     dropout: float = arg(0.1, "dropout in the ResNet blocks (the paper: 0.1 on CIFAR-10)", min=0, max=0.99)
+    attn_level: int = arg(-1, "the U-Net level with self-attention (level i works at image_size / 2^i); -1: the "
+                          "arch's (cifar10: the 16 x 16 level, the paper's; small, tiny: level 1)", min=-1, predates=1)
     T: int = arg(1000, "diffusion steps", min=2)
     beta_1: float = arg(1e-4, "beta at t = 1 (linear schedule)", min=0, max=0.999)
     beta_T: float = arg(0.02, "beta at t = T", min=0, max=0.999)
+    beta_schedule: str = arg("linear", "linear: from --beta-1 to --beta-T whatever T (the paper's, for T = 1000) | "
+                             "scaled: both times 1000 / T (Nichol & Dhariwal 2021), so that a shorter chain still "
+                             "ends near N(0, I)", choices=("linear", "scaled"))
     batch_size: int = arg(128, "minibatch size (global, shared among processes)", min=1)
-    lr: float = arg(2e-4, "Adam learning rate", min=0)
+    lr: float = arg(2e-4, "Adam learning rate", above=0)
     warmup: int = arg(5000, "steps of linear learning-rate warm-up", min=0)
-    grad_clip: float = arg(1.0, "clip the gradient's global norm at this value", min=0)
-    ema_decay: float = arg(0.9999, "decay of the EMA of the weights used for sampling", min=0, max=1)
+    grad_clip: float = arg(1.0, "clip the gradient's global norm at this value", above=0)
+    ema_decay: float = arg(0.9999, "decay of the EMA of the weights used for sampling", min=0, below=1)
     hflip: bool = arg(False, "random horizontal flips of the training images (the paper: on for CIFAR-10)")
     channels_last: bool = arg(False, "NHWC memory layout for the convolutions (faster with --amp)", run=True)
 
@@ -151,9 +163,9 @@ class Diffusion:
         to = lambda v: v.to(device, wide)                                            # noqa: E731
         self.beta, self.alpha, self.alpha_bar, self.alpha_bar_prev = map(to, (beta, alpha, alpha_bar, alpha_bar_prev))
         self.beta_tilde, self.sigma2 = to(beta_tilde), to(sigma2)
-        self.log_beta_tilde = to(beta_tilde.clamp(min=1e-300).log())   # t = 1 (log 0) is never used
+        self.log_beta_tilde = to(beta_tilde.clamp(min=1e-300).log())   # at t = 1 (log 0): vlb_terms replaces it by L_0
         self.log_sigma2 = to(sigma2.clamp(min=1e-300).log())
-        self.alpha_bar_list = alpha_bar.tolist()   # for DDIM's scalars, without a device round trip
+        self.alpha_bar_list, self.beta_list = alpha_bar.tolist(), beta.tolist()   # scalars, without a device trip
         # mu_tilde = coef_x0 x_0 + coef_xt x_t (eq. 7)
         self.coef_x0 = to(alpha_bar_prev.sqrt() * beta / (1 - alpha_bar).clamp(min=1e-20))
         self.coef_xt = to(alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar).clamp(min=1e-20))
@@ -376,17 +388,39 @@ class UNet(nn.Module):
         return h
 
 
+def attention_level(cfg: Config) -> int:
+    """--attn-level, where -1 takes the arch's: for cifar10 the level whose maps are 16 x 16, as the paper places
+    it (the level nearest to 16 at sizes without one); for small and tiny, whose levels at their sizes (28, 14, 7;
+    8, 4) have no 16 x 16, level 1. A checkpoint records the level it was built with."""
+    levels = len(ARCHS[cfg.arch][1])
+    if cfg.attn_level >= levels:
+        raise common.UserError(f"--attn-level {cfg.attn_level}: --arch {cfg.arch} has levels 0 to {levels - 1}")
+    if cfg.attn_level >= 0:
+        return cfg.attn_level
+    if cfg.arch != "cifar10":
+        return 1
+    return min(range(levels), key=lambda i: (abs(math.log2(image_size(cfg) / 2 ** i) - 4), -i))
+
+
 def build(cfg: Config, device) -> UNet:
-    ch, ch_mult, blocks, attn = ARCHS[cfg.arch]
+    ch, ch_mult, blocks = ARCHS[cfg.arch]
     size = image_size(cfg)
     if size % 2 ** (len(ch_mult) - 1):
         raise common.UserError(f"--image-size {size}: --arch {cfg.arch} halves it {len(ch_mult) - 1} times; use a "
                                f"multiple of {2 ** (len(ch_mult) - 1)}")
-    return UNet(common.dataset_channels(cfg.dataset), ch, ch_mult, blocks, attn, cfg.dropout).to(device)
+    return UNet(common.dataset_channels(cfg.dataset), ch, ch_mult, blocks, (attention_level(cfg),),
+                cfg.dropout).to(device)
 
 
 def image_size(cfg: Config) -> int:
     return cfg.image_size or common.DATASETS.get(cfg.dataset, (3, 64))[1]
+
+
+def beta_range(cfg: Config) -> tuple[float, float]:
+    """(beta_1, beta_T) of the linear schedule: as given, or (--beta-schedule scaled) times 1000 / T, below 1
+    (Nichol & Dhariwal 2021's linear schedule for any T)."""
+    scale = 1000 / cfg.T if cfg.beta_schedule == "scaled" else 1.0
+    return min(cfg.beta_1 * scale, 0.999), min(cfg.beta_T * scale, 0.999)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,7 +511,7 @@ def load(path: str, device="cpu"):
     cfg, ckpt = common.load_config(Config, path, "ddpm")
     model = build(cfg, "cpu")
     model.load_state_dict(ckpt["models"]["ema"])
-    return model.to(device).eval(), Diffusion(cfg.T, cfg.beta_1, cfg.beta_T, cfg.var, device)
+    return model.to(device).eval(), Diffusion(cfg.T, *beta_range(cfg), cfg.var, device)
 
 
 def main():
@@ -488,15 +522,21 @@ def main():
                                f"beta_T (beta_1 = 0 makes beta_tilde_1 0/0)")
     if cfg.eval_vlb and not cfg.eval_every and not run.sampling:
         raise common.UserError("--eval-vlb N goes with --eval-every N (on a checkpoint: --vlb N)")
+    cfg.attn_level = attention_level(cfg)   # recorded: a checkpoint keeps the network it was built with
     device = run.device
     model = build(cfg, device)
     memory_format = torch.channels_last if cfg.channels_last and not run.sampling else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     ema = EMA(model, cfg.ema_decay)
-    diffusion = Diffusion(cfg.T, cfg.beta_1, cfg.beta_T, cfg.var, device)
+    diffusion = Diffusion(cfg.T, *beta_range(cfg), cfg.var, device)
     shape = (common.dataset_channels(cfg.dataset), image_size(cfg), image_size(cfg))
     if cfg.sampler == "ddim":
         ddim_timesteps(cfg.T, cfg.sample_steps)   # a bad --sample-steps is refused before anything is done
+    run.say(f"T = {cfg.T}, beta from {diffusion.beta_list[1]:.3g} to {diffusion.beta_list[-1]:.3g} "
+            f"({cfg.beta_schedule}): alpha_bar_T = {diffusion.alpha_bar_list[-1]:.3g}")
+    if diffusion.alpha_bar_list[-1] > 1e-2:   # x_T = sqrt(alpha_bar_T) x_0 + ...: far from the N(0, I) we sample
+        common.warn(f"alpha_bar_T = {diffusion.alpha_bar_list[-1]:.3g}: x_T keeps much of x_0, but sampling starts from "
+                    f"N(0, I); use more steps (--T 1000) or --beta-schedule scaled")
 
     def draw(n: int, generator) -> torch.Tensor:   # grids, --eval-every and --sample: the EMA weights
         return sample(ema.model, diffusion, n, shape, cfg.sampler, cfg.sample_steps, cfg.eta, generator, device)

@@ -12,7 +12,7 @@ from torch.distributions import Normal, kl_divergence
 
 import common
 import ddpm
-from conftest import (assert_clean_error, check_bad_flags, check_bad_inputs, check_compile,
+from conftest import (check_amp_change_on_resume, assert_clean_error, check_bad_flags, check_bad_inputs, check_compile,
                       check_ddp, check_exact_resume, check_sample, check_signal_resume, check_smoke, load, run_script,
                       start_script)
 
@@ -46,18 +46,68 @@ def test_defaults_are_the_papers():
     assert (cfg.T, cfg.beta_1, cfg.beta_T, cfg.var, cfg.sampler) == (1000, 1e-4, 0.02, "beta", "ddpm")
     assert (cfg.lr, cfg.warmup, cfg.grad_clip, cfg.ema_decay, cfg.batch_size, cfg.dropout) == \
         (2e-4, 5000, 1.0, 0.9999, 128, 0.1)
-    assert ddpm.ARCHS["cifar10"] == (128, (1, 2, 2, 2), 2, (1,))
+    assert ddpm.ARCHS["cifar10"] == (128, (1, 2, 2, 2), 2) and cfg.beta_schedule == "linear"
 
 
 def test_parameter_count_is_the_official_cifar10_unet():
-    ch, ch_mult, blocks, attn = ddpm.ARCHS["cifar10"]
-    net = ddpm.UNet(3, ch, ch_mult, blocks, attn, 0.1)
+    cfg = ddpm.Config(dataset="cifar10", arch="cifar10")
+    net = ddpm.build(cfg, "cpu")
     assert common.count_parameters(net) == 35_746_307
     # attention at 16 x 16 (2 blocks down, 3 up) and in the middle
     assert sum(isinstance(m, ddpm.Attention) for m in net.modules()) == 2 + 3 + 1
     assert net(torch.randn(2, 3, 32, 32), torch.tensor([1, 1000])).shape == (2, 3, 32, 32)
-    small = ddpm.UNet(1, *ddpm.ARCHS["small"], 0.1)
+    small = ddpm.build(ddpm.Config(), "cpu")
     assert common.count_parameters(small) == 1_623_169   # the docstring's figure
+
+
+def attention_sizes(net: nn.Module, size: int, channels: int = 3) -> list[int]:
+    """The side of the feature maps each Attention layer of ``net`` sees on a size x size input."""
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[-1]))
+             for m in net.modules() if isinstance(m, ddpm.Attention)]
+    with torch.no_grad():
+        net(torch.randn(1, channels, size, size), torch.tensor([1]))
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
+@pytest.mark.parametrize("size, middle", [(32, 4), (64, 8)])
+def test_cifar10_attention_is_at_16x16_whatever_the_image_size(size, middle):
+    """The paper's "self-attention at the 16 x 16 resolution": at 32 x 32 the level 1 maps, at 64 x 64 level 2
+    (not level 1's 32 x 32, 16 times the attention cost); the middle block's attention as well."""
+    cfg = ddpm.Config(dataset="cifar10", arch="cifar10", image_size=size)
+    assert attention_sizes(ddpm.UNet(3, 32, (1, 2, 2, 2), 1, (ddpm.attention_level(cfg),), 0.0), size) == \
+        [16, middle, 16, 16]
+    small = ddpm.Config(arch="small")
+    assert ddpm.attention_level(small) == 1 and attention_sizes(ddpm.build(small, "cpu"), 28, 1) == [14, 14, 7, 14, 14, 14]
+
+
+def test_a_checkpoint_keeps_the_attention_it_was_built_with(tmp):
+    """The level is recorded; a checkpoint that predates the record keeps level 1, where it was built."""
+    run_script("ddpm", *SMALL, "--steps", 1, "--out", tmp / "run", cwd=tmp)
+    ckpt = load(tmp / "run" / "ckpt.pt")
+    assert ckpt["config"]["attn_level"] == 1
+    del ckpt["config"]["attn_level"]
+    ckpt["config"].update(arch="cifar10", image_size=64, dataset="cifar10")
+    torch.save(ckpt, tmp / "old.pt")
+    cfg, _ = common.load_config(ddpm.Config, tmp / "old.pt", "ddpm")
+    assert ddpm.attention_level(cfg) == 1   # the 32 x 32 level it was trained with, not today's 16 x 16
+
+
+def test_a_short_chain_is_said_and_the_scaled_schedule_reaches_noise(tmp):
+    """alpha_bar_T is printed; far from 0 (--T 10 with the paper's betas) it comes with a warning that says
+    what to do. --beta-schedule scaled (betas times 1000 / T) ends near N(0, I) at T = 100 and is recorded."""
+    proc = run_script("ddpm", *SMALL, "--steps", 1, "--out", tmp / "short", cwd=tmp)
+    assert "alpha_bar_T = 0.904" in proc.stdout
+    assert "warning: alpha_bar_T = 0.904" in proc.stderr and "--beta-schedule scaled" in proc.stderr
+    assert ddpm.beta_range(ddpm.Config(T=100, beta_schedule="scaled")) == pytest.approx((1e-3, 0.2))
+    assert ddpm.beta_range(ddpm.Config(T=10, beta_schedule="scaled")) == pytest.approx((1e-2, 0.999))
+    scaled = ["--T", 100, "--beta-schedule", "scaled"]
+    proc = run_script("ddpm", *SMALL, *scaled, "--steps", 1, "--out", tmp / "scaled", cwd=tmp)
+    assert "warning" not in proc.stderr and load(tmp / "scaled" / "ckpt.pt")["config"]["beta_schedule"] == "scaled"
+    _, diffusion = ddpm.load(tmp / "scaled" / "ckpt.pt")
+    assert diffusion.alpha_bar_list[-1] < 1e-4
 
 
 def test_optimizer_is_adam_with_the_papers_settings(tmp):
@@ -72,7 +122,7 @@ def test_warmup_clipping_and_ema():
     (1 - decay) towards the new weights."""
     cfg = ddpm.Config(T=10, warmup=5000, grad_clip=1.0, ema_decay=0.9)
     torch.manual_seed(0)
-    model = ddpm.UNet(1, *ddpm.ARCHS["tiny"], 0.0)
+    model = ddpm.UNet(1, *ddpm.ARCHS["tiny"], (1,), 0.0)
     ema = ddpm.EMA(model, cfg.ema_decay)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     diffusion = ddpm.Diffusion(10, 1e-4, 0.02)
@@ -319,6 +369,7 @@ def test_bad_flags(tmp):
         (["--arch", "small", "--image-size", 30], ["--image-size 30", "multiple of 4"]),
         (["--sampler", "ddim", "--sample-steps", 20], ["--sample-steps 20", "at most"]),
         (["--vlb", 3, "--sample", 2], ["two commands"]), (["--ema-decay", 1.5], ["--ema-decay"]),
+        (["--ema-decay", 1], ["--ema-decay 1", "below 1"]), (["--grad-clip", 0], ["--grad-clip 0", "above 0"]),
         (["--beta-1", 0], ["--beta-1 0.0", "0 < beta_1 <= beta_T"]), (["--beta-1", 0.1], ["--beta-1 0.1"]),
         (["--eval-vlb", 10], ["--eval-vlb N goes with --eval-every"]), (["--eta", 1.5], ["--eta"])])
 
@@ -434,3 +485,8 @@ def test_sample_split_among_array_tasks_and_resumed(tmp):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+def test_amp_may_change_on_resume_fp16_included(tmp):
+    """A requeue onto another GPU type changes what --amp means; the fp16 GradScaler starts afresh."""
+    check_amp_change_on_resume("ddpm", SMALL, tmp)

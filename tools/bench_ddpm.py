@@ -66,8 +66,9 @@ def ours(flags: str, a, out: Path) -> float:
 
 
 def peer(a, out: Path) -> float:
-    ch, ch_mult, blocks, attn = ddpm.ARCHS[a.arch]
-    flags = ["--train", "--ch", str(ch), *[f"--ch_mult={m}" for m in ch_mult], *[f"--attn={i}" for i in attn],
+    ch, ch_mult, blocks = ddpm.ARCHS[a.arch]
+    attn = ddpm.attention_level(ddpm.Config(dataset="synthetic-rgb", image_size=32, arch=a.arch))
+    flags = ["--train", "--ch", str(ch), *[f"--ch_mult={m}" for m in ch_mult], f"--attn={attn}",
              "--num_res_blocks", str(blocks), "--dropout", "0.1", "--batch_size", str(a.batch_size),
              "--sample_step", "0", "--save_step", "0", "--eval_step", "0", "--logdir", str(out)]
     cmd = [sys.executable, "-c", PEER, str(Path(a.peer).resolve()), str(a.steps), str(a.warmup),
