@@ -61,7 +61,11 @@ Deviations, each deliberate:
   mixes the running average into the training statistics, is off). Its training bits/dim is therefore
   measured with batch statistics; the test bits/dim, with the running averages, is the model's. With
   momentum 0.1 the averages follow the last ten or so minibatches, and the test bits/dim moves with them
-  (README: by about 0.1 between nearby Fashion-MNIST checkpoints).
+  (by about 0.1 between nearby Fashion-MNIST checkpoints), so --bpd also reports it with every running
+  average replaced by the mean statistics of --recalibrate training minibatches (recalibrate), labelled.
+- Sampling inverts the flow with the running averages in every batch norm (eval mode). The official sampler
+  runs the decoder with train=True: the batch norms inside s and t use the sample batch's own statistics,
+  and only the flow's own batch norms their moving averages.
 - The logit's input is alpha + (1 - 2 alpha) x~, in [0.05, 0.95] (the official code's data_constraint
   0.9); the paper writes alpha + (1 - alpha) x~.
 - The learned scale of tanh(s) is one scalar per coupling, as in the official code, starting at 0 in
@@ -118,8 +122,10 @@ BN_MOMENTUM, BN_EPS = 0.1, 1e-4          # running averages and epsilon of every
 class Config(common.RunConfig):
     steps: int = arg(50_000, "optimizer steps (the paper does not say; 53 Fashion-MNIST epochs at batch 64)",
                      run=True, min=0)
-    bpd: int = arg(0, "no training: bits/dim of the checkpoint on the first N test images (running averages)",
-                   command=True, min=0)
+    bpd: int = arg(0, "no training: bits/dim of the checkpoint on the first N test images, with the running "
+                   "averages as saved and recalibrated (--recalibrate)", command=True, min=0)
+    recalibrate: int = arg(100, "with --bpd: also the bits/dim with every batch norm's running averages replaced by "
+                           "the mean statistics of N training minibatches (0: off)", command=True, min=0)
     eval_bpd: int = arg(10_000, "with --eval-every: also the bits/dim of the first N test images, to metrics.csv "
                         "(test_bpd; 0: off; --dataset folder has no test split: off)", run=True, min=0)
     temperature: float = arg(1.0, "standard deviation T of z ~ N(0, T^2 I) for grids, --eval-every and --sample "
@@ -130,10 +136,10 @@ class Config(common.RunConfig):
     arch: str = arg("small", "small (CPU-sized, 3 scales for 28 x 28) | cifar10 (the paper's: 2 scales, 8 blocks, "
                     "64 feature maps) | tiny (tests)", choices=tuple(ARCHS))
     batch_size: int = arg(64, "minibatch size (global, shared among processes)", min=1)
-    lr: float = arg(1e-3, "Adam learning rate (default betas 0.9, 0.999)", min=0)
+    lr: float = arg(1e-3, "Adam learning rate (default betas 0.9, 0.999)", above=0)
     l2: float = arg(5e-5, "coefficient of the L2 penalty on the weight scale parameters", min=0)
     alpha: float = arg(0.05, "the logit transform's margin: y = logit(alpha + (1 - 2 alpha) x~)", min=1e-6, max=0.499)
-    grad_clip: float = arg(100.0, "clip the gradient's global norm at this value (official code)", min=0)
+    grad_clip: float = arg(100.0, "clip the gradient's global norm at this value (official code)", above=0)
     hflip: bool = arg(False, "random horizontal flips of the training images (the paper: on for CIFAR-10)")
     channels_last: bool = arg(False, "NHWC memory layout for the convolutions (faster with --amp)", run=True)
 
@@ -426,6 +432,41 @@ def evaluate_bpd(model: RealNVP, images: torch.Tensor, batch: int = 500, seed: i
     return total / len(images)
 
 
+@torch.no_grad()
+def recalibrate(model: RealNVP, images: torch.Tensor, batches: int, batch_size: int, seed: int = 0) -> None:
+    """Replace every batch norm's running averages by the mean statistics of ``batches`` training minibatches
+    (uint8 images drawn with a seeded generator, dequantized once): the model's test-time batch norm without
+    the noise of a momentum-0.1 average. The weights are untouched; the model is left in eval mode."""
+    flow_norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
+    sums = {m: [0.0, 0.0] for m in flow_norms}
+
+    def record(module, inputs, output):   # the flow's batch norms: the minibatch's mean and biased variance
+        sums[module][0] += inputs[0].mean(dim=(0, 2, 3))
+        sums[module][1] += inputs[0].var(dim=(0, 2, 3), unbiased=False)
+
+    hooks = [m.register_forward_hook(record) for m in flow_norms]
+    inner = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in inner:                       # inside s and t: PyTorch's cumulative average over the minibatches
+        m.reset_running_stats()
+        m.momentum = None
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    try:
+        for _ in range(batches):
+            x = images[torch.randint(0, len(images), (batch_size,), generator=g)].float()
+            model(dequantize(x, g).to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in inner:
+            m.momentum = BN_MOMENTUM
+        model.eval()
+    for m in flow_norms:
+        m.running_mean.copy_(sums[m][0] / batches)
+        m.running_var.copy_(sums[m][1] / batches)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training: maximum likelihood (section 3.1), Adam, L2 on the weight scales
 # ----------------------------------------------------------------------------------------------
@@ -505,9 +546,16 @@ def main():
         run.start()
         if cfg.bpd:
             test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.bpd]
-            bpd = evaluate_bpd(model, test, seed=cfg.seed, progress=lambda i, n, s: run.say(
-                f"bits/dim: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}"))
-            print(f"test_bpd: {bpd:.4f}  (bits/dim on {len(test)} test images)")
+            progress = lambda i, n, s: run.say(   # noqa: E731
+                f"bits/dim: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}")
+            bpd = evaluate_bpd(model, test, seed=cfg.seed, progress=progress)
+            print(f"test_bpd: {bpd:.4f}  (bits/dim on {len(test)} test images, running averages as saved)")
+            if cfg.recalibrate:
+                train = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
+                recalibrate(model, train, cfg.recalibrate, cfg.batch_size, seed=cfg.seed)
+                bpd = evaluate_bpd(model, test, seed=cfg.seed, progress=progress)
+                print(f"test_bpd_recalibrated: {bpd:.4f}  (the same, running averages from {cfg.recalibrate} "
+                      f"training minibatches of {cfg.batch_size})")
         else:
             run.write_sharded(draw, cfg.sample, batch=500, key={"temperature": cfg.temperature}, value_range=(0, 1))
         return

@@ -28,10 +28,11 @@ and "a small weight decay term corresponding to a prior p(theta) = N(0, I)": 815
 
 Evaluation on the test set, in nats per image (printed by --nll N, logged by --eval-every with --eval-nll N):
 - the negative ELBO, its KL in closed form and E_q[log p(x | z)] averaged over the same k samples;
-- the importance-weighted estimate of -log p(x) of Burda, Grosse, Salakhutdinov 2015 ("Importance Weighted
+- -L_k, the importance-weighted bound of Burda, Grosse, Salakhutdinov 2015 ("Importance Weighted
   Autoencoders", arXiv:1509.00519, section 3 and Theorem 1): with z_1..z_k ~ q(z | x),
       log p(x) >= L_k = E[log 1/k sum_i p(x, z_i) / q(z_i | x)],  L_1 = ELBO <= L_k <= L_{k+1} -> log p(x),
-  computed in log space (log-sum-exp) with k = 5000, their evaluation setting.
+  computed in log space (log-sum-exp) with k = 5000, their evaluation setting. Logged as test_nll, it is an
+  upper bound on -log p(x) in expectation (one estimate may fall on either side), tight as k -> infinity.
 
 Likelihoods p(x | z) (--likelihood):
 - bernoulli (default; appendix C.1) models binary images. Grey-level images are binarized as the papers
@@ -76,7 +77,7 @@ Usage:
     python vae.py                                     # Fashion-MNIST, dynamically binarized, the paper's MLP
     python vae.py --resume                            # continue runs/vae-fashion-mnist (a requeued job too)
     python vae.py --dataset mnist                     # the paper's dataset (where its files can be had)
-    python vae.py --nll 10000                         # test -ELBO and IWAE -log p(x), k = 5000, in nats
+    python vae.py --nll 10000                         # test -ELBO and IWAE's -L_5000 >= -log p(x), in nats
     python vae.py --eval-every 10000 --eval-nll 1000  # the same on 1,000 test images during training (+ FID)
     python vae.py --sample 10000 --sample-out vae.npz --figures   # images + reconstructions, interpolation
     python vae.py --nz 2 --out runs/vae-z2            # a 2-D latent space: --figures draws its manifold (Figure 4)
@@ -108,11 +109,12 @@ TEST_SEED = 0   # the one binarization (or dequantization) of the test set, what
 class Config(common.RunConfig):
     steps: int = arg(1_000_000, "optimizer steps (Figure 2 runs to 10^8 training samples: 10^6 steps of M = 100)",
                      run=True, min=0)
-    nll: int = arg(0, "no training: the test negative ELBO and IWAE -log p(x), in nats, on the first N test images",
+    nll: int = arg(0, "no training: the test negative ELBO and IWAE's -L_k (a bound on -log p(x)), in nats, on the "
+                   "first N test images",
                    command=True, min=0)
     eval_nll: int = arg(1000, "with --eval-every: the same on the first N test images, to metrics.csv (test_neg_elbo, "
                         "test_nll); 0: off", run=True, min=0)
-    k: int = arg(5000, "importance samples of the IWAE estimate of -log p(x) (Burda et al. 2015: 5000)", run=True,
+    k: int = arg(5000, "importance samples of IWAE's -L_k, a bound on -log p(x) (Burda et al. 2015: 5000)", run=True,
                  min=1)
     figures: bool = arg(False, "with --sample: also write reconstructions.png, interpolation.png and, when --nz is 2, "
                         "manifold.png (Figure 4) to --out", sampling=True)
@@ -129,10 +131,10 @@ class Config(common.RunConfig):
     nf: int = arg(64, "--arch conv: channels of the first convolution, doubled at each stride-2 block", min=1)
     nz: int = arg(20, "dimension of z (Figure 2 sweeps 3 to 200; 2 for the manifold of Figure 4)", min=1)
     batch_size: int = arg(100, "minibatch size M (section 5)", min=1)
-    lr: float = arg(0.02, "Adagrad's global step size, from the paper's grid {0.01, 0.02, 0.1}", min=0)
+    lr: float = arg(0.02, "Adagrad's global step size, from the paper's grid {0.01, 0.02, 0.1}", above=0)
     prior_precision: float = arg(1.0, "the prior p(theta) = N(0, I / precision) on the weights, as a weight decay "
                                  "precision / N (section 5: N(0, I)); 0: none", min=0)
-    init_std: float = arg(0.01, "--arch mlp: every parameter from N(0, init_std^2) (section 5: N(0, 0.01))", min=0)
+    init_std: float = arg(0.01, "--arch mlp: every parameter from N(0, init_std^2) (section 5: N(0, 0.01))", above=0)
     channels_last: bool = arg(False, "--arch conv: NHWC memory layout for the convolutions (faster with --amp)",
                               run=True)
 
@@ -243,8 +245,9 @@ class VAE(nn.Module):
     def forward(self, x):
         """(log p(x | z), KL(q(z | x) || p(z))) of each image, z = mu + sigma * eps: the two terms of eq. 10, L = 1."""
         mu, logvar = self.encode(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)        # the reparameterization trick
-        return self.log_px(x, self.decode(z)), kl_divergence(mu.float(), logvar.float())
+        mu, logvar = mu.float(), logvar.float()                           # eps and z in float32 under --amp too
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=mu.device)   # the reparameterization trick
+        return self.log_px(x, self.decode(z)), kl_divergence(mu, logvar)
 
     def log_px(self, x, out):
         """log p_theta(x | z) of each image (summed over its pixels), in nats. ``out`` may carry extra leading
@@ -336,7 +339,8 @@ def test_images(cfg: Config, n: int | None = None) -> torch.Tensor:
 
 @torch.no_grad()
 def bounds(model: VAE, x, k: int, generator=None, values: int = 2 ** 24):
-    """(negative ELBO, IWAE estimate of -log p(x)) of each image of x, in nats. With z_i = mu + sigma eps_i,
+    """(negative ELBO, IWAE's -L_k) of each image of x, in nats: two bounds on -log p(x), -L_k the tighter (in
+    expectation). With z_i = mu + sigma eps_i,
     i = 1..k, and log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x):
         -L_k = -log 1/k sum_i w_i = -(logsumexp_i log w_i - log k)    (IWAE, section 3)
         -ELBO = KL(q || p(z)) - 1/k sum_i log p(x | z_i)               (eq. 10, averaged over the k samples)
@@ -510,7 +514,7 @@ def main():
             scores = evaluate(x, progress=lambda i, n, s: run.say(
                 f"--nll: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}"))
             print(f"test_neg_elbo: {scores['test_neg_elbo']:.4f}  test_nll: {scores['test_nll']:.4f}  (nats per "
-                  f"image on {len(x)} test images; IWAE with k = {cfg.k})")
+                  f"image on {len(x)} test images; test_nll is IWAE's -L_{cfg.k}, an upper bound on -log p(x))")
         else:
             run.write_generated(generate(model, cfg.sample, cfg, device), value_range=(0, 1))
             if cfg.figures:

@@ -358,11 +358,29 @@ def test_bad_flags(tmp):
         (["--arch", "huge"], ["--arch"]),
         (["--arch", "small", "--image-size", 30], ["--image-size 30", "multiple of 4"]),
         (["--bpd", 3, "--sample", 2], ["two commands"]), (["--alpha", 0.5], ["--alpha"]),
-        (["--temperature", -1], ["--temperature -1"])])
+        (["--temperature", -1], ["--temperature -1"]),
+        (["--grad-clip", 0], ["--grad-clip 0", "above 0"])])
 
 
 def test_ddp_two_processes_stop_together_and_resume_exactly(tmp):
     check_ddp("realnvp", SMALL, tmp)
+
+
+def test_recalibrate_sets_the_running_averages_to_the_mean_minibatch_statistics():
+    """After recalibrate, each flow batch norm's running mean and variance are the averages of what it saw in
+    each of the minibatches (batch statistics, biased variance); the weights do not move."""
+    torch.manual_seed(0)
+    model = realnvp.RealNVP(1, 8, *realnvp.ARCHS["tiny"])
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "batches" not in k}
+    images = (torch.rand(40, 1, 8, 8) * 256).to(torch.uint8)
+    norm = next(m for m in model.modules() if isinstance(m, realnvp.BatchNorm))
+    seen = []
+    norm.register_forward_hook(lambda m, i, o: seen.append((i[0].mean((0, 2, 3)), i[0].var((0, 2, 3), unbiased=False))))
+    realnvp.recalibrate(model, images, batches=3, batch_size=8, seed=1)
+    assert len(seen) == 3 and not model.training
+    torch.testing.assert_close(norm.running_mean, sum(m for m, _ in seen) / 3)
+    torch.testing.assert_close(norm.running_var, sum(v for _, v in seen) / 3)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items() if k in weights)
 
 
 def test_bpd_command_eval_every_and_load(tmp):
@@ -374,8 +392,10 @@ def test_bpd_command_eval_every_and_load(tmp):
     with open(out / "metrics.csv", newline="") as f:
         bpd = [float(r["test_bpd"]) for r in csv.DictReader(f) if r.get("test_bpd")]
     assert len(bpd) == 2 and all(1 < b < 12 for b in bpd)
-    proc = run_script("realnvp", "--out", out, "--bpd", 20, cwd=tmp)
+    proc = run_script("realnvp", "--out", out, "--bpd", 20, "--recalibrate", 3, cwd=tmp)
     assert float(proc.stdout.split("test_bpd: ")[1].split()[0]) == pytest.approx(bpd[-1], rel=1e-4)
+    recalibrated = float(proc.stdout.split("test_bpd_recalibrated: ")[1].split()[0])
+    assert 1 < recalibrated < 12 and recalibrated != pytest.approx(bpd[-1], rel=1e-4)
     model = realnvp.load(out / "ckpt.pt")
     saved = load(out / "ckpt.pt")["models"]["model"]
     assert not model.training and all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())

@@ -105,6 +105,19 @@ def test_train_step_binarizes_afresh_and_descends_the_mean_negative_elbo():
         torch.testing.assert_close(p.grad, g)
 
 
+def test_amp_draws_eps_and_forms_z_in_float32():
+    """Under bf16 autocast (--amp on a CPU or an A100) the encoder runs in bf16, but eps ~ N(0, I) and
+    z = mu + sigma eps are float32: 8 mantissa bits would round the reparameterization noise."""
+    cfg = vae.Config(dataset="synthetic", image_size=8, hidden=16, nz=2)
+    model = vae.build(cfg, "cpu")
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.encode(torch.rand(4, 1, 8, 8))[0].dtype == torch.bfloat16
+        model(torch.rand(4, 1, 8, 8))
+    assert seen == [torch.float32]
+
+
 # ----------------------------------------------------------------------------------------------
 # The bound
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +307,7 @@ def test_bad_flags(tmp):
     check_bad_flags("vae", SMALL, tmp, [
         (["--arch", "conv", "--image-size", 24], ["--image-size 24"]), (["--likelihood", "normal"], ["--likelihood"]),
         (["--figures"], ["--figures goes with --sample"]), (["--nll", 3, "--sample", 2], ["two commands"]),
-        (["--k", 0], ["--k 0"]), (["--dataset", "folder", "--data-root", "nowhere"], ["--data-root nowhere"]),
+        (["--k", 0], ["--k 0"]), (["--lr", 0], ["--lr 0", "above 0"]), (["--dataset", "folder", "--data-root", "nowhere"], ["--data-root nowhere"]),
         (["--dataset", "folder", "--data-root", tmp / "imgs", "--eval-every", 2], ["no test split", "--eval-nll 0"])])
 
 
