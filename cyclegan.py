@@ -4,13 +4,15 @@ Jun-Yan Zhu, Taesung Park, Phillip Isola, Alexei A. Efros. ICCV 2017. arXiv:1703
 
 Two mappings learned from unpaired images of two domains X and Y: G: X -> Y and F: Y -> X, each with its
 discriminator (D_Y tells real y from G(x), D_X real x from F(y)), and a cycle-consistency loss that asks each
-image to come back from the round trip (eq. 1-3, section 5.2 for the identity term):
+image to come back from the round trip (eq. 1-3):
 
     L_GAN(G, D_Y, X, Y) = E_y[log D_Y(y)] + E_x[log(1 - D_Y(G(x)))]        (and L_GAN(F, D_X, Y, X))
     L_cyc(G, F)         = E_x[ ||F(G(x)) - x||_1 ] + E_y[ ||G(F(y)) - y||_1 ]
-    L_identity(G, F)    = E_y[ ||G(y) - y||_1 ] + E_x[ ||F(x) - x||_1 ]
-    L = L_GAN(G, D_Y, X, Y) + L_GAN(F, D_X, Y, X) + lambda L_cyc + 0.5 lambda L_identity,     lambda = 10
+    L = L_GAN(G, D_Y, X, Y) + L_GAN(F, D_X, Y, X) + lambda L_cyc,     lambda = 10                  (eq. 3)
     G*, F* = arg min_{G,F} max_{D_X,D_Y} L
+The official code adds, by default, the identity term of section 5.2 (introduced there for painting -> photo,
+after Taigman et al. 2017), and so do we (--lambda-identity 0 is eq. 3 alone):
+    L_identity(G, F)    = E_y[ ||G(y) - y||_1 ] + E_x[ ||F(x) - x||_1 ],   weighted 0.5 lambda
 
 Training details (section 4, appendix 7.1): the GAN terms are least squares (LSGAN, Mao et al. 2017):
 G minimizes E_x[(D_Y(G(x)) - 1)^2], D_Y minimizes E_y[(D_Y(y) - 1)^2] + E_x[D_Y(G(x))^2], halved ("we divide
@@ -20,7 +22,8 @@ stored fake is returned (and replaced by the new one) half the time once it is f
 (beta1 0.5), batch 1, 100 epochs at that rate then 100 of linear decay to zero; weights N(0, 0.02).
 
 Each training step (the official code's optimize_parameters: G and F first, then the discriminators):
-    (1) update G and F: minimize the LSGAN terms of G(x) and F(y) (labelled real), lambda L_cyc, 0.5 lambda L_identity
+    (1) update G and F: minimize the LSGAN terms of G(x) and F(y) (labelled real), lambda L_cyc (and 0.5 lambda
+        L_identity)
     (2) update D_X and D_Y: minimize their halved LSGAN objectives on real images and on fakes from the pools
 
 Networks (appendix 7.2; the official resnet_9blocks and "basic" D), at 256 x 256:
@@ -40,6 +43,8 @@ the 70 x 70 one is twice the image), 20 + 20 epochs of 6,000 steps (the paper's 
 --dataset unaligned reads the official datasets (horse2zebra, monet2photo...) with the paper's defaults.
 
 Deviations, each deliberate:
+- The identity term (above) is on by default, as in the official code, though eq. 3 does not have it; the paper
+  uses it for painting <-> photo (section 5.2). --lambda-identity 0 trains eq. 3 as written.
 - The domains are two data streams, each visiting its images in a fresh random order every pass (seeded,
   resumed exactly). The official loader shuffles A over max(|A|, |B|) indices and draws B uniformly with
   replacement (--serial_batches off): the same distribution of pairs, each B image once per pass here.
@@ -102,20 +107,21 @@ class Config(common.RunConfig):
     load_size: int = arg(286, "images are resized to this size, then randomly cropped (demos: 36)", min=8)
     flip: bool = arg(True, "random horizontal flips")
     batch_size: int = arg(1, "minibatch size (global, shared among processes)", min=1)
-    lr: float = arg(2e-4, "Adam learning rate", min=0)
+    lr: float = arg(2e-4, "Adam learning rate", above=0)
     beta1: float = arg(0.5, "Adam beta1", min=0, max=0.999999)
     beta2: float = arg(0.999, "Adam beta2", min=0, max=0.999999)
     n_epochs: int = arg(100, "epochs at the initial learning rate (demos: 20)", min=1)
     n_epochs_decay: int = arg(100, "then epochs of linear decay to zero (demos: 20)", min=0)
     lambda_cyc: float = arg(10.0, "lambda: weight of the cycle-consistency loss, both directions (eq. 3)", min=0)
-    lambda_identity: float = arg(0.5, "weight of the identity loss, relative to lambda (section 5.2: 0.5 lambda)",
+    lambda_identity: float = arg(0.5, "weight of section 5.2's identity loss, relative to lambda (0.5: the official "
+                                 "code's default; 0: eq. 3 alone)",
                                  min=0)
     pool_size: int = arg(50, "past fakes kept for each discriminator's updates (0: the latest fakes only)", min=0)
     ngf: int = arg(64, "G's and F's filters in their first layer (demos: 32)", min=1)
     ndf: int = arg(64, "D's filters in its first layer (demos: 32)", min=1)
     n_blocks: int = arg(9, "residual blocks of G and F (the paper: 9 at 256 x 256, 6 at 128 x 128; demos: 6)", min=0)
     n_layers_D: int = arg(3, "D's stride-2 layers: 3 is the 70 x 70 PatchGAN (demos: 2, 34 x 34)", min=1)
-    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation", min=0)
+    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation", above=0)
     channels_last: bool = arg(False, "NHWC memory layout for the convolutions (faster with --amp)", run=True)
 
 

@@ -9,7 +9,8 @@ target, or the input with G's output (eq. 1, 3, 4):
     L_L1(G)      = E_{x,y}[ ||y - G(x)||_1 ]
     G* = arg min_G max_D L_cGAN(G, D) + lambda L_L1(G),      lambda = 100
 
-G has no z: its noise is dropout (section 2.1), in training and at test time.
+G has no z: its noise is dropout (section 2.1), in training and at test time, on the decoder layers that have it:
+3 at 256 x 256, 2 at 128, 1 at 64, none at 32 and below, where G is deterministic (the offline demo's case).
 
 Each training step (section 3.3; the official code's optimize_parameters):
     (1) update D: maximize log D(x, y) + log(1 - D(x, G(x))), the objective divided by 2 ("slows down the rate
@@ -106,7 +107,7 @@ class Config(common.RunConfig):
     load_size: int = arg(286, "pairs are resized to this size, then randomly cropped (demos: 36)", min=8)
     flip: bool = arg(True, "random horizontal flips of the pairs")
     batch_size: int = arg(1, "minibatch size (global, shared among processes; demos: 4)", min=1)
-    lr: float = arg(2e-4, "Adam learning rate", min=0)
+    lr: float = arg(2e-4, "Adam learning rate", above=0)
     beta1: float = arg(0.5, "Adam beta1", min=0, max=0.999999)
     beta2: float = arg(0.999, "Adam beta2", min=0, max=0.999999)
     n_epochs: int = arg(100, "epochs at the initial learning rate (demos: 5)", min=1)
@@ -115,8 +116,9 @@ class Config(common.RunConfig):
     ngf: int = arg(64, "G's filters in its first layer (doubled down to 8 ngf; demos: 32)", min=1)
     ndf: int = arg(64, "D's filters in its first layer (demos: 32)", min=1)
     n_layers_D: int = arg(3, "D's stride-2 layers: 3 is the 70 x 70 PatchGAN (demos: 2, 34 x 34)", min=1)
-    dropout: float = arg(0.5, "dropout in the U-Net's inner decoder layers (G's noise)", min=0, max=0.99)
-    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation", min=0)
+    dropout: float = arg(0.5, "dropout on the U-Net's 8 ngf decoder layers, G's noise (from 64 x 64 up: smaller "
+                         "U-Nets have no such layer)", min=0, max=0.99)
+    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation", above=0)
     channels_last: bool = arg(False, "NHWC memory layout for the convolutions (faster with --amp)", run=True)
 
 
@@ -284,8 +286,8 @@ def train_step(G, D, opt_G, opt_D, x, y, lr: float, cfg: Config, amp: torch.dtyp
     D.requires_grad_(False)
     with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
         loss_G_GAN = gan_loss(D(torch.cat([x, fake], 1)), real=True)
-        loss_G_L1 = F.l1_loss(fake.float(), y)                                       # eq. 3
-        loss_G = loss_G_GAN + cfg.lambda_L1 * loss_G_L1                              # eq. 4
+        loss_G_L1 = cfg.lambda_L1 * F.l1_loss(fake.float(), y)                       # lambda L_L1 (eq. 3)
+        loss_G = loss_G_GAN + loss_G_L1                                              # eq. 4
     opt_G.zero_grad(set_to_none=True)
     scaler.scale(loss_G).backward()
     scaler.step(opt_G)
@@ -309,8 +311,9 @@ def translate(G: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     for m in norms:
         m.track_running_stats = False    # batch statistics, running ones neither used nor updated
     try:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        # x's device's generator alone is seeded (torch.manual_seed would reseed every device's), then restored
+        with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device], device_type=x.device.type):
+            (torch.default_generator if x.device.type == "cpu" else torch.get_device_module(x.device)).manual_seed(seed)
             return torch.cat([G(image) for image in x.split(1)])
     finally:
         for m in norms:
@@ -369,6 +372,9 @@ def main():
     G, D = build(cfg, device)
     if cfg.load_size < cfg.image_size:
         raise common.UserError(f"--load-size {cfg.load_size} is smaller than the crop, --image-size {cfg.image_size}")
+    if "dropout" in cfg.given and not any(isinstance(m, nn.Dropout) for m in G.modules()):
+        raise common.UserError(f"--dropout {cfg.dropout}: the U-Net of --image-size {cfg.image_size} has no dropout "
+                               f"layer (they sit on its 8 ngf decoder layers, from 64 x 64 up); drop the flag")
     run.say(f"G (U-Net, {unet_levels(cfg.image_size)} levels): {common.count_parameters(G):,} parameters, D (PatchGAN, "
             f"{patch_grid(cfg.image_size, cfg.n_layers_D)} x {patch_grid(cfg.image_size, cfg.n_layers_D)} patches): "
             f"{common.count_parameters(D):,} parameters")

@@ -24,16 +24,10 @@ Algorithm 1 (defaults lambda = 10, n_critic = 5, alpha = 0.0001, beta_1 = 0, bet
         (12) theta <- Adam(grad_theta 1/m sum -D_w(G_theta(z_i)), theta, alpha, beta_1, beta_2)
 The penalty's gradient with respect to w goes through grad_x^ D_w: a double backward (create_graph=True).
 The critic has no batch normalization (section 4, "no critic batch normalization": the penalty is on each
-input's gradient, which batch statistics would couple); --critic-norm layer puts layer normalization where
-WGAN's critic has batch norm (the paper's recommended drop-in; off in the authors' CIFAR-10 code).
-
-Because the critic has no batch statistics, D(x) and D(x~) come from one call on cat(x, x~) (the same
-numbers as two calls) and D(x^) from a call of its own. One call on cat(x, x~, x^) gives the same numbers
-too (tested), but the penalty's inner and double backward then run over all 3m rows instead of m: on this
-project's 2-core CPU (28 x 28, batch 64) it runs at 0.54x the speed of three calls, and the default two
-calls at 0.96x (`python tools/bench_wgan.py --critic-calls`). Two calls do the same arithmetic as three
-with a third fewer kernel launches, which is what a GPU's small batches are bound by: not measured (no GPU
-here); the same command with --device cuda measures it.
+input's gradient, which batch statistics would couple). --critic-norm none (the default) follows the paper's
+text and the authors' MNIST and CIFAR-10 scripts; --critic-norm layer puts layer normalization where WGAN's
+critic has batch norm, section 4's recommended drop-in and what the authors' 64 x 64 script (gan_64x64.py)
+uses. Without batch statistics, D(x) and D(x~) come from one call on cat(x, x~): the same numbers as two calls.
 
 Networks (--arch):
 - dcgan (default): the WGAN authors' DCGAN generator and critic (wgan.py; their models/dcgan.py), the
@@ -51,15 +45,13 @@ Deviations and choices, each deliberate:
 - The paper's CIFAR-10 ResNet run also used lr 2e-4 decayed linearly to 0 over 100,000 generator
   iterations and a generator batch of 2m = 128; --arch resnet keeps Algorithm 1's constant alpha = 1e-4
   and m (--lr 2e-4 gives that run's learning rate, without the decay), so it is not a reproduction of the
-  paper's CIFAR-10 Inception score.
-- --compile compiles G only: torch.compile (aot_autograd) does not support the double backward that the
-  penalty takes through the critic ("torch.compile with aot_autograd does not currently support double
-  backward", torch 2.14), so the critic always runs eagerly.
-- --amp: the critic runs in bf16 (fp16 on GPUs without bf16); the gradient grad_x^ D(x^) is returned in
-  float32 (x^ is a float32 leaf) and its norm and the penalty are computed in float32. With fp16, D(x^) and
-  its double backward run in float32: no loss scale suits both the inner gradient and the outer one (the
-  GradScaler's 2^16, put on the inner backward as PyTorch's AMP recipe does, is already beyond fp16's
-  65,504 for each sample's gradient: a NaN penalty), and bf16 has float32's range.
+  paper's CIFAR-10 Inception score. Nor does it add their dequantization noise (gan_cifar_resnet.py scales
+  the pixels by 2 (x / 256 - 0.5) and adds U[0, 1/128)): ours are 2 x / 255 - 1, as every script's.
+- The default, 64 x 64 with --critic-norm none, is the paper's text; the authors' own 64 x 64 critic has layer
+  norm (--critic-norm layer).
+- --compile compiles G only: torch.compile (aot_autograd) does not support the penalty's double backward.
+- --amp: the critic runs in bf16 (or fp16); grad_x^ D(x^), its norm and the penalty are float32. Under fp16,
+  D(x^) and its double backward run in float32: the GradScaler's 2^16 on the inner gradient overflows fp16.
 - Sample grids and --sample use G in eval mode (batch norm running statistics); the authors' TF code
   draws with batch statistics.
 - --steps 20000 generator iterations is our default (about 110 Fashion-MNIST epochs of real batches for
@@ -107,20 +99,21 @@ class Config(common.RunConfig):
     image_size: int = arg(0, "0: the architecture's (dcgan 64, resnet 32); dcgan: 28 or a power of two >= 16",
                           min=0)
     batch_size: int = arg(64, "m, the minibatch of every critic and generator iteration", min=1)
-    lr: float = arg(1e-4, "alpha, the Adam learning rate of both networks", min=0)
+    lr: float = arg(1e-4, "alpha, the Adam learning rate of both networks", above=0)
     beta1: float = arg(0.0, "Adam beta_1", min=0, max=0.999999)
     beta2: float = arg(0.9, "Adam beta_2", min=0, max=0.999999)
     lambda_gp: float = arg(10.0, "lambda, the gradient penalty coefficient", min=0)
     n_critic: int = arg(5, "critic iterations per generator iteration", min=1)
-    critic_norm: str = arg("none", "normalisation in the critic: none (the authors' code) | layer (section 4's "
-                           "recommended drop-in for batch norm)", choices=("none", "layer"))
+    critic_norm: str = arg("none", "normalisation in the critic: none (the paper's text; the authors' MNIST and "
+                           "CIFAR-10 scripts) | layer (section 4's drop-in for batch norm; their 64 x 64 script)",
+                           choices=("none", "layer"))
     nz: int = arg(0, "dimension of z ~ N(0, I); 0: the architecture's (dcgan 100, resnet 128)", min=0)
     ngf: int = arg(0, "G's width: dcgan, channels at its last hidden layer; resnet, of every block; 0: the "
                    "architecture's (64, 128)", min=0)
     ndf: int = arg(0, "the critic's width: dcgan, channels at its first layer; resnet, of every block; 0: the "
                    "architecture's (64, 128)", min=0)
     leak: float = arg(0.2, "LeakyReLU slope in the critic (dcgan)", min=0)
-    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation (dcgan)", min=0)
+    init_std: float = arg(0.02, "standard deviation of the N(0, std) weight initialisation (dcgan)", above=0)
     channels_last: bool = arg(False, "NHWC memory layout for the convolutions (faster with --amp)", run=True)
 
 
@@ -327,14 +320,10 @@ def gradient_penalty(d_hat: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 # Training
 # ----------------------------------------------------------------------------------------------
 def train_step(G, critic, opt_G, opt_critic, batches, n_critic: int, cfg: Config, amp: torch.dtype | None = None,
-               scaler=torch.amp.GradScaler("cpu", enabled=False), critic_calls: int = 2) -> dict[str, torch.Tensor]:
+               scaler=torch.amp.GradScaler("cpu", enabled=False)) -> dict[str, torch.Tensor]:
     """One generator iteration of Algorithm 1, after ``n_critic`` critic iterations, each on its own real
     batch from ``batches``. ``amp``: the autocast dtype (None: float32); ``scaler``: the GradScaler of fp16
-    (disabled, it passes the losses and steps through unchanged). ``critic_calls``: how D(x), D(x~), D(x^)
-    are evaluated, the same numbers in each case (no batch statistics): 2, cat(x, x~) then x^; 1, one call
-    on cat(x, x~, x^); 3, three calls (the last two for tools/bench_wgan.py's comparison)."""
-    if critic_calls not in (1, 2, 3) or (critic_calls == 1 and amp == torch.float16):
-        raise ValueError(f"critic_calls {critic_calls}: 2 or 3, or 1 outside fp16 (where D(x^) runs in float32)")
+    (disabled, it passes the losses and steps through unchanged)."""
     for _ in range(n_critic):
         # (4) a real batch, a prior batch and eps; (5) x~ = G(z), G fixed here: no graph through it; (6) x^
         x = batches.next()
@@ -345,14 +334,9 @@ def train_step(G, critic, opt_G, opt_critic, batches, n_critic: int, cfg: Config
         # (7) L = D(x~) - D(x) + lambda (||grad D(x^)||_2 - 1)^2, averaged over the batch. D(x) and D(x~) come
         # from one call; D(x^) from its own, so that the penalty's double backward runs over m rows, not 3m.
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-            if critic_calls == 1:
-                d_real, d_fake, d_hat = critic(torch.cat([x, fake, x_hat])).float().split(len(x))
-            else:
-                d_real, d_fake = (critic(torch.cat([x, fake])).float().split(len(x)) if critic_calls == 2
-                                  else (critic(x).float(), critic(fake).float()))
-        if critic_calls != 1:   # under fp16 in float32: its double backward would leave fp16's range
-            with torch.autocast(x.device.type, dtype=amp, enabled=amp == torch.bfloat16):
-                d_hat = critic(x_hat).float()
+            d_real, d_fake = critic(torch.cat([x, fake])).float().split(len(x))
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp == torch.bfloat16):   # fp16: float32 here
+            d_hat = critic(x_hat).float()
         penalty = gradient_penalty(d_hat, x_hat)
         W_estimate = d_real.mean() - d_fake.mean()
         loss_critic = -W_estimate + cfg.lambda_gp * penalty.mean()

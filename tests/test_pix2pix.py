@@ -135,7 +135,7 @@ def test_each_update_follows_the_gradient_of_its_objective():
     grad_G = torch.autograd.grad(loss_G, params[:2])
     out = pix2pix.train_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), torch.optim.SGD(D.parameters(), lr=0.0),
                              x, y, lr=1.0, cfg=cfg)
-    assert out["G_L1"].item() == pytest.approx(l1.item(), rel=1e-6)
+    assert out["G_L1"].item() == pytest.approx(100 * l1.item(), rel=1e-6)   # weighted, as the official logs
     assert 0.5 * (out["D_real"] + out["D_fake"]).item() == pytest.approx(loss_D.item(), rel=1e-6)
     for p, p0, g in zip((D.w, D.b, G.w, G.b), (-0.4, 0.2, 0.7, 0.1), (*grad_D, *grad_G)):
         assert p.item() == pytest.approx(p0 - g.item(), rel=1e-5, abs=1e-7)
@@ -272,6 +272,16 @@ def test_translate_runs_g_as_in_training_without_touching_it():
     assert not torch.allclose(out[1:2], pix2pix.translate(G, x[1:2], seed=5), atol=1e-3)   # masks differ per image
 
 
+def test_translate_seeds_and_restores_only_its_own_devices_generator(monkeypatch):
+    """On the CPU, translate must leave every other device's generator alone: torch.manual_seed would reseed
+    them all (CUDA, MPS...), and a training on MPS would then repeat its dropout masks after every grid."""
+    other = []
+    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: other.append(("mps", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: other.append(("cuda", seed)))
+    pix2pix.translate(pix2pix.UNet(1, 1, 6, 4, 0.5), torch.randn(2, 1, 64, 64), seed=5)
+    assert other == []
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +357,8 @@ def test_bad_flags(tmp):
         (["--image-size", 48], ["--image-size 48"]), (["--beta1", 1], ["--beta1"]),
         (["--n-layers-D", 3], ["leaves no patch"]), (["--load-size", 12], ["--load-size 12 is smaller"]),
         (["--direction", "up"], ["--direction"]), (["--dataset", "sneaker2boot"], ["--dataset sneaker2boot"]),
-        (["--translate-out", "x"], ["goes with --translate"])])
+        (["--translate-out", "x"], ["goes with --translate"]),
+        (["--dropout", 0.3], ["--dropout 0.3", "no dropout layer"])])
 
 
 def test_load_from_python(tmp):
