@@ -1227,6 +1227,588 @@ class Evaluation:
 
 
 # ----------------------------------------------------------------------------------------------
+# The run's helpers. Each script's train(cfg) calls them in its visible loop; each holds one invariant.
+# ----------------------------------------------------------------------------------------------
+class Processes:
+    """The processes of a torchrun launch (WORLD_SIZE > 1), or the one process of `python script.py`, and the
+    device of this one. Rank 0 alone writes files; small flags and RNG states travel through a gloo group on
+    the CPU, so that agreeing on a stop costs one tiny message and never waits for the GPU."""
+
+    def __init__(self, device: str, connect: bool = True):
+        """``connect=False``: rank, world and device only, no process group (processes that work apart, such as
+        the shards of a --sample)."""
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.device, self.group, self.connected = pick_device(device), None, False
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            elif self.device.type != "cpu":
+                raise UserError(f"--device {device}: several processes need cuda (one GPU each) or cpu")
+            if connect:   # a long evaluation on rank 0 keeps the others waiting in their next collective
+                import datetime
+                import torch.distributed as dist
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                        timeout=datetime.timedelta(hours=1))
+                self.group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
+                self.connected = True
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True   # fixed shapes: cuDNN picks its fastest kernels once
+
+    @property
+    def device_ids(self) -> list[int] | None:
+        """DistributedDataParallel's device_ids: this process's GPU, or None on the CPU."""
+        return [self.device.index] if self.device.type == "cuda" else None
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any."""
+        if not self.connected:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+    def from_main(self, obj):
+        """Rank 0's ``obj``, on every rank."""
+        if not self.connected:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.connected:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The average of ``x`` over the ranks (on its device: NCCL for CUDA tensors)."""
+        if not self.connected:
+            return x
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)   # SUM: gloo has no AVG
+        return x / self.world
+
+    def close(self) -> None:
+        if self.connected:
+            import torch.distributed as dist
+            dist.barrier()   # a rank that leaves while another still talks aborts gloo
+            dist.destroy_process_group()
+            self.connected = False
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """Where a run lives and what it continues (``resolve_run``), and the facts its checkpoints carry from one
+    session to the next. Plain data: the script decides what happens to it, and when."""
+    cfg: object
+    script: str
+    ddp: Processes
+    out: Path
+    command: str | None = None       # the no-training command being run (--sample, --vlb...), None: training
+    ckpt: dict | None = None          # the checkpoint to continue (or sample from), until restore() has read it
+    init: dict | None = None          # --init's checkpoint, whose model weights start a new run
+    run_id: str = ""                  # the run's id, kept across resumes and folders
+    elapsed: float = 0.0              # training time of the earlier sessions, in seconds
+    best_fid: float = math.inf
+    start_step: int = 0               # the step this session started from
+    saved_step: int | None = None     # the step of the last checkpoint written (None: none yet in --out)
+    last_good: tuple | None = None    # (path, step) of the last checkpoint known to be finite
+    started: float = 0.0              # time.time() when this session's training began
+    seen: tuple | None = None         # (size, mtime) of ckpt.pt when resolved: did another process write it?
+    lock: object = None
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "ckpt.pt"
+
+    @property
+    def is_main(self) -> bool:
+        return self.ddp.rank == 0
+
+    def say(self, *args) -> None:
+        """print, on rank 0 only."""
+        if self.is_main:
+            print(*args, flush=True)
+
+    def time_s(self) -> float:
+        """Training time of the run so far, across resumes."""
+        return self.elapsed + time.time() - self.started
+
+
+def resolve_run(cfg, script: str, ddp: Processes, command: str | None = None) -> RunFolder:
+    """Decide, writing nothing, which run this is (README: "Resume and run folders"): --out (default
+    runs/<script>-<dataset>), the checkpoint it continues (or samples from) and the config, every field not
+    typed taken from that checkpoint and a typed one that changes what is computed refused, naming it.
+    ``command``: the flag of a no-training command (--sample...), which needs a checkpoint and never writes
+    the run folder. A folder that another process has locked is refused now, before any data is loaded."""
+    if command and cfg.sample and command != "--sample":
+        raise UserError(f"--sample and {command} are two commands: give one")
+    if command and command != "--sample" and ddp.world > 1:
+        raise UserError(f"{command} runs in one process: start it with python, not torchrun")
+    unknown = set(cfg.eval_metrics.split(",")) - set(EVAL_METRICS)
+    if unknown:
+        raise UserError(f"--eval-metrics {cfg.eval_metrics}: choose among {', '.join(EVAL_METRICS)}")
+    given = cfg.given
+    path = cfg.resume if cfg.resume not in (None, "auto") else None
+    if cfg.init and (path or command):
+        raise UserError(f"--init PATH starts a new run: it goes with neither --resume PATH nor {command or '--resume'}")
+    src = load_checkpoint(path, script) if path else None
+    init = load_checkpoint(cfg.init, script) if cfg.init else None
+    if init is not None:
+        _merge(cfg, init["config"], script, command, refuse=False, say=ddp.rank == 0)
+    if "out" not in given:   # PATH's run goes on in PATH's folder
+        cfg.out = str(Path(path).parent) if src else f"runs/{script}-{cfg.dataset}"
+    run = RunFolder(cfg, script, ddp, Path(cfg.out), command)
+    own = None
+    run.seen = _signature(run.ckpt_path)   # open_run_folder checks that no other process wrote it meanwhile
+    if run.ckpt_path.is_file():
+        own = src if path and Path(path).resolve() == run.ckpt_path.resolve() else load_checkpoint(run.ckpt_path, script)
+    if command:
+        run.ckpt = src or own
+        if run.ckpt is None:
+            raise UserError(f"{command} needs a checkpoint: none at {run.ckpt_path}; train first, or pass --resume PATH "
+                            f"or --out")
+    elif own is None:
+        run.ckpt, run.init = src, init
+        if cfg.resume == "auto":
+            run.say(f"no checkpoint in {cfg.out}: starting a new run")
+        elif src is not None:
+            run.say(f"starting {cfg.out} from {path} (step {src['step']})")
+    elif cfg.resume is None:
+        raise UserError(f"{run.ckpt_path} exists: pass --resume to continue it, or another --out")
+    elif src is not None and own is not src and run_id(own) != run_id(src):
+        raise UserError(f"{run.ckpt_path} holds another run (step {own['step']}), which is never overwritten: pass "
+                        f"--out a new folder to start from {path}")
+    else:
+        run.ckpt = own
+        if src is not None and own is not src:
+            run.say(f"continuing {run.ckpt_path} (step {own['step']}), this run's own checkpoint: --resume {path} "
+                    f"only starts a folder that has none")
+        if init is not None:
+            run.say(f"continuing {run.ckpt_path}: --init applies only when a run starts")
+    if run.ckpt is not None:
+        _merge(cfg, run.ckpt["config"], script, command, refuse=True, say=ddp.rank == 0)
+    if not command and run.out.is_dir() and run.is_main:
+        _lock_folder(run)   # a busy folder is refused now, not after loading the data
+    return run
+
+
+def _merge(cfg, saved: dict, script: str, command: str | None, refuse: bool, say: bool) -> None:
+    """Take every field not typed from ``saved`` (a checkpoint's config); with ``refuse``, a typed field that
+    changes what is computed and differs from ``saved`` is an error. A command's --seed picks its samples."""
+    given = cfg.given
+    run_fields, command_fields = field_kinds(cfg)
+    free = run_fields | ({"seed"} if command else set())
+    clashes, predates = [], []
+    for f in dataclasses.fields(cfg):
+        name = f.name
+        if name in command_fields or name == "out":
+            continue
+        if name not in saved:
+            if name not in given:
+                if f.metadata.get("predates") is not None:
+                    setattr(cfg, name, f.metadata["predates"])
+                predates.append(f"--{name.replace('_', '-')} ({getattr(cfg, name)!r})")
+        elif name not in given:
+            setattr(cfg, name, saved[name])
+        elif refuse and name not in free and getattr(cfg, name) != saved[name]:
+            clashes.append(f"{name} {saved[name]!r} -> {getattr(cfg, name)!r}")
+    if clashes:
+        raise UserError(f"the checkpoint was trained with another config ({', '.join(clashes)}); drop those "
+                        f"flags to continue it, or start a new run with --init and another --out")
+    gone = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
+    if say and predates:
+        print(f"the checkpoint predates {', '.join(predates)}: using these values", flush=True)
+    if say and gone:
+        print(f"ignoring the checkpoint's {', '.join(gone)}: no longer a flag of {script}.py", flush=True)
+
+
+def _lock_folder(run: RunFolder) -> None:
+    """Hold an exclusive flock on <out>/.lock for this process's life: two jobs never write one folder."""
+    try:
+        run.lock = open(run.out / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to the run folder {run.out} ({e.strerror}); pass --out a writable "
+                        f"folder") from None
+    try:
+        fcntl.flock(run.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        run.lock.seek(0)
+        owner = run.lock.read().strip() or "?"
+        raise UserError(f"run folder {run.out} is in use by another process (pid {owner}); wait for it to end or "
+                        f"use another --out") from None
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise UserError(f"cannot lock the run folder {run.out}: its file system does not support flock "
+                            f"({e.strerror}; e.g. Lustre mounted without -o flock); put --out on a file system "
+                            f"that does (local disk, NFS, Lustre with flock)") from None
+        raise UserError(f"cannot lock the run folder {run.out} ({e.strerror})") from None
+    run.lock.seek(0)
+    run.lock.truncate()
+    run.lock.write(str(os.getpid()))
+    run.lock.flush()
+
+
+def open_run_folder(run: RunFolder) -> None:
+    """Create and lock --out (rank 0), refusing it if another process wrote its checkpoint since resolve_run,
+    remove what a killed save left, write args.json and say where training starts. Called once the
+    checkpoint has loaded: a run that fails before writes nothing."""
+    if run.is_main:
+        try:
+            (run.out / "samples").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write to the run folder {run.out} ({e.strerror}); pass --out a writable "
+                            f"folder") from None
+        if run.lock is None:
+            _lock_folder(run)
+        if _signature(run.ckpt_path) != run.seen:
+            raise UserError(f"{run.ckpt_path} was written by another process while this one was starting; nothing "
+                            f"was written: run the command again (with --resume to continue it)")
+        for partial in run.out.glob(".*.tmp[0-9]*"):   # what a SIGKILL mid-save left behind
+            partial.unlink()
+            run.say(f"removed {partial.name}, a partial file left by a killed process")
+        config = dataclasses.asdict(run.cfg)
+        (run.out / "args.json").write_text(json.dumps(config, indent=2) + "\n")
+        run.say(f"{run.script}: " + " ".join(f"{k}={v}" for k, v in config.items()))
+    if run.start_step >= run.cfg.steps:
+        run.say(f"already done at step {run.start_step} (--steps {run.cfg.steps})")
+    else:
+        run.say(f"training from step {run.start_step}" + (" (resumed)" if run.start_step else ""))
+
+
+class Stop:
+    """SIGTERM, SIGUSR1 (SLURM's time limit, preemption) and SIGINT ask the run to stop. During the set-up they
+    stop it at once (Stopped: nothing new to save, exit 3, which submit.sh does not requeue); after ``begin``
+    they set ``requested`` and the loop stops after its step, when ``agreed``: under torchrun every rank at
+    the same step. A second Ctrl-C kills."""
+    SYNC = 10   # steps between two agreements of the ranks on a stop
+
+    def __init__(self, ddp: Processes):
+        self.ddp, self.requested, self.signal, self.started = ddp, False, "", False
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        if not self.started:
+            raise Stopped(self.signal)   # loading data or state: nothing to save, stop at once
+        self.requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)   # a second Ctrl-C kills, even inside a long C call
+
+    def begin(self) -> None:
+        """From here a signal asks for a stop between steps. One that came during the set-up stops now, even if
+        its Stopped was lost: Python prints and drops an exception raised while a __del__ or a weakref callback
+        runs (seen with SIGUSR1 landing in an import's module-lock callback)."""
+        self.started = True
+        if self.signal and not self.requested:
+            raise Stopped(self.signal)
+
+    def agreed(self, step: int) -> bool:
+        """Whether the loop stops before this step: at once in one process; under torchrun, every SYNC steps,
+        the same answer on every rank (a signal reaches the ranks at different moments)."""
+        if self.ddp.world == 1:
+            return self.requested
+        return step % self.SYNC == 0 and self.ddp.agree(self.requested)
+
+
+def restore(run: RunFolder, models: dict, optimizers: dict, state: dict, data: dict) -> int:
+    """Load the checkpoint that resolve_run chose into what the script's ``saved`` names (or only --init's
+    model weights into ``models``) and return the step to start from (0 for a new run). Nothing is written."""
+    run.run_id, run.started = uuid.uuid4().hex, time.time()
+    ck, step = run.ckpt, 0
+    if ck is not None:
+        label = str(run.cfg.resume if run.cfg.resume not in (None, "auto") else run.ckpt_path)
+        load_models(run, **models)
+        try:
+            for name, opt in optimizers.items():
+                opt.load_state_dict(ck["optimizers"][name])
+            for name, stream in data.items():
+                stream.load_state_dict(ck["data"][name])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{label} does not match {run.script}.py's optimizers or data streams "
+                            f"({type(e).__name__}: {e}); nothing was written") from None
+        for name, obj in state.items():
+            _load_state(run, label, name, obj, ck["state"])
+        world = int(ck.get("world", 1))
+        if world != run.ddp.world:
+            run.say(f"the checkpoint was written by {world} process(es), this run has {run.ddp.world}: the global batch "
+                    f"and the data order are the same, the per-process noise and batch statistics are not, so training "
+                    f"goes on but not bit-identically to an uninterrupted run")
+        rng = ck["rng"]
+        set_rng_state(rng[min(run.ddp.rank, len(rng) - 1)] if isinstance(rng, list) else rng, run.ddp.device)
+        step, run.run_id = int(ck["step"]), run_id(ck)
+        run.elapsed, run.best_fid = float(ck.get("time_s", 0.0)), float(ck.get("best_fid", math.inf))
+        run.last_good = (Path(label), step)
+    elif run.init is not None:
+        load_models(run, **models)
+        run.say(f"model weights from {run.cfg.init} (step {run.init['step']}), a new run")
+    # a run started from --resume PATH has no checkpoint of its own yet: finish() writes one
+    run.saved_step = None if step > 0 and not run.ckpt_path.is_file() else step
+    run.start_step, run.ckpt, run.init = step, None, None   # the CPU copies are freed
+    return step
+
+
+def _load_state(run: RunFolder, label: str, name: str, obj, saved: dict) -> None:
+    if name not in saved:
+        warn(f"the checkpoint has no {name} (an older version of {run.script}.py): it starts afresh")
+    elif isinstance(obj, torch.Tensor):
+        obj.copy_(saved[name])
+    elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() and not saved[name]:
+        run.say(f"the checkpoint ran without fp16 (its GradScaler was off): the loss scale starts at "
+                f"{obj.get_scale():g}")   # --amp may change on resume: bf16 or none -> fp16
+    else:
+        try:
+            obj.load_state_dict(saved[name])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{label}: its {name} does not fit {run.script}.py's ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}); nothing was written") from None
+
+
+def load_models(run: RunFolder, **models: torch.nn.Module) -> None:
+    """The weights of the checkpoint (or of --init's) into ``models``, by name; one that does not fit the config
+    is one line naming the config fields that differ."""
+    ck = run.ckpt if run.ckpt is not None else run.init
+    label = f"--init {run.cfg.init}" if ck is run.init else str(
+        run.cfg.resume if run.cfg.resume not in (None, "auto") else run.ckpt_path)
+    for name, model in models.items():
+        if name not in ck["models"]:
+            raise UserError(f"{label} has no model {name}; nothing was loaded")
+        try:
+            unwrap(model).load_state_dict(ck["models"][name])
+        except RuntimeError as e:
+            detail = str(e).strip().splitlines()[-1].strip()
+            _, command = field_kinds(run.cfg)
+            diff = [f"{k}={v!r} (now {getattr(run.cfg, k)!r})" for k, v in ck["config"].items()
+                    if k not in command and hasattr(run.cfg, k) and getattr(run.cfg, k) != v]
+            raise UserError(f"{label}: its {name} does not fit this config ({detail}); it was trained with "
+                            f"{', '.join(diff[:4]) or 'another version of the network'}") from None
+
+
+def save_run(run: RunFolder, step: int, log: Log | None, models: dict, optimizers: dict, state: dict, data: dict,
+             best: bool = False) -> None:
+    """Write ckpt.pt atomically (rank 0) with what the script's ``saved`` names, after checking that no loss
+    logged since the last write and no floating tensor of it (weights, buffers, optimizer moments, EMA...) is
+    NaN/inf: a diverged run never overwrites the last good checkpoint. Also best.pt (``best``), ckpt-<step>.pt
+    (--keep-every) and curves.png. Every rank calls it: their RNG states are gathered into it."""
+    rng = run.ddp.gather(rng_state(run.ddp.device))
+    ckpt = {"script": run.script, "format": CHECKPOINT_FORMAT, "run": run.run_id, "step": step,
+            "time_s": run.time_s(), "world": run.ddp.world, "best_fid": run.best_fid,
+            "config": dataclasses.asdict(run.cfg),
+            "models": {k: unwrap(m).state_dict() for k, m in models.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "state": {k: v if isinstance(v, torch.Tensor) else v.state_dict() for k, v in state.items()},
+            "data": {k: d.state_dict() for k, d in data.items()},
+            "rng": rng if run.ddp.world > 1 else rng[0]}
+    bad = nonfinite({"loss": log.pending() if log else {}, "models": ckpt["models"],
+                     "optimizers": ckpt["optimizers"], "state": ckpt["state"]}) if run.is_main else []
+    bad = run.ddp.from_main(bad)
+    if bad:
+        diverged(run, bad, step)
+    if run.is_main:
+        try:
+            save_checkpoint(ckpt, run.ckpt_path)
+        except OSError as e:
+            kept = f"the previous one (step {run.saved_step}) is intact" if run.saved_step is not None else "none was"
+            raise UserError(f"cannot write {run.ckpt_path} ({e.strerror}); {kept}: free space, then --resume") from None
+        if best:
+            _link_or_copy(run.ckpt_path, run.out / "best.pt")
+        if run.cfg.keep_every and step % run.cfg.keep_every == 0:
+            _link_or_copy(run.ckpt_path, run.out / f"ckpt-{step}.pt")
+        log.plot() if log else None
+    run.saved_step, run.last_good = step, (run.ckpt_path, step)
+
+
+def diverged(run: RunFolder, names: list[str], step: int) -> None:
+    """Stop a run whose losses or state became NaN/inf, with advice that works (the last good checkpoint is kept)."""
+    if run.last_good is not None:
+        path, good = run.last_good
+        advice = (f"the last good checkpoint, {path} (step {good}), is kept: continue from it with a lower learning "
+                  f"rate in a new run, e.g. --init {path} --lr <lower> --out <new folder>")
+    else:
+        advice = "no checkpoint was written yet: start again with a lower --lr or another --seed"
+    raise UserError(f"{', '.join(names[:3])} became NaN or inf by step {step}: training diverged; {advice}")
+
+
+def finish(run: RunFolder, step: int, log: Log, stop: Stop, models: dict, optimizers: dict, state: dict,
+           data: dict) -> None:
+    """After the loop: log and save the last step if the loop did not (the run ended, or a signal stopped it),
+    let the processes go, and say how the run ended. A stop before any new step raises Stopped (exit 3)."""
+    if step != run.saved_step:
+        log.write(step)
+        save_run(run, step, log, models, optimizers, state, data)
+    run.ddp.close()
+    if step >= run.cfg.steps:
+        if step > run.start_step:
+            run.say(f"done at step {step}: {run.ckpt_path}")
+    elif step > run.start_step:
+        run.say(f"checkpoint saved at step {step} ({stop.signal}); continue with --resume")
+    else:
+        raise Stopped(stop.signal)
+
+
+class Log:
+    """The losses of the steps since the last write, summed on the device (no host sync per step); ``write``
+    averages each over its steps and over the processes, stops a run whose losses became NaN/inf, prints a
+    line with the ETA and, on rank 0, appends a row to metrics.csv (stable columns: MetricsFile), whose rows
+    after the resumed step are dropped first. images/s counts training time only (``pause``)."""
+
+    def __init__(self, run: RunFolder, step: int):
+        self.run, self.sums, self.counts = run, {}, {}
+        self.metrics = MetricsFile(run.out / "metrics.csv")
+        if run.is_main:
+            self.metrics.rewind(step)
+        self.t_last, self.step_last = time.time(), step
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for k, v in losses.items():   # a key may come at some steps only: each has its own count
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pending(self) -> dict[str, torch.Tensor]:
+        """The averages not yet written (the checkpoint's NaN check covers them)."""
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+    def write(self, step: int) -> None:
+        if not self.sums:
+            return
+        names = list(self.sums)
+        means = dict(zip(names, self.run.ddp.mean(torch.stack([self.sums[k] / self.counts[k] for k in names])).tolist()))
+        self.sums, self.counts = {}, {}
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            diverged(self.run, bad, step)
+        cfg, now = self.run.cfg, time.time()
+        rate = (step - self.step_last) * cfg.batch_size / max(now - self.t_last, 1e-9)
+        eta = (cfg.steps - step) * (now - self.t_last) / max(step - self.step_last, 1)
+        self.t_last, self.step_last = now, step
+        row = {"step": step, "time_s": round(self.run.time_s(), 2), "images_per_s": round(rate, 1),
+               **{k: f"{v:.6g}" for k, v in means.items()}}
+        if self.run.is_main:
+            self.metrics.write(row)
+        self.run.say(f"step {step}/{cfg.steps} | {duration(self.run.time_s())} | ETA {duration(eta)} | "
+                     + " | ".join(f"{k} {v}" for k, v in list(row.items())[2:]))
+
+    def scores(self, step: int, scores: dict[str, float], seconds: float) -> None:
+        """An evaluation's scores: a row of metrics.csv (rank 0) and a printed line; its time is not training's."""
+        self.pause(seconds)
+        if scores:
+            if self.run.is_main:
+                self.metrics.write({"step": step, "time_s": round(self.run.time_s(), 2),
+                                    **{k: f"{v:.6g}" for k, v in scores.items()}})
+            self.run.say(f"step {step}/{self.run.cfg.steps} | evaluation in {duration(seconds)} | "
+                         + " | ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
+    def pause(self, seconds: float) -> None:
+        """``seconds`` spent on something else than training: left out of images/s."""
+        self.t_last += seconds
+
+    def plot(self) -> None:
+        try:
+            self.metrics.plot(self.run.out / "curves.png")
+        except ImportError:
+            if not getattr(self, "_told", False):
+                warn("no curves.png: pip install matplotlib")
+                self._told = True
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module):
+    """``models`` in eval mode and no gradient, then back to their modes: drawing a sample grid or an evaluation
+    changes nothing (no batch-norm statistics, no dropout)."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def write_images(run: RunFolder, batches, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
+    """--sample in one process: the batches to --sample-out (default <out>/generated), checked before the first
+    one is drawn (prepare_output)."""
+    if run.ddp.world > 1:
+        raise UserError(f"--sample of {run.script}.py runs in one process: start it with python, not torchrun")
+    out = Path(run.cfg.sample_out or run.out / "generated")
+    n = save_images(batches, out, value_range)
+    run.say(f"wrote {n} images to {out}")
+    return out
+
+
+def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict, stop: Stop,
+                  value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+    """--sample N in fixed batches, split among processes and resumable. Batch j (images j * batch ...) is
+    ``draw(size, generator)`` with a generator seeded from (--seed, j) (numpy's SeedSequence: a 32-bit seed,
+    since the CPU generator keeps 32 bits of any seed), so image i is the same whatever the split and however
+    often the command was stopped. Shard s of k (torchrun's rank and the SLURM array task: ``torchrun
+    --nproc_per_node=4`` or ``sbatch --array=0-9``, or both) draws the batches j = s mod k whose PNGs are not
+    all in the folder yet. A stop signal ends it after the current batch (exit 0: the same command continues;
+    submit.sh requeues it). ``key`` (what else fixes the images: sampler settings) goes into the folder's mark
+    with the checkpoint, N, the batch and --seed: a folder drawn from anything else is replaced, never mixed.
+    A .npz is written whole by one process."""
+    cfg, ddp = run.cfg, run.ddp
+    out = Path(cfg.sample_out or run.out / "generated")
+    array = os.environ.get("SLURM_ARRAY_TASK_ID")
+    task = (int(array) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
+        os.environ.get("SLURM_ARRAY_TASK_STEP", 1)) if array else 0
+    shard, shards = task * ddp.world + ddp.rank, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) * ddp.world
+    npz = out.suffix.lower() == ".npz"
+    if npz and shards > 1:
+        raise UserError(f"--sample-out {out}: a .npz is written by one process; give a folder to split --sample "
+                        f"among {shards} processes or array tasks")
+    key = {"checkpoint": f"{run_id(run.ckpt)}@{run.ckpt['step']}", "n": n, "batch": batch, "seed": cfg.seed, **key}
+    prepare_output(out, key=None if npz else json.dumps(key, sort_keys=True))
+    names = lambda j: [out / f"{i:06d}.png" for i in range(j * batch, min(n, (j + 1) * batch))]  # noqa: E731
+    mine = range(shard, math.ceil(n / batch), shards)
+    todo = [j for j in mine if npz or not all(p.is_file() for p in names(j))]
+    total = sum(len(names(j)) for j in todo)
+    where = f" (shard {shard + 1} of {shards})" if shards > 1 else ""
+    stop.begin()
+    done, kept, t0 = 0, [], time.time()
+    print(f"--sample {n}{where}: {total} images to draw" + (f", {sum(len(names(j)) for j in mine) - total} "
+          f"already in {out}" if len(todo) < len(mine) else ""), flush=True)
+    with torch.no_grad():
+        for j in todo:
+            seed = int(np.random.SeedSequence([cfg.seed, j]).generate_state(1)[0])
+            g = torch.Generator(ddp.device).manual_seed(seed)
+            images = to_uint8(draw(len(names(j)), g), value_range).permute(0, 2, 3, 1).numpy()
+            if npz:
+                kept.append(images)
+            for path, image in zip([] if npz else names(j), images):
+                write_png(image, path, path.with_name(path.name + ".part"))   # prepare_output knows .part
+            done += len(images)
+            elapsed = time.time() - t0
+            print(f"--sample{where}: {done}/{total} | {duration(elapsed)} | "
+                  f"ETA {duration(elapsed * (total - done) / done)}", flush=True)
+            if stop.requested:   # checked after the batch: one that has begun is always written
+                break
+    if stop.requested and done < total:
+        if npz:
+            raise Stopped(stop.signal)   # nothing written: a .npz is all or nothing
+        print(f"stopped by {stop.signal} after {done} images: the same command continues", flush=True)
+        return
+    if npz:
+        save_npz(np.concatenate(kept), out)
+        print(f"wrote {n} images to {out}", flush=True)
+        return
+    present = sum(p.is_file() for j in range(math.ceil(n / batch)) for p in names(j))
+    print(f"wrote {done} images to {out}" + ("" if present == n else
+          f"; {present}/{n} are there: the other shards write the rest"), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # The run: config resolution, folder and lock, signals, logging, sampling and checkpoint cadence
 # ----------------------------------------------------------------------------------------------
 class Run:

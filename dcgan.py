@@ -1,6 +1,6 @@
 """Unsupervised Representation Learning with Deep Convolutional Generative Adversarial Networks.
 
-Alec Radford, Luke Metz, Soumith Chintala. ICLR 2016. arXiv:1511.06434
+Alec Radford, Luke Metz, Soumith Chintala. ICLR 2016. arXiv:1511.06434. Results and every command: docs/dcgan.md
 
 The GAN game of Goodfellow et al. (2014, see gan.py),
 
@@ -37,21 +37,12 @@ Deviations, each deliberate:
 - --steps 12000 (about 26 Fashion-MNIST epochs at batch 128) is our default; the paper reports
   1 to 5 epochs on LSUN / ImageNet / faces, which are far larger.
 
-Usage:
+Usage (every command, the results and the speed: docs/dcgan.md):
     python dcgan.py                                   # Fashion-MNIST resized to 64 x 64
-    python dcgan.py --image-size 32 --steps 3000      # the CPU-sized run of README.md
-    python dcgan.py --resume                          # continue the run in runs/dcgan-fashion-mnist
+    python dcgan.py --resume                          # continue runs/dcgan-fashion-mnist (a requeued job too)
+    sbatch submit.sh dcgan                            # on SLURM, requeued until done (GPUS=4: torchrun, DDP)
+    python dcgan.py --sample 10000 --sample-out dcgan.npz   # images for fid.py
     python dcgan.py --dataset folder --data-root ~/celeba   # any folder of images
-    python dcgan.py --sample 10000 --sample-out dcgan.npz --interpolate 8   # images + latent walks
-    python dcgan.py --init runs/dcgan-fashion-mnist/ckpt.pt --dataset folder --data-root ~/mine --out runs/ft
-    sbatch submit.sh dcgan --image-size 32
-    python dcgan.py --eval-every 1000 --keep-every 5000   # FID during training, best.pt, snapshots
-    python dcgan.py --amp --channels-last --compile   # speed flags (README: measured speed)
-    torchrun --standalone --nproc_per_node=4 dcgan.py   # 4 GPUs, one process each (DDP); or GPUS=4 sbatch submit.sh dcgan
---batch-size is the global batch, shared among the processes: the same images make a step whatever
-their number (each process its own slice and its own noise), so the paper's batch holds by default.
-
-From Python: G = dcgan.load("runs/dcgan-fashion-mnist/ckpt.pt"); images = G(dcgan.sample_z(64, G.nz, "cpu")).
 """
 from __future__ import annotations
 
@@ -63,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import fid
 from common import arg
 
 
@@ -208,15 +200,6 @@ def build(cfg: Config, device):
 # Sampling
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(G, n: int, cfg: Config, device, batch: int = 500):
-    """n images from a seeded noise stream (the same n images for the same checkpoint and --seed)."""
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    G.eval()
-    for i in range(0, n, batch):
-        yield G(sample_z(min(batch, n - i), cfg.nz, device, g))
-
-
-@torch.no_grad()
 def interpolation_grid(G, rows: int, cfg: Config, device, steps: int = 10):
     """Section 6.1, "walking in the latent space": each row decodes z_a + t (z_b - z_a), t in [0, 1]."""
     g = torch.Generator(device).manual_seed(cfg.seed + 1)
@@ -239,49 +222,81 @@ def load(path: str, device="cpu") -> Generator:
     return G.to(device).eval()
 
 
-def main():
-    cfg = common.parse_config(Config)
-    run = common.Run(cfg, "dcgan")
-    device = run.device
+def train(cfg: Config) -> None:
+    # ---- run plumbing, the same in every script ----------------------------------------------------------------
+    ddp = common.Processes(cfg.device)              # torchrun's processes (or this one alone): rank, world, device
+    run = common.resolve_run(cfg, "dcgan", ddp)     # --out, --resume / --init and the config; nothing is written
+    stop = common.Stop(ddp)                         # SIGTERM, SIGUSR1, Ctrl-C: at once during the set-up (exit 3)
+    common.seed_everything(cfg.seed + ddp.rank)     # each process its own noise; DDP copies rank 0's weights
+    device, amp = ddp.device, common.amp_dtype(cfg.amp, ddp.device)
+    # ---- the paper: networks, data, optimizers (section 4) -----------------------------------------------------
     G, D = build(cfg, device)
     run.say(f"G: {common.count_parameters(G):,} parameters, D: {common.count_parameters(D):,} parameters")
-
-    if run.sampling:
-        run.track(models={"G": G})
-        run.start()
-        run.write_generated(generate(G, cfg.sample, cfg, device))
-        if cfg.interpolate:
-            run.out.mkdir(parents=True, exist_ok=True)
-            path = run.out / "interpolation.png"
-            common.save_grid(interpolation_grid(G, cfg.interpolate, cfg, device), path, nrow=10)
-            print(f"wrote {path}")
-        return
-
     images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=run.rank, world=run.world,
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
                              memory_format=memory_format)
     G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
-    fixed_noise = sample_z(64, cfg.nz, device)
-    G_eval = G  # samples and evaluation use the plain module, on rank 0 alone
-    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
-        G = nn.parallel.DistributedDataParallel(G, device_ids=[device.index] if device.type == "cuda" else None)
-        D = nn.parallel.DistributedDataParallel(D, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    fixed_noise = sample_z(64, cfg.nz, device)      # the same z for every sample grid of the run
+    saved = dict(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
+                 state={"fixed_noise": fixed_noise, "scaler": scaler})   # what a checkpoint holds
+    # ---- run plumbing: restore, folder, processes, log ---------------------------------------------------------
+    step = common.restore(run, **saved)             # the checkpoint, or --init's weights; 0 for a new run
+    common.open_run_folder(run)                     # create and lock it, write args.json (rank 0)
+    G_eval = G                                      # grids and evaluation use the plain module, on rank 0
+    if ddp.world > 1:                               # torchrun: one process per GPU, gradients averaged
+        G, D = (nn.parallel.DistributedDataParallel(m, device_ids=ddp.device_ids) for m in (G, D))
     if cfg.compile:
         G, D = torch.compile(G), torch.compile(D)
+    log = common.Log(run, step)
+    evaluate = fid.Evaluator(run, images) if cfg.eval_every else None
 
-    run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
-              state={"fixed_noise": fixed_noise, "scaler": scaler}, sample=lambda: G_eval(fixed_noise),
-              generate=lambda n, g: G_eval(sample_z(n, cfg.nz, device, g)), real=images)
-    step = run.start()
-    while step < cfg.steps and not run.stop_requested:
-        losses = train_step(G, D, opt_G, opt_D, batches.next(), cfg, run.amp, scaler)
+    def save_samples(step: int) -> None:            # the fixed-noise grid, G in eval mode: drawing changes nothing
+        with common.eval_mode(G_eval):
+            common.save_grid(G_eval(fixed_noise), run.out / "samples" / f"{step:06d}.png")
+
+    def draw(n: int, generator) -> torch.Tensor:    # --eval-every's samples
+        with common.eval_mode(G_eval):
+            return G_eval(sample_z(n, cfg.nz, device, generator))
+
+    stop.begin()
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    while step < cfg.steps and not stop.agreed(step):
+        losses = train_step(G, D, opt_G, opt_D, batches.next(), cfg, amp, scaler)
         step += 1
-        run.end_step(step, losses)
-    run.finish(step)
+        log.add(losses)
+        if step % cfg.log_every == 0:
+            log.write(step)
+        if step % cfg.sample_every == 0 and ddp.rank == 0:
+            save_samples(step)
+        best = evaluate is not None and step % cfg.eval_every == 0 and evaluate(step, draw, log, stop)
+        if step % cfg.ckpt_every == 0 or best or (cfg.keep_every and step % cfg.keep_every == 0):
+            common.save_run(run, step, log, **saved, best=best)
+    common.finish(run, step, log, stop, **saved)    # the last checkpoint, then how the run ended
+    if ddp.rank == 0 and step > run.start_step and step % cfg.sample_every:
+        save_samples(step)                          # and the last step's grid
+
+
+def sample_command(cfg: Config) -> None:
+    """--sample N: N images of the checkpoint's G in --sample-out, split among processes and resumable."""
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "dcgan", ddp, command="--sample")
+    stop = common.Stop(ddp)
+    G = Generator(cfg.nz, cfg.ngf, common.dataset_channels(cfg.dataset), cfg.image_size).to(ddp.device).eval()
+    common.load_models(run, G=G)
+    common.write_sharded(run, lambda n, g: G(sample_z(n, cfg.nz, ddp.device, g)), cfg.sample, 500, {}, stop)
+    if cfg.interpolate and ddp.rank == 0:
+        common.save_grid(interpolation_grid(G, cfg.interpolate, cfg, ddp.device), run.out / "interpolation.png",
+                         nrow=10)
+        print(f"wrote {run.out / 'interpolation.png'}")
+
+
+def main():
+    cfg = common.parse_config(Config)
+    sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":

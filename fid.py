@@ -1131,6 +1131,74 @@ def _cli_input(arg: str, data_root: str):
                    f"its test split)")
 
 
+# ----------------------------------------------------------------------------------------------
+# During training (--eval-every)
+# ----------------------------------------------------------------------------------------------
+class _Interrupted(Exception):
+    """Raised from inside evaluate's sample function when a stop is requested."""
+
+
+class Evaluator:
+    """--eval-every's FID (and KID, precision/recall: --eval-metrics) of --eval-n generated images against the
+    training images, computed on rank 0. Feature space (--eval-features auto): the dataset's own classifier for
+    fashion-mnist and mnist and their translation demos (not comparable to Inception FID), Inception elsewhere.
+    The reference statistics are computed once and cached by content; the samples come from their own seeded
+    generator, the same noise at every evaluation, and the global random state is restored after: the training
+    is exactly the same with and without evaluation. Offline without the feature network, the FID is off for
+    the run, said in one line, and training goes on."""
+
+    def __init__(self, run, real: torch.Tensor, value_range=(-1.0, 1.0)):
+        cfg = run.cfg
+        self.run, self.real, self.value_range = run, real, value_range
+        self.metrics, self.features = cfg.eval_metrics.split(","), cfg.eval_features
+        if self.features == "auto":
+            self.features = cfg.dataset if cfg.dataset in ("fashion-mnist", "mnist") else \
+                "fashion-mnist" if cfg.dataset in ("edges2fashion", "sneaker2boot") else "inception"
+        key = cfg.dataset if cfg.dataset != "folder" else \
+            "folder-" + hashlib.sha256(str(Path(cfg.data_root).resolve()).encode()).hexdigest()[:8]
+        self.ref_path = common.cache_dir() / f"ref-{key}-{real.shape[-1]}px-{self.features}.npz"
+        self.ref, self.off = None, False
+
+    def __call__(self, step: int, generate, log, stop, extra=None) -> bool:
+        """At ``step``: the scores of ``generate(n, generator)``'s images (a stop request interrupts them between
+        batches) and of ``extra(should_stop)`` (a dict of more scores, None when cut short), written by ``log``.
+        Every rank calls it; each gets whether the FID is the best so far (then best.pt keeps this step)."""
+        run, best = self.run, False
+        if run.is_main and not stop.requested:
+            t, rng, scores = time.time(), common.rng_state(run.ddp.device), {}
+            scores.update(self._fid(generate, lambda: stop.requested) or {})
+            if extra is not None and not stop.requested:
+                scores.update(extra(lambda: stop.requested) or {})
+            common.set_rng_state(rng, run.ddp.device)   # building a network draws from the global generators
+            log.scores(step, scores, time.time() - t)
+            best = scores.get("fid", math.inf) < run.best_fid
+            run.best_fid = min(run.best_fid, scores.get("fid", math.inf))
+        return run.ddp.from_main(best)
+
+    def _fid(self, generate, should_stop) -> dict | None:
+        if self.off:
+            return None
+        device = self.run.ddp.device
+
+        def batch(n: int):
+            if should_stop():
+                raise _Interrupted
+            return generate(n, g)
+        try:
+            if self.ref is None:
+                self.ref_path.parent.mkdir(parents=True, exist_ok=True)
+                self.ref = reference_stats(self.ref_path, self.real, device=device, features=self.features)
+            g = torch.Generator(device).manual_seed(self.run.cfg.seed + 1)   # the same noise at every evaluation
+            return evaluate(batch, self.ref, n=self.run.cfg.eval_n, metrics=self.metrics, device=device,
+                            value_range=self.value_range, features=self.features)
+        except _Interrupted:
+            print("evaluation interrupted by the stop request: skipped", flush=True)
+        except common.UserError as e:
+            self.off = True
+            print(f"evaluation off for this run: {e}", flush=True)
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", metavar="A", nargs="?", help="generated images, their statistics, or a dataset name "
