@@ -426,6 +426,9 @@ def load_images(dataset: str, data_root: str, image_size: int | None = None, spl
         paths = [_find_idx(dataset, root, s) for s in stems]
         if None in paths:
             raise UserError(_download_hint(dataset, root))
+        if paths[0].parent == FASHION_MNIST_DEBIAN and os.environ.get("RANK", "0") == "0":
+            print(f"{dataset} {split}: read from {FASHION_MNIST_DEBIAN} (Debian's dataset-fashion-mnist); --data-root "
+                  f"{data_root} has none", flush=True)
         images = _read_idx(paths[0])
         y = _read_idx(paths[1]) if labels else None
     else:

@@ -1,110 +1,41 @@
 """Sample-quality metrics: FID, KID, Inception Score, precision/recall from one pass of a feature network
-(Inception-v3, or a small classifier trained here for offline 28x28 datasets), and the Classification
-Accuracy Score of labelled samples.
+(Inception-v3, or a small classifier trained here for the offline 28x28 datasets), and the Classification
+Accuracy Score of labelled samples. Details, measurements and every command: docs/metrics.md.
 
 Papers
-    FID  Heusel, Ramsauer, Unterthiner, Nessler, Hochreiter. "GANs Trained by a Two Time-Scale Update Rule
-         Converge to a Local Nash Equilibrium". NeurIPS 2017, arXiv:1706.08500.
-    KID  Bińkowski, Sutherland, Arbel, Gretton. "Demystifying MMD GANs". ICLR 2018, arXiv:1801.01401.
-    IS   Salimans, Goodfellow, Zaremba, Cheung, Radford, Chen. "Improved Techniques for Training GANs".
-         NeurIPS 2016, arXiv:1606.03498.
-    P/R  Kynkäänniemi, Karras, Laine, Lehtinen, Aila. "Improved Precision and Recall Metric for Assessing
-         Generative Models". NeurIPS 2019, arXiv:1904.06991.
+    FID  Heusel, Ramsauer, Unterthiner, Nessler, Hochreiter. NeurIPS 2017, arXiv:1706.08500.
+    KID  Binkowski, Sutherland, Arbel, Gretton. "Demystifying MMD GANs". ICLR 2018, arXiv:1801.01401.
+    IS   Salimans, Goodfellow, Zaremba, Cheung, Radford, Chen. NeurIPS 2016, arXiv:1606.03498.
+    P/R  Kynkaanniemi, Karras, Laine, Lehtinen, Aila. NeurIPS 2019, arXiv:1904.06991.
     CAS  Ravuri, Vinyals. "Classification Accuracy Score for Conditional Generative Models". NeurIPS 2019,
          arXiv:1905.10887.
-    Net  Szegedy, Vanhoucke, Ioffe, Shlens, Wojna. "Rethinking the Inception Architecture for Computer
-         Vision". CVPR 2016, arXiv:1512.00567 (Inception-v3).
 
-What is computed. Each image goes once through the feature network: x = its features (Inception: the
-2048-d pool features), z = its logits (Inception: 1008-way). With (mu, Sigma) the mean and covariance of x
-over a set of images:
+Each image goes once through the feature network: x = its features (Inception: the 2048-d pool features), z =
+its logits. With (mu, Sigma) the mean and covariance of x over a set of images:
     FID = ||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2))
-    KID = unbiased MMD^2 between the feature sets, kernel k(x, y) = (x.y / d + 1)^3, d = dim(x),
-          mean and std over 100 random subsets of 1000 (fewer if there are fewer images)
-    IS  = exp(E_x KL(p(y|x) || p(y))),  p(y|x) = softmax(z),  mean and std over 10 splits
+    KID = unbiased MMD^2 between the feature sets, kernel k(x, y) = (x.y / d + 1)^3, over 100 subsets of 1000
+    IS  = exp(E_x KL(p(y|x) || p(y))),  p(y|x) = softmax(z),  over 10 splits
     precision = mean over generated x of f(x, real),  recall = mean over real x of f(x, generated),
           f(x, X) = 1 if ||x - x'|| <= ||x' - NN_3(x')|| for some x' in X (x inside X's k-NN balls)
     CAS = accuracy on the real test split of a classifier trained on generated (image, label) pairs only
-
-Same numbers as pytorch-fid (v0.3.0): the network is its FID Inception (the TensorFlow graph of
-2015-12-05 ported to PyTorch, with TF's average pooling that ignores padding and a max pool in the last
-block) and loads its weights file; the pre-processing is its own: RGB uint8 -> /255 -> bilinear resize
-to 299x299 (align_corners=False) -> 2x - 1; statistics are float64 (np.cov). Deviations, all deliberate:
-    - Inference folds each batch norm into its convolution and runs channels-last on the CPU
-      (FIDInceptionV3.for_inference): 1.7x the images per second on a 2-core CPU; the features equal
-      pytorch-fid's to float rounding (~1e-5 on values of 1 to 30), the FID to < 1e-6 relative
-      (tools/bench_fid.py).
-    - The Frechet distance uses symmetric eigendecompositions instead of scipy's sqrtm of the
-      non-symmetric product: same value (< 1e-6 relative), several times faster, see frechet_distance.
-      Float64 loses digits where FID is a small difference of large traces (two samples of one
-      distribution: FID ~ 1, traces ~ 1000): there any two methods, or the two orders of the sets, agree
-      to ~2e-5 relative only.
-    - IS takes the logits as the original code does (pool features times the softmax weights, no bias),
-      but from pytorch-fid's network and resize, so it is close to, not equal to, TensorFlow's number.
-    - Precision/recall use these Inception features instead of the paper's VGG-16 (as torch-fidelity).
-    - Folders are read recursively (pytorch-fid reads the top level only); float images given to
-      evaluate() are rounded to uint8 first, as when they are written to PNG, so both ways agree.
-
-Feature spaces (--features). `inception` (the default) is the above, and needs pytorch-fid's weights
-file. `fashion-mnist` and `mnist` are the 128-d penultimate layer of a small convnet (Classifier) trained on
-that dataset's training split by `python fid.py --train-features fashion-mnist`: no download, a few
-minutes on a CPU, refused below 92% (Fashion-MNIST) or 99% (MNIST) test accuracy, saved in
-$XDG_CACHE_HOME/gen-models/fid-<dataset>.pt (~/.cache without XDG_CACHE_HOME; $FID_CLASSIFIER_DIR replaces
-the folder, --classifier PATH the file). The classifier sees every image as it was trained on: RGB ->
-grayscale (PIL's convert("L") luma, so gray images stay exactly themselves) and other sizes than 28x28
-resized (bilinear with antialiasing). KID, precision/recall and IS (over the classifier's classes) are
-computed in it as in Inception's. Its numbers are on their own scale: never compare them with Inception's,
-nor with another classifier's. Training is bit-identical for a given seed and thread count only (oneDNN
-splits its sums by thread), so statistics files record their feature space and the classifier's weights
-(a sha256), and fid.py refuses to compare statistics of two spaces or two classifiers. `synthetic` is a
-tiny space for the tests (common.synthetic_images' 4 quadrants).
-
-CAS (--cas). The Classifier is trained from scratch on generated images and their labels (the
-conditioning class), exactly as the feature classifier is trained on the real training split (same
-architecture, epochs, optimizer and seed), then tested on the real test split; its accuracy is printed
-next to the real-data classifier's. Generate as many images as the training split has (60,000 for
-Fashion-MNIST and MNIST), as Ravuri & Vinyals do, for a like-for-like comparison.
-
-Few images. The dxd covariance of d images or fewer is singular, and FID is biased upwards, the more so
-the fewer the images (Bińkowski et al. 2018): FID on fewer than 10,000 images on either side comes with a
-warning that says which (on the command line one `warning:` line on stderr; from a script a FIDWarning,
-shown once per calling line by Python's default filter).
+FID is pytorch-fid's (v0.3.0): its Inception weights file and pre-processing (RGB uint8 -> /255 -> bilinear
+299x299 -> 2x - 1), statistics in float64. Deviations: batch norms folded into the convolutions (features equal
+to ~1e-5); the Frechet distance from symmetric eigendecompositions instead of scipy's sqrtm (< 1e-6 relative);
+precision/recall in Inception's features instead of VGG-16's; folders read recursively.
+--features fashion-mnist | mnist: the 128-d penultimate layer of a small convnet (Classifier) trained once by
+`python fid.py --train-features fashion-mnist` (minutes on a CPU; refused below 92% / 99% test accuracy): no
+download, its own scale, never comparable with Inception's. Fewer than 10,000 images on either side: a warning.
 
 Usage
-    python fid.py generated/ real/                        # FID of two folders of images
-    python fid.py generated.npz real_stats.npz --kid --isc --prc --device cuda --batch-size 200
+    python fid.py generated/ real/                        # FID of two folders of images (or .npz, or statistics)
+    python fid.py generated.npz fashion-mnist:test --features fashion-mnist --kid --prc
     python fid.py --save-stats real/ real_stats.npz       # cache mu, sigma (and features) of real images
-    python fid.py --save-stats fashion-mnist fmnist_train.npz    # ... of a built-in dataset's training split
-    python fid.py generated.npz cifar10 --data-root data  # a dataset name: its training split, as stored
-    python fid.py A B --weights pt_inception-2015-12-05-6726825d.pth     # offline: the weights file
-    python fid.py --train-features fashion-mnist          # once: the offline feature space (minutes, CPU)
-    python fid.py generated.npz fashion-mnist --features fashion-mnist --kid --prc
+    python fid.py --train-features fashion-mnist          # once: the offline feature space
     python fid.py --cas generated.npz --dataset fashion-mnist    # .npz with `images` and `labels`
-It prints one `name: value` line per metric (fid, kid_mean, kid_std, is_mean, is_std, precision, recall;
-cas, real_accuracy). Each of A (generated) and B (reference) is a folder of images (png/jpg/..., searched
-recursively, all the same size), an .npz of uint8 images (key `images` or its only array; N x H x W x C
-or N x C x H x W; grayscale is repeated to 3 channels), or a statistics .npz (`mu`, `sigma`: pytorch-fid's
-format; KID and precision/recall also need the `features` that --save-stats stores), or the name of a
-built-in dataset (fashion-mnist, mnist, cifar10, svhn, synthetic, synthetic-rgb: its training images at
-their stored size, read from --data-root as the model scripts read them; NAME:test, its test images; a
-path that exists wins over a name). Without --weights the Inception weights are read from, or downloaded
-into, the torch hub cache (pytorch-fid's file and place).
-
-Library
-    ref = fid.reference_stats("data/fid_cifar10.npz", real_images)   # computed once, then read back
-    scores = fid.evaluate(lambda b: G(torch.randn(b, 100, device=dev)), ref, n=10_000,
-                          metrics=("fid", "kid"), device=dev)          # {"fid": ..., "kid_mean": ..., ...}
-    net = fid.feature_extractor("fashion-mnist", dev)   # at start-up: a missing classifier fails here
-    ref = fid.reference_stats("fid_fmnist.npz", real_images, features=net)   # then features=net below too
-    features, logits = net(images, value_range=(-1, 1))
-Images are N x C x H x W tensors/arrays, uint8 or float in `value_range` (default (-1, 1); pass (0, 1)
-for images in [0, 1]); `samples` may also be an iterable of such batches, a function batch_size -> batch
-(put the generator in eval mode), or a path as on the command line. `features` is a space's name or a
-FeatureExtractor. reference_stats records in its file what the statistics were computed from, and
-computes them again when it is asked for other images or another feature network.
-Lower level: load_inception, load_classifier, train_classifier, train_features, classification_accuracy_score,
-extract, statistics, frechet_distance, kernel_inception_distance, inception_score, precision_recall,
-save_stats, load_stats.
+It prints one `name: value` line per metric (fid, kid_mean, kid_std, is_mean, is_std, precision, recall; cas,
+real_accuracy). From Python: ref = fid.reference_stats(path, real_images); fid.evaluate(sample_fn, ref, n=10_000,
+metrics=("fid", "kid")); lower level: load_inception, load_classifier, train_classifier, extract, statistics,
+frechet_distance, kernel_inception_distance, inception_score, precision_recall, save_stats, load_stats.
 """
 from __future__ import annotations
 
@@ -483,7 +414,8 @@ def train_classifier(images, labels, test_images, test_labels, min_accuracy: flo
     classes = int(max(labels.max(), test_labels.max())) + 1
     x, y = _prepared(images).to(device), labels.to(device)  # once: the resize is not repeated every epoch
     steps_per_epoch = math.ceil(len(x) / batch_size)
-    t0 = time.time()
+    t0 = t_said = time.time()
+    log(f"training a classifier on {len(x)} images: {epochs} epochs of {steps_per_epoch} steps, on {device}")
     with _seeded(seed, device):
         net = _placed(Classifier(classes), device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
@@ -498,6 +430,10 @@ def train_classifier(images, labels, test_images, test_labels, min_accuracy: flo
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if time.time() - t_said > 10:   # a line every 10 s, with the time left
+                    t_said, done = time.time(), step + 1
+                    log(f"epoch {epoch + 1}/{epochs}, step {i + 1}/{steps_per_epoch}: loss {loss.item():.4f}, "
+                        f"{t_said - t0:.0f} s, ETA {(t_said - t0) * (epochs * steps_per_epoch - done) / done:.0f} s")
             log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, {time.time() - t0:.0f} s")
     net.eval().requires_grad_(False)
     acc = accuracy(net, test_images, test_labels)
@@ -1139,17 +1075,13 @@ class _Interrupted(Exception):
 
 
 class Evaluator:
-    """--eval-every's FID (and KID, precision/recall: --eval-metrics) of --eval-n generated images against the
-    training images, computed on rank 0. Feature space (--eval-features auto): the dataset's own classifier for
-    fashion-mnist and mnist and their translation demos (not comparable to Inception FID), Inception elsewhere.
-    The reference statistics are computed once and cached by content; the samples come from their own seeded
-    generator, the same noise at every evaluation, and the global random state is restored after: the training
-    is exactly the same with and without evaluation. Offline without the feature network, the FID is off for
-    the run, said in one line, and training goes on."""
+    """--eval-every's FID (and KID, precision/recall) of --eval-n generated images against ``real``, on rank 0,
+    in --eval-features (auto: the 28x28 datasets' classifier, else Inception; docs/metrics.md). The samples come
+    from their own seeded generator and the global random state is restored after: training is the same with
+    and without evaluation. Offline without the feature network, the FID is off for the run, said once."""
 
     def __init__(self, run, real: torch.Tensor, value_range=(-1.0, 1.0)):
-        cfg = run.cfg
-        self.run, self.real, self.value_range = run, real, value_range
+        cfg, self.run, self.real, self.value_range = run.cfg, run, real, value_range
         self.metrics, self.features = cfg.eval_metrics.split(","), cfg.eval_features
         if self.features == "auto":
             self.features = cfg.dataset if cfg.dataset in ("fashion-mnist", "mnist") else \
@@ -1176,8 +1108,6 @@ class Evaluator:
         return run.ddp.from_main(best)
 
     def _fid(self, generate, should_stop) -> dict | None:
-        if self.off:
-            return None
         device = self.run.ddp.device
 
         def batch(n: int):
@@ -1185,6 +1115,8 @@ class Evaluator:
                 raise _Interrupted
             return generate(n, g)
         try:
+            if self.off:
+                return None
             if self.ref is None:
                 self.ref_path.parent.mkdir(parents=True, exist_ok=True)
                 self.ref = reference_stats(self.ref_path, self.real, device=device, features=self.features)
@@ -1218,13 +1150,11 @@ def main(argv: list[str] | None = None) -> None:
                         "in NPZ (keys `images` and `labels`), tested on --dataset's test split")
     parser.add_argument("--dataset", help=f"the real dataset of --cas ({', '.join(MIN_ACCURACY)})")
     parser.add_argument("--classifier", metavar="PATH", default=None, help="the classifier file of --features, "
-                        "--train-features and --cas (default: $FID_CLASSIFIER_DIR/fid-<dataset>.pt, else "
-                        "$XDG_CACHE_HOME/gen-models/..., else ~/.cache/gen-models/...)")
+                        "--train-features and --cas (default: fid-<dataset>.pt in the cache, docs/metrics.md)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of --train-features and --cas (default: 0)")
-    parser.add_argument("--data-root", default="data", help="where a dataset named as A or B is read from "
-                        "(and downloaded to, where the network allows), as by the model scripts (default: data)")
-    parser.add_argument("--weights", default=None, help="the Inception weights file (default: the torch hub "
-                        "cache, downloaded there where the network allows)")
+    parser.add_argument("--data-root", default="data", help="where a dataset named as A or B is read from, as by the "
+                        "model scripts (default: data)")
+    parser.add_argument("--weights", default=None, help="the Inception weights file (default: torch hub's cache)")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | cuda:1 | mps")
     parser.add_argument("--batch-size", type=int, default=50, help="images per network pass (default: 50)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
