@@ -4,7 +4,7 @@ the command line as a user runs it. Offline: random Inception weights.
 
 The 2048-d comparison and the speed measurements run only when asked for:
     FID_BENCHMARK=1 python -m pytest -q -s tests/test_fid.py -k benchmark
-    python tools/bench_fid.py --n 2100 --rounds 1      # end to end, as a user runs both
+    python tools/bench/bench_fid.py --n 2100 --rounds 1      # end to end, as a user runs both
 """
 import contextlib
 import io

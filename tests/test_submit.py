@@ -1,4 +1,4 @@
-"""submit.sh against a real SLURM: the one-node cluster of tools/slurm-local-up.sh.
+"""submit.sh against a real SLURM: the one-node cluster of tools/slurm/slurm-local-up.sh.
 
 Each SLURM test submits the real submit.sh (its #SBATCH lines untouched) with a tiny gan.py run,
 from its own tmp folder (job ids restart at 1 with each cold start of the cluster, so no output path
@@ -7,9 +7,9 @@ folder would. Signals are sent by hand (`scancel --signal=USR1 --batch` is exact
 `--signal=B:USR1@300` does at the time limit), once the trainer has logged a training step.
 
 Skipped only where `sbatch` is absent. Where it exists the cluster must be up: the session fixture
-runs tools/slurm-local-up.sh (as root), a no-op when the cluster is already up (.ci/run starts and
+runs tools/slurm/slurm-local-up.sh (as root), a no-op when the cluster is already up (.ci/run starts and
 stops it), and fails with its message otherwise; a cluster it started keeps running after pytest
-(stop it with tools/slurm-local-down.sh). The tests without SLURM (the command line, torchrun and
+(stop it with tools/slurm/slurm-local-down.sh). The tests without SLURM (the command line, torchrun and
 USR1) always run.
 """
 from __future__ import annotations
@@ -48,18 +48,18 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", 
 def slurm():
     """The local cluster, started if needed; skips only where there is no sbatch."""
     if shutil.which("sbatch") is None:
-        pytest.skip("sbatch not found: SLURM is not installed (bash tools/slurm-local-up.sh installs and "
+        pytest.skip("sbatch not found: SLURM is not installed (bash tools/slurm/slurm-local-up.sh installs and "
                     "starts a one-node cluster, as root on Debian)")
     if os.geteuid() == 0:   # idempotent: 0.1 s when the cluster is up already
         up = subprocess.run(["bash", str(ROOT / "tools" / "slurm-local-up.sh")], capture_output=True, text=True,
                             timeout=300)
         if up.returncode != 0:
-            pytest.fail(f"sbatch exists but tools/slurm-local-up.sh could not bring the cluster up:\n{up.stderr}",
+            pytest.fail(f"sbatch exists but tools/slurm/slurm-local-up.sh could not bring the cluster up:\n{up.stderr}",
                         pytrace=False)
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
     if "is UP" not in ping.stdout:
         pytest.fail(f"sbatch exists but slurmctld does not answer ({ping.stdout.strip()}{ping.stderr.strip()}); "
-                    f"start the local cluster with: sudo bash tools/slurm-local-up.sh", pytrace=False)
+                    f"start the local cluster with: sudo bash tools/slurm/slurm-local-up.sh", pytrace=False)
 
 
 class Job:

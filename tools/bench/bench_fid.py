@@ -8,7 +8,7 @@ loader is replaced by a read of the weights file, in this script only), each run
 process, default threads and decoding workers. The two commands alternate, best of --rounds each, so that
 the load of a shared machine hits both alike; then the time of each stage is measured in this process.
 
-    python tools/bench_fid.py --n 2100 --rounds 1     # 2,100 images a side: full-rank 2048-d covariances
+    python tools/bench/bench_fid.py --n 2100 --rounds 1     # 2,100 images a side: full-rank 2048-d covariances
 """
 import argparse
 import os
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import common  # noqa: E402
 import fid  # noqa: E402

@@ -4,7 +4,7 @@ Times dcgan training steps fed by common.Batches (Fashion-MNIST held in memory, 
 permutation, converted to [-1, 1]) against the same steps fed by batches made beforehand, interleaving
 the two so that machine load hits both alike, and times Batches.next() alone.
 
-    python tools/bench_data_path.py --image-size 28 --steps 20 --repeats 5
+    python tools/bench/bench_data_path.py --image-size 28 --steps 20 --repeats 5
 """
 import argparse
 import statistics
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import common  # noqa: E402
 import dcgan  # noqa: E402
 

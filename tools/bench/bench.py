@@ -1,9 +1,9 @@
 """Training speed of a model script, flag by flag, beside its popular peer, measured in one run.
 
-    python tools/bench.py dcgan                                   # CPU: 64x64, batch 64
-    python tools/bench.py dcgan --peer ~/examples/dcgan/main.py   # with pytorch/examples' dcgan
-    python tools/bench.py dcgan --device cuda --batch-size 128 --peer ~/examples/dcgan/main.py
-    python tools/bench.py dcgan --configs none amp amp+channels-last   # some flag sets only
+    python tools/bench/bench.py dcgan                                   # CPU: 64x64, batch 64
+    python tools/bench/bench.py dcgan --peer ~/examples/dcgan/main.py   # with pytorch/examples' dcgan
+    python tools/bench/bench.py dcgan --device cuda --batch-size 128 --peer ~/examples/dcgan/main.py
+    python tools/bench/bench.py dcgan --configs none amp amp+channels-last   # some flag sets only
 
 Each configuration runs the script itself, as a user does (`python dcgan.py --dataset synthetic-rgb
 --image-size 64 ...`: the data held on the device as in any training run, no sample grids or
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["none", "channels-last", "amp", "amp+channels-last", "amp+channels-last+compile"]  # flags joined by +
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# slurm-local-down.sh - stop the daemons that tools/slurm-local-up.sh started,
+# slurm-local-down.sh - stop the daemons that tools/slurm/slurm-local-up.sh started,
 # and nothing else. Idempotent; a no-op when nothing was started.
 #
 # Reads $STATE/<name>.pid, checks that the pid still belongs to a process with

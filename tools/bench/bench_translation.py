@@ -1,7 +1,7 @@
 """pix2pix.py's and cyclegan.py's training step beside the official implementation's, step by step in one process.
 
-    python tools/bench_translation.py --peer /tmp/peers/pytorch-CycleGAN-and-pix2pix     # CPU, 128 x 128, batch 1
-    python tools/bench_translation.py --peer ~/pytorch-CycleGAN-and-pix2pix --device cuda --image-size 256 \
+    python tools/bench/bench_translation.py --peer /tmp/peers/pytorch-CycleGAN-and-pix2pix     # CPU, 128 x 128, batch 1
+    python tools/bench/bench_translation.py --peer ~/pytorch-CycleGAN-and-pix2pix --device cuda --image-size 256 \
         --configs none amp+channels-last
 
 The official implementation is junyanz/pytorch-CycleGAN-and-pix2pix (a checkout of it: --peer, imported from
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import cyclegan  # noqa: E402

@@ -2,7 +2,7 @@
 contiguous positions x channels rows) beside the transposed views it used before, at the small U-Net's
 attention level (batch 128, 16 x 16, 64 channels), in fp32 and bf16, on this machine.
 
-    python tools/time_ddpm_attention.py
+    python tools/figures/time_ddpm_attention.py
 """
 import sys
 import time
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import ddpm  # noqa: E402
 
 

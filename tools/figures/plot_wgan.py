@@ -1,7 +1,7 @@
 """The Wasserstein estimate against generator iterations, with the FID of --eval-every beside it (the WGAN
 paper's Figure 3 point: the critic's estimate tracks sample quality), one panel per run folder.
 
-    python tools/plot_wgan.py runs/wgan-fashion-mnist runs/wgan_gp-fashion-mnist --out docs/wgan-w-estimate.png
+    python tools/figures/plot_wgan.py runs/wgan-fashion-mnist runs/wgan_gp-fashion-mnist --out docs/wgan-w-estimate.png
 
 Each point of the W_estimate curve is a metrics.csv row: the mean over the generator iterations since the
 row before (--log-every); the paper median-filters its per-iteration curve instead.

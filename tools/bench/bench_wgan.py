@@ -1,9 +1,9 @@
 """Training speed of wgan.py and wgan_gp.py beside eriklindernoren/PyTorch-GAN's wgan and wgan_gp, in one run;
 and what wgan_gp.py's batching of the critic calls buys.
 
-    python tools/bench_wgan.py --peer ~/PyTorch-GAN/implementations --rounds 2    # CPU, 28 x 28, batch 64
-    python tools/bench_wgan.py --peer ~/PyTorch-GAN/implementations --device cuda --configs none amp+channels-last
-    python tools/bench_wgan.py --critic-calls --rounds 3    # wgan_gp's critic iteration with 1, 2 or 3 critic calls
+    python tools/bench/bench_wgan.py --peer ~/PyTorch-GAN/implementations --rounds 2    # CPU, 28 x 28, batch 64
+    python tools/bench/bench_wgan.py --peer ~/PyTorch-GAN/implementations --device cuda --configs none amp+channels-last
+    python tools/bench/bench_wgan.py --critic-calls --rounds 3    # wgan_gp's critic iteration with 1, 2 or 3 critic calls
 
 Side by side: the peer at its defaults (an MLP generator and critic at 28 x 28 x 1, batch 64, n_critic 5;
 wgan: RMSprop 5e-5 and clipping 0.01, wgan_gp: Adam 2e-4, betas (0.5, 0.999), lambda 10) and ours at the
@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 

@@ -1,7 +1,7 @@
 """ddpm.py's training speed beside w86763777/pytorch-ddpm's (the faithful PyTorch port), in one run.
 
-    python tools/bench_ddpm.py --peer ~/pytorch-ddpm                       # CPU, --arch small, batch 128
-    python tools/bench_ddpm.py --peer ~/pytorch-ddpm --arch cifar10 --device cuda --configs none amp+channels-last+compile
+    python tools/bench/bench_ddpm.py --peer ~/pytorch-ddpm                       # CPU, --arch small, batch 128
+    python tools/bench/bench_ddpm.py --peer ~/pytorch-ddpm --arch cifar10 --device cuda --configs none amp+channels-last+compile
 
 The same U-Net (ch, ch_mult, blocks, attention level, dropout 0.1; the parameter counts are printed), batch
 and image size (3 x 32 x 32) on both sides. Ours runs as a user runs it (`ddpm.py --dataset synthetic-rgb
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import ddpm  # noqa: E402
 

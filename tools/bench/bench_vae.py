@@ -1,7 +1,7 @@
 """vae.py's training speed beside pytorch/examples' vae (`vae/main.py`), in one run.
 
-    python tools/bench_vae.py --peer ~/examples/vae/main.py               # CPU, batch 128, 784-400-20
-    python tools/bench_vae.py --peer ~/examples/vae/main.py --device cuda --rounds 3
+    python tools/bench/bench_vae.py --peer ~/examples/vae/main.py               # CPU, batch 128, 784-400-20
+    python tools/bench/bench_vae.py --peer ~/examples/vae/main.py --device cuda --rounds 3
 
 Like with like: the same MLP sizes on both sides (784-400-20: ours with --hidden 400, 652,824 parameters
 each, printed), the same batch (the peer's default, 128), the same 60,000 Fashion-MNIST training images.
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
