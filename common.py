@@ -236,6 +236,10 @@ _IDX_STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
+CLASSES = {"fashion-mnist": 10, "mnist": 10, "cifar10": 10, "svhn": 10, "synthetic": 4, "synthetic-rgb": 4}
+VALIDATION_FRACTION, VALIDATION_SEED = 1 / 12, 0   # of each class: 500 of Fashion-MNIST's 6,000
+
+
 def cache_dir() -> Path:
     """Where computed files are kept between runs: $XDG_CACHE_HOME/gen-models, or ~/.cache/gen-models."""
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "gen-models"
@@ -441,6 +445,46 @@ def load_images(dataset: str, data_root: str, image_size: int | None = None, spl
     return (images, y.long()) if labels else images
 
 
+def validation_mask(labels: torch.Tensor) -> torch.Tensor:
+    """The training images held out for validation: VALIDATION_FRACTION of each class, drawn once with a fixed seed.
+    No --per-class subset contains them; augment.py chooses its settings on them, never on the test split."""
+    g, held = torch.Generator().manual_seed(VALIDATION_SEED), torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(int(labels.max()) + 1):
+        members = (labels == c).nonzero().flatten()
+        held[members[torch.randperm(len(members), generator=g)[:round(len(members) * VALIDATION_FRACTION)]]] = True
+    return held
+
+
+def class_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """The indices of an N-per-class subset of the training images: for each class, the first N of a permutation,
+    seeded by (seed, class), of its images outside the validation hold-out. The one definition of --per-class N
+    --subset-seed S and of augment.py's subsets: the same (N, S) gives the same images, a larger N contains them."""
+    pool, chosen = ~validation_mask(labels), []
+    for c in range(int(labels.max()) + 1):
+        members = (pool & (labels == c)).nonzero().flatten()
+        if len(members) < per_class:
+            raise UserError(f"--per-class {per_class}: class {c} has {len(members)} training images outside the "
+                            f"validation hold-out")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        chosen.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def training_set(cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels) a run trains on: --dataset's train split at --image-size, or its --per-class subset
+    (class_subset, with --subset-seed). labels is None where the dataset has none (--dataset folder)."""
+    size = getattr(cfg, "image_size", 0) or None
+    if cfg.dataset == "folder":
+        if getattr(cfg, "per_class", 0):
+            raise UserError("--per-class: --dataset folder has no labels; use a built-in dataset")
+        return load_images(cfg.dataset, cfg.data_root, size), None
+    images, labels = load_images(cfg.dataset, cfg.data_root, size, labels=True)
+    if getattr(cfg, "per_class", 0):
+        keep = class_subset(labels, cfg.per_class, cfg.subset_seed)
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
 # ----------------------------------------------------------------------------------------------
 # Image-to-image translation: aligned pairs (pix2pix) and two unaligned domains (CycleGAN)
 # ----------------------------------------------------------------------------------------------
@@ -627,11 +671,13 @@ class Batches:
     (epoch, index) come from a generator seeded by (seed, epoch, index), drawn for the global batch: like
     the order, they are resumed exactly and are the same whatever the number of processes. The channels
     of an image are cropped alike (a pix2pix pair stored as one 2C-channel image keeps its alignment).
+    With ``labels`` (one per image), ``next`` returns (images, their labels).
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int, device: torch.device,
                  value_range: tuple[float, float] = (-1.0, 1.0), rank: int = 0, world: int = 1,
-                 memory_format=torch.contiguous_format, crop: int = 0, hflip: bool = False):
+                 memory_format=torch.contiguous_format, crop: int = 0, hflip: bool = False,
+                 labels: torch.Tensor | None = None):
         if len(images) < batch_size:
             raise UserError(f"--batch-size {batch_size} is larger than the dataset ({len(images)} images)")
         if batch_size % world:
@@ -646,6 +692,7 @@ class Batches:
                                 f"than half of its {free / 2**30:.1f} GiB free; use a GPU with more memory, a smaller "
                                 f"--load-size or --image-size, or fewer images")
         self.images = images.to(device)
+        self.labels = labels.to(device) if labels is not None else None
         self.global_batch, self.seed, self.device = batch_size, seed, device
         self.batch_size = batch_size // world  # this process's share of every global batch
         self.rank, self.memory_format = rank, memory_format
@@ -659,8 +706,8 @@ class Batches:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(len(self.images), generator=g).to(self.device)
 
-    def next(self) -> torch.Tensor:
-        """The next batch as floats in ``value_range``, N x C x H x W on the device."""
+    def next(self):
+        """The next batch as floats in ``value_range``, N x C x H x W on the device (and its labels)."""
         if self.index == self.batches_per_epoch:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         if self._order is None:
@@ -669,8 +716,8 @@ class Batches:
         idx = self._order[start:start + self.batch_size]
         x = self._jittered(idx) if self.crop or self.hflip else self.images[idx]
         self.index += 1
-        x = x.float() * ((self.high - self.low) / 255.0) + self.low
-        return x.contiguous(memory_format=self.memory_format)
+        x = (x.float() * ((self.high - self.low) / 255.0) + self.low).contiguous(memory_format=self.memory_format)
+        return x if self.labels is None else (x, self.labels[idx])
 
     def _jittered(self, idx: torch.Tensor) -> torch.Tensor:
         """images[idx], each cropped at its random place and maybe mirrored: one gather, uint8."""
@@ -730,9 +777,10 @@ def prepare_output(path: str | Path, key: str | None = None) -> Path:
     """Check, before anything is generated, that ``path`` (a .npz file or a folder of PNGs) can be written.
 
     A folder must be new, empty, or an earlier --sample's output (it holds SAMPLE_MARK and numbered
-    PNGs), which is emptied: fid.py reads every image of a folder, so stale or foreign images would be
-    mixed in. Any other folder is refused, never emptied. With ``key`` (what the images are drawn from), a
-    folder whose mark holds the same key is kept as it is: an interrupted --sample continues it. Several
+    PNGs, or class_<k>/ folders of them), which is emptied: fid.py reads every image of a folder, so stale
+    or foreign images would be mixed in. Any other folder is refused, never emptied. With ``key`` (what the
+    images are drawn from), a folder whose mark holds the same key is kept as it is: an interrupted --sample
+    continues it. Several
     processes may prepare one folder at once (a lock on the folder makes one of them empty it, once).
     """
     path = Path(path)
@@ -753,9 +801,10 @@ def prepare_output(path: str | Path, key: str | None = None) -> Path:
         with contextlib.suppress(OSError):   # no flock on this file system: shards started at once may race
             fcntl.flock(lock, fcntl.LOCK_EX)
         entries = list(path.iterdir())
+        numbered = lambda e: e.suffix in (".png", ".part") and e.name.split(".")[0].isdigit()   # noqa: E731
         ours = (path / SAMPLE_MARK).is_file() and all(
-            e.name == SAMPLE_MARK or (e.suffix in (".png", ".part") and e.name.split(".")[0].isdigit())
-            for e in entries)
+            e.name == SAMPLE_MARK or numbered(e) or (e.is_dir() and e.name.startswith("class_")
+                                                     and all(numbered(f) for f in e.iterdir())) for e in entries)
         if entries and not ours:
             names = sorted(e.name for e in entries)
             raise UserError(f"{flag} holds files that an earlier --sample did not write ({', '.join(names[:3])}); "
@@ -763,7 +812,7 @@ def prepare_output(path: str | Path, key: str | None = None) -> Path:
         mark = f"written by --sample: the next --sample into this folder replaces it\n{key or ''}\n"
         if key is None or not ours or (path / SAMPLE_MARK).read_text() != mark:
             for e in entries:
-                e.unlink()
+                shutil.rmtree(e) if e.is_dir() else e.unlink()
             (path / SAMPLE_MARK).write_text(mark)
     finally:
         os.close(lock)
@@ -791,12 +840,13 @@ def save_images(batches, path: str | Path, value_range: tuple[float, float] = (-
     return n
 
 
-def save_npz(images: np.ndarray, path: Path) -> int:
-    """uint8 N x H x W x C images as ``path`` (key ``images``), written atomically; returns N."""
+def save_npz(images: np.ndarray, path: Path, **arrays) -> int:
+    """uint8 N x H x W x C images as ``path`` (key ``images``; ``arrays`` beside them: labels, the subset they
+    come from), written atomically; returns N."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, images=images)
+            np.savez(f, images=images, **arrays)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1373,12 +1423,13 @@ def resolve_run(cfg, script: str, ddp: Processes, command: str | None = None) ->
     own = None
     run.seen = _signature(run.ckpt_path)   # open_run_folder checks that no other process wrote it meanwhile
     if run.ckpt_path.is_file():
-        own = src if path and Path(path).resolve() == run.ckpt_path.resolve() else load_checkpoint(run.ckpt_path, script)
+        same = path and Path(path).resolve() == run.ckpt_path.resolve()
+        own = src if same else load_checkpoint(run.ckpt_path, script)
     if command:
         run.ckpt = src or own
         if run.ckpt is None:
-            raise UserError(f"{command} needs a checkpoint: none at {run.ckpt_path}; train first, or pass --resume PATH "
-                            f"or --out")
+            raise UserError(f"{command} needs a checkpoint: none at {run.ckpt_path}; train first, or pass --resume "
+                            f"PATH or --out")
     elif own is None:
         run.ckpt, run.init = src, init
         if cfg.resume == "auto":
@@ -1543,9 +1594,9 @@ def restore(run: RunFolder, models: dict, optimizers: dict, state: dict, data: d
             _load_state(run, label, name, obj, ck["state"])
         world = int(ck.get("world", 1))
         if world != run.ddp.world:
-            run.say(f"the checkpoint was written by {world} process(es), this run has {run.ddp.world}: the global batch "
-                    f"and the data order are the same, the per-process noise and batch statistics are not, so training "
-                    f"goes on but not bit-identically to an uninterrupted run")
+            run.say(f"the checkpoint was written by {world} process(es), this run has {run.ddp.world}: the global "
+                    f"batch and the data order are the same, the per-process noise and batch statistics are not, so "
+                    f"training goes on but not bit-identically to an uninterrupted run")
         rng = ck["rng"]
         set_rng_state(rng[min(run.ddp.rank, len(rng) - 1)] if isinstance(rng, list) else rng, run.ddp.device)
         step, run.run_id = int(ck["step"]), run_id(ck)
@@ -1685,7 +1736,8 @@ class Log:
         if not self.sums:
             return
         names = list(self.sums)
-        means = dict(zip(names, self.run.ddp.mean(torch.stack([self.sums[k] / self.counts[k] for k in names])).tolist()))
+        means = self.run.ddp.mean(torch.stack([self.sums[k] / self.counts[k] for k in names]))
+        means = dict(zip(names, means.tolist()))
         self.sums, self.counts = {}, {}
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
@@ -1751,7 +1803,7 @@ def write_images(run: RunFolder, batches, value_range: tuple[float, float] = (-1
 
 
 def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict, stop: Stop,
-                  value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+                  value_range: tuple[float, float] = (-1.0, 1.0), classes: int = 0) -> None:
     """--sample N in fixed batches, split among processes and resumable. Batch j (images j * batch ...) is
     ``draw(size, generator)`` with a generator seeded from (--seed, j) (numpy's SeedSequence: a 32-bit seed,
     since the CPU generator keeps 32 bits of any seed), so image i is the same whatever the split and however
@@ -1760,8 +1812,15 @@ def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict,
     all in the folder yet. A stop signal ends it after the current batch (exit 0: the same command continues;
     submit.sh requeues it). ``key`` (what else fixes the images: sampler settings) goes into the folder's mark
     with the checkpoint, N, the batch and --seed: a folder drawn from anything else is replaced, never mixed.
-    A .npz is written whole by one process."""
+    A .npz is written whole by one process. A conditional model (``classes`` K): image i is of class i mod K (or
+    --class c), ``draw(size, generator, labels)``, N/K per class, PNGs under class_<k>/, and a ``labels`` array
+    in the .npz, which also records the --per-class subset the model was trained on."""
     cfg, ddp = run.cfg, run.ddp
+    one = getattr(cfg, "class_", None)
+    if classes and one is None and n % classes:
+        raise UserError(f"--sample {n}: a conditional model writes N/K images of each of its {classes} classes; "
+                        f"give a multiple of {classes} (or --class c)")
+    label = lambda i: one if one is not None else i % max(classes, 1)   # noqa: E731
     out = Path(cfg.sample_out or run.out / "generated")
     array = os.environ.get("SLURM_ARRAY_TASK_ID")
     task = (int(array) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
@@ -1771,9 +1830,11 @@ def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict,
     if npz and shards > 1:
         raise UserError(f"--sample-out {out}: a .npz is written by one process; give a folder to split --sample "
                         f"among {shards} processes or array tasks")
-    key = {"checkpoint": f"{run_id(run.ckpt)}@{run.ckpt['step']}", "n": n, "batch": batch, "seed": cfg.seed, **key}
+    key = {"checkpoint": f"{run_id(run.ckpt)}@{run.ckpt['step']}", "n": n, "batch": batch, "seed": cfg.seed,
+           "class": one, **key}
     prepare_output(out, key=None if npz else json.dumps(key, sort_keys=True))
-    names = lambda j: [out / f"{i:06d}.png" for i in range(j * batch, min(n, (j + 1) * batch))]  # noqa: E731
+    indices = lambda j: range(j * batch, min(n, (j + 1) * batch))   # noqa: E731
+    names = lambda j: [out / (f"class_{label(i)}" if classes else "") / f"{i:06d}.png" for i in indices(j)]  # noqa
     mine = range(shard, math.ceil(n / batch), shards)
     todo = [j for j in mine if npz or not all(p.is_file() for p in names(j))]
     total = sum(len(names(j)) for j in todo)
@@ -1786,10 +1847,13 @@ def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict,
         for j in todo:
             seed = int(np.random.SeedSequence([cfg.seed, j]).generate_state(1)[0])
             g = torch.Generator(ddp.device).manual_seed(seed)
-            images = to_uint8(draw(len(names(j)), g), value_range).permute(0, 2, 3, 1).numpy()
+            y = torch.tensor([label(i) for i in indices(j)], device=ddp.device)
+            images = draw(len(y), g, y) if classes else draw(len(y), g)
+            images = to_uint8(images, value_range).permute(0, 2, 3, 1).numpy()
             if npz:
                 kept.append(images)
             for path, image in zip([] if npz else names(j), images):
+                path.parent.mkdir(exist_ok=True)
                 write_png(image, path, path.with_name(path.name + ".part"))   # prepare_output knows .part
             done += len(images)
             elapsed = time.time() - t0
@@ -1803,7 +1867,9 @@ def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict,
         print(f"stopped by {stop.signal} after {done} images: the same command continues", flush=True)
         return
     if npz:
-        save_npz(np.concatenate(kept), out)
+        subset = {k: getattr(cfg, k) for k in ("per_class", "subset_seed") if getattr(cfg, k, 0)}
+        save_npz(np.concatenate(kept), out, **({"labels": np.array([label(i) for i in range(n)])} if classes else {}),
+                 **subset)
         print(f"wrote {n} images to {out}", flush=True)
         return
     present = sum(p.is_file() for j in range(math.ceil(n / batch)) for p in names(j))
