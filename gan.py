@@ -1,7 +1,7 @@
 """Generative Adversarial Nets.
 
 Ian J. Goodfellow, Jean Pouget-Abadie, Mehdi Mirza, Bing Xu, David Warde-Farley, Sherjil Ozair,
-Aaron Courville, Yoshua Bengio. NeurIPS 2014. arXiv:1406.2661
+Aaron Courville, Yoshua Bengio. NeurIPS 2014. arXiv:1406.2661. Results and every command: docs/gan.md
 
 A generator G maps noise z ~ p_z to images; a discriminator D outputs the probability that its input
 came from the data rather than from G. They play the minimax game (eq. 1)
@@ -39,25 +39,15 @@ Deviations, each deliberate:
   lr and mu are constant; they differ slightly while the schedules move.
 - The paper trained until the Parzen log-likelihood stopped improving; --steps 100000 (about 170
   Fashion-MNIST epochs) is our choice.
-- We train on the whole training split (60,000 images) and set G's output bias from its mean; mnist.yaml
-  trains on images 0-50,000 only (the rest is its validation set) and takes the bias from those. Our
-  epochs are therefore 20% longer, so the momentum ramp, counted in epochs, is 20% slower in steps:
-  within the default 100,000 steps momentum rises to about 0.63 and never reaches 0.7 (it would need
-  150,000 steps; 125,000 with 50,000 images).
+- We train on the whole training split (60,000 images) and take G's output bias from its mean, where
+  mnist.yaml keeps images 50,000-60,000 for validation: our epochs, hence the momentum ramp, are 20% longer.
 
-Usage:
-    python gan.py                                  # Fashion-MNIST (offline default), samples in runs/gan-fashion-mnist
-    python gan.py --resume                         # continue where the last run stopped
-    python gan.py --dataset mnist --loss minimax   # the original minimax generator loss
-    python gan.py --sample 10000 --sample-out gan.npz   # images for `python fid.py gan.npz ...`
-    sbatch submit.sh gan                           # on SLURM, requeued until done
-    python gan.py --eval-every 1000 --keep-every 5000   # FID during training, best.pt, snapshots
-    python gan.py --amp --compile                     # speed flags (README: measured speed)
-    torchrun --standalone --nproc_per_node=4 gan.py   # 4 GPUs, one process each (DDP); or GPUS=4 sbatch submit.sh gan
---batch-size is the global batch, shared among the processes: the same images make a step whatever
-their number (each process its own slice and its own noise), so the paper's batch holds by default.
-
-From Python: G = gan.load("runs/gan-fashion-mnist/ckpt.pt"); images = G(torch.randn(64, G.nz)).
+Usage (every command, the results and the speed: docs/gan.md):
+    python gan.py                                     # Fashion-MNIST 28 x 28, samples in runs/gan-fashion-mnist
+    python gan.py --resume                            # continue runs/gan-fashion-mnist (a requeued job too)
+    sbatch submit.sh gan                              # on SLURM, requeued until done (GPUS=4: torchrun, DDP)
+    python gan.py --sample 10000 --sample-out gan.npz   # images for fid.py
+    python gan.py --dataset mnist --loss minimax      # the original minimax generator loss
 """
 from __future__ import annotations
 
@@ -69,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import fid
 from common import arg
 
 
@@ -220,15 +211,6 @@ def build(cfg: Config, device):
     return G, D
 
 
-@torch.no_grad()
-def generate(G, n: int, cfg: Config, device, batch: int = 500):
-    """n images from a seeded noise stream (the same n images for the same checkpoint and --seed)."""
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    G.eval()
-    for i in range(0, n, batch):
-        yield G(torch.randn(min(batch, n - i), cfg.nz, device=device, generator=g))
-
-
 def load(path: str, device="cpu") -> Generator:
     """G of a checkpoint, in eval mode, its config rebuilt from the checkpoint:
 
@@ -241,48 +223,81 @@ def load(path: str, device="cpu") -> Generator:
     return G.to(device).eval()
 
 
-def main():
-    cfg = common.parse_config(Config)
-    run = common.Run(cfg, "gan")
-    device = run.device
+def train(cfg: Config) -> None:
+    # ---- run plumbing, the same in every script ----------------------------------------------------------------
+    ddp = common.Processes(cfg.device)              # torchrun's processes (or this one alone): rank, world, device
+    run = common.resolve_run(cfg, "gan", ddp)       # --out, --resume / --init and the config; nothing is written
+    stop = common.Stop(ddp)                         # SIGTERM, SIGUSR1, Ctrl-C: at once during the set-up (exit 3)
+    common.seed_everything(cfg.seed + ddp.rank)     # each process its own noise; DDP copies rank 0's weights
+    device, amp = ddp.device, common.amp_dtype(cfg.amp, ddp.device)
+    # ---- the paper: networks, data, optimizers (official mnist.yaml) -------------------------------------------
     G, D = build(cfg, device)
     run.say(f"G: {common.count_parameters(G):,} parameters, D: {common.count_parameters(D):,} parameters")
-
-    if run.sampling:
-        run.track(models={"G": G})
-        run.start()
-        run.write_generated(generate(G, cfg.sample, cfg, device), value_range=(0, 1))
-        return
-
     images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
-    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 1.0), rank=run.rank,
-                             world=run.world)
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 1.0), rank=ddp.rank,
+                             world=ddp.world)
     G.init_output_bias(images.float().mean(0) / 255)
     opt_G = torch.optim.SGD(G.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     opt_D = torch.optim.SGD(D.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
-    fixed_noise = torch.randn(64, cfg.nz, device=device)
-    G_eval = G  # samples and evaluation use the plain module, on rank 0 alone
-    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
-        G = nn.parallel.DistributedDataParallel(G, device_ids=[device.index] if device.type == "cuda" else None)
-        D = nn.parallel.DistributedDataParallel(D, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    fixed_noise = torch.randn(64, cfg.nz, device=device)   # the same z for every sample grid of the run
+    saved = dict(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
+                 state={"fixed_noise": fixed_noise, "scaler": scaler})   # what a checkpoint holds
+    # ---- run plumbing: restore, folder, processes, log ---------------------------------------------------------
+    step = common.restore(run, **saved)             # the checkpoint, or --init's weights; 0 for a new run
+    common.open_run_folder(run)                     # create and lock it, write args.json (rank 0)
+    G_eval = G                                      # grids and evaluation use the plain module, on rank 0
+    if ddp.world > 1:                               # torchrun: one process per GPU, gradients averaged
+        G, D = (nn.parallel.DistributedDataParallel(m, device_ids=ddp.device_ids) for m in (G, D))
     if cfg.compile:
         G, D = torch.compile(G), torch.compile(D)
+    log = common.Log(run, step)
+    evaluate = fid.Evaluator(run, images, value_range=(0, 1)) if cfg.eval_every else None
 
-    run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
-              state={"fixed_noise": fixed_noise, "scaler": scaler}, sample=lambda: G_eval(fixed_noise),
-              sample_range=(0.0, 1.0), real=images,
-              generate=lambda n, g: G_eval(torch.randn(n, cfg.nz, device=device, generator=g)))
-    step = run.start()
-    while step < cfg.steps and not run.stop_requested:
-        lr, momentum = schedules(cfg, step, batches.epoch)
-        for opt in (opt_G, opt_D):
-            for group in opt.param_groups:
-                group["lr"], group["momentum"] = lr, momentum
-        losses = train_step(G, D, opt_G, opt_D, batches, cfg, device, run.amp, scaler)
+    def save_samples(step: int) -> None:            # the fixed-noise grid, G in eval mode: drawing changes nothing
+        with common.eval_mode(G_eval):
+            common.save_grid(G_eval(fixed_noise), run.out / "samples" / f"{step:06d}.png", value_range=(0, 1))
+
+    def draw(n: int, generator) -> torch.Tensor:    # --eval-every's samples
+        with common.eval_mode(G_eval):
+            return G_eval(torch.randn(n, cfg.nz, device=device, generator=generator))
+
+    stop.begin()
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    while step < cfg.steps and not stop.agreed(step):
+        lr, momentum = schedules(cfg, step, batches.epoch)      # lr decay per update, momentum ramp per epoch
+        for group in opt_G.param_groups + opt_D.param_groups:
+            group["lr"], group["momentum"] = lr, momentum
+        losses = train_step(G, D, opt_G, opt_D, batches, cfg, device, amp, scaler)
         step += 1
-        run.end_step(step, losses)
-    run.finish(step)
+        log.add(losses)
+        if step % cfg.log_every == 0:
+            log.write(step)
+        if step % cfg.sample_every == 0 and ddp.rank == 0:
+            save_samples(step)
+        best = evaluate is not None and step % cfg.eval_every == 0 and evaluate(step, draw, log, stop)
+        if step % cfg.ckpt_every == 0 or best or (cfg.keep_every and step % cfg.keep_every == 0):
+            common.save_run(run, step, log, **saved, best=best)
+    common.finish(run, step, log, stop, **saved)    # the last checkpoint, then how the run ended
+    if ddp.rank == 0 and step > run.start_step and step % cfg.sample_every:
+        save_samples(step)                          # and the last step's grid
+
+
+def sample_command(cfg: Config) -> None:
+    """--sample N: N images of the checkpoint's G in --sample-out, split among processes and resumable."""
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "gan", ddp, command="--sample")
+    stop = common.Stop(ddp)
+    shape = (common.dataset_channels(cfg.dataset), cfg.image_size, cfg.image_size)
+    G = Generator(cfg.nz, cfg.g_hidden, shape).to(ddp.device).eval()
+    common.load_models(run, G=G)
+    common.write_sharded(run, lambda n, g: G(torch.randn(n, cfg.nz, device=ddp.device, generator=g)), cfg.sample,
+                         500, {}, stop, value_range=(0, 1))
+
+
+def main():
+    cfg = common.parse_config(Config)
+    sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":

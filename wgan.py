@@ -1,6 +1,6 @@
 """Wasserstein GAN.
 
-Martin Arjovsky, Soumith Chintala, Léon Bottou. ICML 2017. arXiv:1701.07875
+Martin Arjovsky, Soumith Chintala, Léon Bottou. ICML 2017. arXiv:1701.07875. Results and every command: docs/wgan.md
 
 The generator minimises the Earth-Mover (Wasserstein-1) distance to the data, in its Kantorovich-Rubinstein
 dual form (eq. 2, theorem 3):
@@ -24,53 +24,32 @@ Algorithm 1 (defaults alpha = 0.00005, c = 0.01, m = 64, n_critic = 5):
         (10) g_theta <- -grad_theta 1/m sum f_w(g_theta(z_i))
         (11) theta <- theta - alpha RMSProp(theta, g_theta)
 
-Networks (section 4, DCGAN generator and critic): the authors' models/dcgan.py, which at
-64 x 64 are exactly pytorch/examples' DCGAN networks (3,576,704 and 2,765,568 parameters for 3 channels,
-ngf = ndf = 64; tested), batch normalization in both except G's output and the critic's input, the
-critic's last layer a linear output without sigmoid. Other --image-size values keep the same blocks as
-dcgan.py: 4 x 4 -> ... -> size for powers of two, 7 x 7 -> 14 -> 28 for 28 x 28 MNIST-like images.
-Weights N(0, 0.02), batch norm scales N(1, 0.02) (the authors' weights_init); z ~ N(0, I) of dimension 100
-(their main.py; DCGAN drew z uniformly).
+Networks (section 4, DCGAN generator and critic): the authors' models/dcgan.py, which at 64 x 64 are exactly
+pytorch/examples' DCGAN networks (3,576,704 and 2,765,568 parameters for 3 channels, ngf = ndf = 64; tested),
+batch normalization in both except G's output and the critic's input, the critic's last layer a linear output
+without sigmoid. Other --image-size values keep the same blocks as dcgan.py: 4 x 4 -> ... -> size for powers
+of two, 7 x 7 -> 14 -> 28 for 28 x 28 MNIST-like images. Weights N(0, 0.02), batch norm scales N(1, 0.02)
+(the authors' weights_init); z ~ N(0, I) of dimension 100 (their main.py; DCGAN drew z uniformly).
 
 Deviations and choices, each deliberate:
-- --critic-burst (default on): 100 critic iterations instead of n_critic at the first 25 generator
-  iterations and at every 500th one (generator iterations 0..24, 500, 1000, ...), as the authors'
-  main.py does (lines 163-166; their README: "this helps to start with the critic at optimum", an
-  addition the paper forgot). The count is a pure function of the generator iteration, so a resumed run
-  keeps it exactly. --no-critic-burst is Algorithm 1 as printed.
-- Algorithm 1 prints "for t = 0, ..., n_critic" (n_critic + 1 iterations); the authors' code runs
-  n_critic (Diters), and so do we.
-- Clipping after each critic update (Algorithm 1, line 7). The authors' code clamps before each critic
-  update instead, so that G's update there meets the last critic update unclipped; here every critic
-  that G or the estimate sees has its weights in [-c, c]. As theirs, every parameter of the critic is
-  clipped, batch norm scales and shifts included.
-- The critic's batch norm sees the real and the generated batches in two separate calls (theirs too):
-  f_w is then a function of its batch, which is one reason WGAN-GP (wgan_gp.py) removes it.
-- The authors' critic loop stops early at the end of an epoch (their DataLoader); ours draws from a
-  continuous stream that crosses epochs, so every generator iteration has its full n_critic.
-- Their code minimises f(x) - f(g(z)) (a critic of the opposite sign, f -> -f); we follow the paper's
-  sign: W_estimate = mean f(x) - mean f(g(z)) of the last critic iteration of each generator iteration,
-  what their log prints as -Loss_D (the paper's Figure 3 is its median-filtered curve).
-- Sample grids and --sample use G in eval mode (batch norm's running statistics); the authors' main.py
-  draws its samples with G in training mode (each batch's own statistics).
-- --steps 20000 generator iterations (about 110 Fashion-MNIST epochs of real batches for the critic, at
-  m = 64 and n_critic = 5) is our default; the authors' LSUN run is 25 epochs of 3M images.
+- --critic-burst (default on): 100 critic iterations at generator iterations 0..24 and every 500th, as the
+  authors' main.py does (not in the paper); --no-critic-burst is Algorithm 1 as printed.
+- Algorithm 1 prints "for t = 0, ..., n_critic" (n_critic + 1 iterations); we run n_critic, as the authors' code.
+- Clipping after each critic update (line 7), of every parameter, batch norm's included; the authors' code
+  clamps before each update instead, so that G's update meets the last critic update unclipped.
+- The critic's batch norm sees the real and the generated batches in two separate calls, as theirs.
+- The critic draws from a continuous stream that crosses epochs (theirs stops early at an epoch's end).
+- We keep the paper's sign (their code minimises f(x) - f(g(z))): W_estimate = mean f(x) - mean f(g(z)) of
+  the last critic iteration of each generator iteration, their log's -Loss_D.
+- Sample grids and --sample use G in eval mode (their main.py draws with G in training mode).
+- --steps 20000 generator iterations (about 110 Fashion-MNIST epochs of critic batches) is our default.
 
-Usage:
+Usage (every command, the results and the speed: docs/wgan.md):
     python wgan.py                                    # Fashion-MNIST resized to 64 x 64
-    python wgan.py --image-size 28 --eval-every 250 --eval-n 2000   # README.md's CPU run (SIGTERM after 51 min)
-    python wgan.py --resume                           # continue the run in runs/wgan-fashion-mnist
-    python wgan.py --dataset folder --data-root ~/lsun-bedroom   # any folder of images (the paper: LSUN)
+    python wgan.py --resume                           # continue runs/wgan-fashion-mnist (a requeued job too)
+    sbatch submit.sh wgan                             # on SLURM, requeued until done (GPUS=4: torchrun, DDP)
     python wgan.py --sample 10000 --sample-out wgan.npz   # images for fid.py
-    sbatch submit.sh wgan --image-size 32
-    python wgan.py --eval-every 1000 --keep-every 5000   # FID during training, best.pt, snapshots
-    python wgan.py --amp --channels-last --compile    # speed flags
-    torchrun --standalone --nproc_per_node=4 wgan.py  # 4 GPUs (DDP); or GPUS=4 sbatch submit.sh wgan
---batch-size is the global batch, shared among the processes (each its own slice and its own noise).
-images/s in the log counts generator iterations x batch; the critic sees n_critic (or 100) real batches
-for each.
-
-From Python: G = wgan.load("runs/wgan-fashion-mnist/ckpt.pt"); images = G(wgan.sample_z(64, G.nz, "cpu")).
+    python wgan.py --dataset folder --data-root ~/lsun-bedroom   # any folder of images (the paper: LSUN)
 """
 from __future__ import annotations
 
@@ -81,6 +60,7 @@ import torch
 import torch.nn as nn
 
 import common
+import fid
 from common import arg
 
 
@@ -247,15 +227,6 @@ def build(cfg: Config, device):
 # ----------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate(G, n: int, cfg: Config, device, batch: int = 500):
-    """n images from a seeded noise stream (the same n images for the same checkpoint and --seed)."""
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    G.eval()
-    for i in range(0, n, batch):
-        yield G(sample_z(min(batch, n - i), cfg.nz, device, g))
-
-
 def load(path: str, device="cpu") -> Generator:
     """G of a checkpoint, in eval mode, its config rebuilt from the checkpoint:
 
@@ -268,46 +239,79 @@ def load(path: str, device="cpu") -> Generator:
     return G.to(device).eval()
 
 
-def main():
-    cfg = common.parse_config(Config)
-    run = common.Run(cfg, "wgan")
-    device = run.device
+def train(cfg: Config) -> None:
+    # ---- run plumbing, the same in every script ----------------------------------------------------------------
+    ddp = common.Processes(cfg.device)              # torchrun's processes (or this one alone): rank, world, device
+    run = common.resolve_run(cfg, "wgan", ddp)      # --out, --resume / --init and the config; nothing is written
+    stop = common.Stop(ddp)                         # SIGTERM, SIGUSR1, Ctrl-C: at once during the set-up (exit 3)
+    common.seed_everything(cfg.seed + ddp.rank)     # each process its own noise; DDP copies rank 0's weights
+    device, amp = ddp.device, common.amp_dtype(cfg.amp, ddp.device)
+    # ---- the paper: networks, data, optimizers (Algorithm 1, section 4) ----------------------------------------
     G, critic = build(cfg, device)
     run.say(f"G: {common.count_parameters(G):,} parameters, critic: {common.count_parameters(critic):,} parameters")
-
-    if run.sampling:
-        run.track(models={"G": G})
-        run.start()
-        run.write_generated(generate(G, cfg.sample, cfg, device))
-        return
-
     images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=run.rank, world=run.world,
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
                              memory_format=memory_format)
     G, critic = G.to(memory_format=memory_format), critic.to(memory_format=memory_format)
     opt_G = torch.optim.RMSprop(G.parameters(), lr=cfg.lr)
     opt_critic = torch.optim.RMSprop(critic.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
-    fixed_noise = sample_z(64, cfg.nz, device)
-    G_eval = G  # samples and evaluation use the plain module, on rank 0 alone
-    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
-        ids = [device.index] if device.type == "cuda" else None
-        G = nn.parallel.DistributedDataParallel(G, device_ids=ids)
-        critic = nn.parallel.DistributedDataParallel(critic, device_ids=ids)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    fixed_noise = sample_z(64, cfg.nz, device)      # the same z for every sample grid of the run
+    saved = dict(models={"G": G, "critic": critic}, optimizers={"G": opt_G, "critic": opt_critic},
+                 data={"train": batches},
+                 state={"fixed_noise": fixed_noise, "scaler": scaler})   # what a checkpoint holds
+    # ---- run plumbing: restore, folder, processes, log ---------------------------------------------------------
+    step = common.restore(run, **saved)             # the checkpoint, or --init's weights; 0 for a new run
+    common.open_run_folder(run)                     # create and lock it, write args.json (rank 0)
+    G_eval = G                                      # grids and evaluation use the plain module, on rank 0
+    if ddp.world > 1:                               # torchrun: one process per GPU, gradients averaged
+        G, critic = (nn.parallel.DistributedDataParallel(m, device_ids=ddp.device_ids) for m in (G, critic))
     if cfg.compile:
         G, critic = torch.compile(G), torch.compile(critic)
+    log = common.Log(run, step)
+    evaluate = fid.Evaluator(run, images) if cfg.eval_every else None
 
-    run.track(models={"G": G, "critic": critic}, optimizers={"G": opt_G, "critic": opt_critic},
-              data={"train": batches}, state={"fixed_noise": fixed_noise, "scaler": scaler},
-              sample=lambda: G_eval(fixed_noise), generate=lambda n, g: G_eval(sample_z(n, cfg.nz, device, g)),
-              real=images)
-    step = run.start()
-    while step < cfg.steps and not run.stop_requested:
-        losses = train_step(G, critic, opt_G, opt_critic, batches, critic_iterations(step, cfg), cfg, run.amp, scaler)
+    def save_samples(step: int) -> None:            # the fixed-noise grid, G in eval mode: drawing changes nothing
+        with common.eval_mode(G_eval):
+            common.save_grid(G_eval(fixed_noise), run.out / "samples" / f"{step:06d}.png")
+
+    def draw(n: int, generator) -> torch.Tensor:    # --eval-every's samples
+        with common.eval_mode(G_eval):
+            return G_eval(sample_z(n, cfg.nz, device, generator))
+
+    stop.begin()
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    while step < cfg.steps and not stop.agreed(step):
+        n_critic = critic_iterations(step, cfg)     # n_critic, or 100 during the authors' burst
+        losses = train_step(G, critic, opt_G, opt_critic, batches, n_critic, cfg, amp, scaler)
         step += 1
-        run.end_step(step, losses)
-    run.finish(step)
+        log.add(losses)
+        if step % cfg.log_every == 0:
+            log.write(step)
+        if step % cfg.sample_every == 0 and ddp.rank == 0:
+            save_samples(step)
+        best = evaluate is not None and step % cfg.eval_every == 0 and evaluate(step, draw, log, stop)
+        if step % cfg.ckpt_every == 0 or best or (cfg.keep_every and step % cfg.keep_every == 0):
+            common.save_run(run, step, log, **saved, best=best)
+    common.finish(run, step, log, stop, **saved)    # the last checkpoint, then how the run ended
+    if ddp.rank == 0 and step > run.start_step and step % cfg.sample_every:
+        save_samples(step)                          # and the last step's grid
+
+
+def sample_command(cfg: Config) -> None:
+    """--sample N: N images of the checkpoint's G in --sample-out, split among processes and resumable."""
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "wgan", ddp, command="--sample")
+    stop = common.Stop(ddp)
+    G = Generator(cfg.nz, cfg.ngf, common.dataset_channels(cfg.dataset), cfg.image_size).to(ddp.device).eval()
+    common.load_models(run, G=G)
+    common.write_sharded(run, lambda n, g: G(sample_z(n, cfg.nz, ddp.device, g)), cfg.sample, 500, {}, stop)
+
+
+def main():
+    cfg = common.parse_config(Config)
+    sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":
