@@ -101,7 +101,7 @@ def warn(message: str) -> None:
 def arg(default, help: str, run: bool = False, command: bool = False, min: float | None = None,
         max: float | None = None, above: float | None = None, below: float | None = None,
         choices: tuple | None = None, metavar: str | None = None, sampling: bool = False, const=None,
-        predates=None):
+        predates=None, flag: str | None = None):
     """A config field with its --help line.
 
     run=True:     may differ when a run is resumed: it does not change what is computed (where to write,
@@ -114,11 +114,13 @@ def arg(default, help: str, run: bool = False, command: bool = False, min: float
     const:        the value of the flag typed alone (``--amp`` is ``--amp auto``).
     predates:     the value a checkpoint written before this field existed was trained with, when it differs
                   from the default (so that it still resumes as it was).
+    flag:         the flag, where it is not --<name> (a field cannot be called `class`).
     """
     return dataclasses.field(default=default, metadata={"help": help, "run": run, "command": command or sampling,
                                                        "sampling": sampling, "min": min, "max": max,
                                                        "above": above, "below": below, "choices": choices,
-                                                       "metavar": metavar, "const": const, "predates": predates})
+                                                       "metavar": metavar, "const": const, "predates": predates,
+                                                       "flag": flag})
 
 
 @dataclasses.dataclass
@@ -164,6 +166,14 @@ class RunConfig:
     compile: bool = arg(False, "torch.compile the networks", run=True)
 
 
+@dataclasses.dataclass
+class ImageConfig(RunConfig):
+    """RunConfig and the choice of training images within a labelled dataset: every script but the translation
+    ones (common.training_set reads them)."""
+    per_class: int = arg(0, "train on N images of each class, the subset augment.py draws (0: all)", min=0)
+    subset_seed: int = arg(0, "the seed that picks --per-class's images", min=0)
+
+
 def field_kinds(cfg) -> tuple[set[str], set[str]]:
     """(run fields, command fields) of a config class or instance."""
     fields = dataclasses.fields(cfg)
@@ -181,7 +191,7 @@ def parse_config(cls, argv: list[str] | None = None):
     parser = _Parser(description=sys.modules["__main__"].__doc__, allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         default, help = f.default, f.metadata.get("help", "")
         if default not in ("", None):  # empty defaults say what they mean in their help text
             help += f" (default: {default})"
@@ -195,10 +205,11 @@ def parse_config(cls, argv: list[str] | None = None):
         else:
             kind = {"float": float, "int": int}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             metavar = f.metadata.get("metavar") or (kind.__name__.upper() if kind is not str else None)
-            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help, metavar=metavar)
+            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help, metavar=metavar,
+                                dest=f.name)
     given = vars(parser.parse_args(argv))
     for f in dataclasses.fields(cls):
-        flag, value = "--" + f.name.replace("_", "-"), given.get(f.name)
+        flag, value = f.metadata.get("flag") or "--" + f.name.replace("_", "-"), given.get(f.name)
         low, high = f.metadata.get("min"), f.metadata.get("max")
         if isinstance(value, float) and not math.isfinite(value):
             parser.error(f"{flag} {value}: must be a finite number")
@@ -217,7 +228,7 @@ def parse_config(cls, argv: list[str] | None = None):
             given[name] = os.path.expanduser(given[name])  # --out=~/runs/x: no shell expands it
     for f in dataclasses.fields(cls):
         if f.metadata.get("sampling") and f.name in given and not given.get("sample"):
-            parser.error(f"--{f.name.replace('_', '-')} goes with --sample N (no training)")
+            parser.error(f"{f.metadata.get('flag') or '--' + f.name.replace('_', '-')} goes with --sample N (no training)")
     cfg = cls(**given)
     cfg.given = set(given)
     return cfg
@@ -1816,7 +1827,7 @@ def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict,
     --class c), ``draw(size, generator, labels)``, N/K per class, PNGs under class_<k>/, and a ``labels`` array
     in the .npz, which also records the --per-class subset the model was trained on."""
     cfg, ddp = run.cfg, run.ddp
-    one = getattr(cfg, "class_", None)
+    one = getattr(cfg, "class_", -1) if getattr(cfg, "class_", -1) >= 0 else None
     if classes and one is None and n % classes:
         raise UserError(f"--sample {n}: a conditional model writes N/K images of each of its {classes} classes; "
                         f"give a multiple of {classes} (or --class c)")
