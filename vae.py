@@ -1,6 +1,6 @@
 """Auto-Encoding Variational Bayes.
 
-Diederik P. Kingma, Max Welling. ICLR 2014. arXiv:1312.6114
+Diederik P. Kingma, Max Welling. ICLR 2014. arXiv:1312.6114. Results and every command: docs/vae.md
 
 A latent-variable model p_theta(x, z) = p(z) p_theta(x | z), p(z) = N(0, I), learned together with a
 recognition model (the encoder) q_phi(z | x) = N(mu(x), diag sigma^2(x)) by maximizing, for every
@@ -21,73 +21,51 @@ Algorithm 1 (AEVB, minibatch version), our train_step:
 The paper's MNIST setup (section 5, appendix C), all defaults: MLP encoder and decoder with one hidden
 layer of 500 tanh units (appendix C.2: h = tanh(W3 x + b3), mu = W4 h + b4, log sigma^2 = W5 h + b5;
 C.1: y = sigmoid(W2 tanh(W1 z + b1) + b2), log p(x | z) = sum_i x_i log y_i + (1 - x_i) log(1 - y_i)),
-z of dimension 20 (Figure 2 sweeps 3 to 200), minibatch M = 100, L = 1, every parameter
-initialised from N(0, 0.01), Adagrad with a global step size from the paper's grid {0.01, 0.02, 0.1},
-and "a small weight decay term corresponding to a prior p(theta) = N(0, I)": 815,824 parameters for
-28 x 28 images (tested).
+z of dimension 20, minibatch M = 100, L = 1, every parameter initialised from N(0, 0.01), Adagrad with a
+global step size from the paper's grid {0.01, 0.02, 0.1}, and "a small weight decay term corresponding to
+a prior p(theta) = N(0, I)": 815,824 parameters for 28 x 28 images (tested).
 
-Evaluation on the test set, in nats per image (printed by --nll N, logged by --eval-every with --eval-nll N):
-- the negative ELBO, its KL in closed form and E_q[log p(x | z)] averaged over the same k samples;
-- -L_k, the importance-weighted bound of Burda, Grosse, Salakhutdinov 2015 ("Importance Weighted
-  Autoencoders", arXiv:1509.00519, section 3 and Theorem 1): with z_1..z_k ~ q(z | x),
-      log p(x) >= L_k = E[log 1/k sum_i p(x, z_i) / q(z_i | x)],  L_1 = ELBO <= L_k <= L_{k+1} -> log p(x),
-  computed in log space (log-sum-exp) with k = 5000, their evaluation setting. Logged as test_nll, it is an
-  upper bound on -log p(x) in expectation (one estimate may fall on either side), tight as k -> infinity.
+Evaluation on the test set, in nats per image (--nll N; --eval-every with --eval-nll N): the negative ELBO
+(its KL in closed form, E_q[log p(x | z)] over k samples), and -L_k, the importance-weighted bound of Burda,
+Grosse, Salakhutdinov 2015 (IWAE, arXiv:1509.00519, section 3, Theorem 1), with z_1..z_k ~ q(z | x):
+    log p(x) >= L_k = E[log 1/k sum_i p(x, z_i) / q(z_i | x)],  L_1 = ELBO <= L_k <= L_{k+1} -> log p(x),
+in log space, k = 5000 (theirs). Logged as test_nll: an upper bound on -log p(x) in expectation (one
+estimate may fall on either side), tight as k -> infinity.
 
-Likelihoods p(x | z) (--likelihood):
-- bernoulli (default; appendix C.1) models binary images. Grey-level images are binarized as the papers
-  that report MNIST likelihoods do: each training image afresh at every step, x ~ Bernoulli(pixel / 255)
-  ("dynamic binarization", drawn inside train_step from torch's generator, which the run seeds with --seed
-  + rank and checkpoints, so resume is exact), and the
-  test set once, with a fixed seed (TEST_SEED, whatever --seed is), so every run is scored on the same
-  binary images. The NLL is that of these binary images.
-- gaussian (appendix C.2, the paper's Frey Face decoder: means squashed by a sigmoid into (0, 1), a
-  log-variance per pixel) on dequantized pixels x = (pixel + u) / 256, u ~ U[0, 1) (fresh at every step;
-  the test set once, with TEST_SEED): -log p(x) + D log 256 bounds the NLL of the 8-bit images
-  (Theis et al. 2016, arXiv:1511.01844), and that is what is reported.
-- logistic: a discretized logistic on the 256 pixel values (as in Kingma et al. 2016, "Improved Variational
-  Inference with Inverse Autoregressive Flow", arXiv:1606.04934: the decoder gives the mean, one learned
-  log-scale is shared by all pixels), the edge bins stretched to -inf and +inf as in PixelCNN++ (Salimans
-  et al. 2017, arXiv:1701.05517; the IAF code keeps bins of width 1/256) so the 256 probabilities sum to 1
-  (tested): a probability of the 8-bit image itself.
---arch conv is our convolutional option for 32 x 32 and 64 x 64 RGB (also 28 and 16): stride-2 convolutions
-with ReLU to a 4 x 4 (7 x 7 at 28) map, then a linear layer to (mu, log sigma^2), and the mirror image in
-the decoder; use it with --likelihood logistic. (With gaussian, its per-pixel log-variances diverged within
-40 Adagrad steps at lr 0.02 on 32 x 32 RGB; --lr 0.002 trains, slowly.) Bits per dimension: nats / (D ln 2).
+Likelihoods p(x | z) (--likelihood), on images in [0, 1]:
+- bernoulli (default; C.1): grey levels binarized as the papers that report MNIST likelihoods do, each
+  training image afresh at every step, x ~ Bernoulli(pixel / 255) (from torch's generator: resume is
+  exact), and the test set once with TEST_SEED, whatever --seed is. The NLL is that of these binary images.
+- gaussian (C.2, the Frey Face decoder: sigmoid means, a log-variance per pixel) on dequantized pixels
+  x = (pixel + u) / 256, u ~ U[0, 1) (the test set once, with TEST_SEED): -log p(x) + D log 256 bounds the
+  NLL of the 8-bit images (Theis et al. 2016, arXiv:1511.01844).
+- logistic: a discretized logistic on the 256 pixel values (IAF, Kingma et al. 2016, arXiv:1606.04934: the
+  decoder gives the mean, one log-scale is shared by all pixels), the edge bins stretched to -inf and +inf as
+  in PixelCNN++ (arXiv:1701.05517) so that the 256 probabilities sum to 1 (tested). Bits/dim: nats / (D ln 2).
+--arch conv, ours, for RGB at 16, 28, 32, 64: stride-2 convolutions with ReLU to a 4 x 4 (7 x 7 at 28) map,
+a linear layer to (mu, log sigma^2), and the mirror image in the decoder; use it with --likelihood logistic.
 
 Deviations, each deliberate:
-- The loss is the minibatch mean of -L plus the prior's -log p(theta) / N (Adagrad's weight decay
-  1 / N, N the number of training images): eq. 8's (N / M) sum_i L_i + log p(theta), divided by N, so the
-  same MAP objective; Adagrad's steps do not change with a constant scale of the gradient.
-- The prior N(0, I) covers the weight matrices of both networks, not the biases, as in the first author's
-  code (dpkingma/nips14-ssl, anglepy VAE_Z_X: logpv and logpw); the paper says only "a prior p(theta)".
-- The Adagrad step size 0.02 is the member of the paper's grid that gave the best training bound after
-  the first few thousand steps on Fashion-MNIST (README: the measurement); the paper does not say which it
-  chose for MNIST. PyTorch's Adagrad starts its accumulator at 0 and adds eps = 1e-10.
-- log p(x | z) is computed from the decoder's logits l: x l - softplus(l), the same as x log y +
-  (1 - x) log(1 - y) with y = sigmoid(l), without its overflow.
-- --arch conv keeps PyTorch's default initialisation (N(0, 0.01) through eight layers would shrink the
-  signal a thousandfold); the paper has no convolutional model.
+- The loss is the minibatch mean of -L plus -log p(theta) / N (Adagrad's weight decay 1 / N, N training
+  images): eq. 8 divided by N, the same MAP objective; Adagrad's steps do not change with a constant scale.
+- The prior N(0, I) covers the weight matrices, not the biases, as in the first author's code (dpkingma/nips14-ssl,
+  anglepy VAE_Z_X: logpv and logpw); the paper says only "a prior p(theta)".
+- The Adagrad step size 0.02 is our pick from the paper's grid (it does not say which it used for MNIST);
+  PyTorch's Adagrad starts its accumulator at 0 and adds eps = 1e-10.
+- log p(x | z) is computed from the decoder's logits l as x l - softplus(l): x log y + (1 - x) log(1 - y)
+  without its overflow.
+- --arch conv keeps PyTorch's default initialisation (N(0, 0.01) through eight layers would shrink the signal
+  a thousandfold); the paper has no convolutional model.
 - The course notes write z = mu + eps sigma^2; the paper's reparameterization is z = mu + sigma * eps.
-- --sample and the grids show the mean of p(x | z) (for Bernoulli, the pixel probabilities y), not a draw
-  from it: given z, the pixels are independent, so a draw only adds salt-and-pepper noise; the means are
-  what the paper's figures show and what FID compares with the grey-level training images.
+- --sample and the grids show the mean of p(x | z) (Bernoulli: the pixel probabilities y), not a draw from it,
+  which only adds salt-and-pepper noise: the means are what the paper's figures show and what FID compares.
 
-Usage:
+Usage (every command, the results and the speed: docs/vae.md):
     python vae.py                                     # Fashion-MNIST, dynamically binarized, the paper's MLP
     python vae.py --resume                            # continue runs/vae-fashion-mnist (a requeued job too)
-    python vae.py --dataset mnist                     # the paper's dataset (where its files can be had)
+    sbatch submit.sh vae                              # on SLURM, requeued until done (GPUS=4: torchrun, DDP)
     python vae.py --nll 10000                         # test -ELBO and IWAE's -L_5000 >= -log p(x), in nats
-    python vae.py --eval-every 10000 --eval-nll 1000  # the same on 1,000 test images during training (+ FID)
     python vae.py --sample 10000 --sample-out vae.npz --figures   # images + reconstructions, interpolation
-    python vae.py --nz 2 --out runs/vae-z2            # a 2-D latent space: --figures draws its manifold (Figure 4)
-    python vae.py --dataset cifar10 --arch conv --likelihood logistic   # the convolutional option, RGB
-    sbatch submit.sh vae                              # on SLURM, requeued until done
-    torchrun --standalone --nproc_per_node=4 vae.py   # 4 GPUs, one process each (DDP); or GPUS=4 sbatch submit.sh vae
---batch-size is the global batch, shared among the processes (each its own slice, binarization and noise).
-
-From Python: model = vae.load("runs/vae-fashion-mnist/ckpt.pt"); images = vae.sample(model, 64)
-(the means of p(x | z), in [0, 1]); model.encode(x) gives (mu, log sigma^2) of q(z | x).
 """
 from __future__ import annotations
 
@@ -100,6 +78,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import fid
 from common import arg
 
 TEST_SEED = 0   # the one binarization (or dequantization) of the test set, whatever --seed is
@@ -419,15 +398,6 @@ def sample(model: VAE, n: int, generator=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model: VAE, n: int, cfg: Config, device, batch: int = 500):
-    """n images from a seeded noise stream (the same n images for the same checkpoint and --seed)."""
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    model.eval()
-    for i in range(0, n, batch):
-        yield sample(model, min(batch, n - i), g)
-
-
-@torch.no_grad()
 def reconstructions(model: VAE, x, rows: int = 4, per_row: int = 10) -> torch.Tensor:
     """Pairs of rows: test images as the model sees them, then the means of p(x | z = mu(x))."""
     per_row = min(per_row, len(x))
@@ -489,65 +459,102 @@ def load(path: str, device="cpu") -> VAE:
     return model.to(device).eval()
 
 
-def main():
-    cfg = common.parse_config(Config)
-    run = common.Run(cfg, "vae", command="--nll" if cfg.nll else None)
-    device = run.device
+def train(cfg: Config) -> None:
+    # ---- run plumbing, the same in every script ----------------------------------------------------------------
+    ddp = common.Processes(cfg.device)              # torchrun's processes (or this one alone): rank, world, device
+    run = common.resolve_run(cfg, "vae", ddp)       # --out, --resume / --init and the config; nothing is written
+    stop = common.Stop(ddp)                         # SIGTERM, SIGUSR1, Ctrl-C: at once during the set-up (exit 3)
+    common.seed_everything(cfg.seed + ddp.rank)     # each process its own noise; DDP copies rank 0's weights
+    device, amp = ddp.device, common.amp_dtype(cfg.amp, ddp.device)
+    # ---- the paper: the model, data, optimizer (section 5, appendix C) -----------------------------------------
     model = build(cfg, device)
     if cfg.arch == "conv" and cfg.likelihood == "bernoulli" and common.dataset_channels(cfg.dataset) == 3:
         common.warn("--arch conv on colour images with --likelihood bernoulli models their binarized channels; "
                     "--likelihood logistic models the 8-bit image")
     run.say(f"VAE ({cfg.arch}, {cfg.likelihood}): encoder {common.count_parameters(model.encoder):,} + decoder "
             f"{common.count_parameters(model.decoder):,} = {common.count_parameters(model):,} parameters")
-
-    vae = model   # samples and evaluation use the plain module (rank 0 alone when training)
-
-    def evaluate(x, should_stop=None, progress=None):
-        return test_nll(vae, x, cfg.k, seed=cfg.seed, should_stop=should_stop, progress=progress)
-
-    if run.sampling:   # --sample N or --nll N: the checkpoint's weights, no training
-        run.track(models={"vae": model})
-        run.start()
-        model.eval()
-        if cfg.nll:
-            x = test_images(cfg, cfg.nll).to(device)
-            scores = evaluate(x, progress=lambda i, n, s: run.say(
-                f"--nll: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}"))
-            print(f"test_neg_elbo: {scores['test_neg_elbo']:.4f}  test_nll: {scores['test_nll']:.4f}  (nats per "
-                  f"image on {len(x)} test images; test_nll is IWAE's -L_{cfg.k}, an upper bound on -log p(x))")
-        else:
-            run.write_generated(generate(model, cfg.sample, cfg, device), value_range=(0, 1))
-            if cfg.figures:
-                write_figures(model, cfg, run.out, device)
-        return
-
     images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
     try:
         test = test_images(cfg, cfg.eval_nll).to(device) if cfg.eval_every and cfg.eval_nll else None
     except common.UserError as e:   # --dataset folder: no test split
         raise common.UserError(f"{e}, or --eval-nll 0 (FID alone)") from None
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 1.0), rank=run.rank,
-                             world=run.world, memory_format=memory_format)
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 1.0), rank=ddp.rank,
+                             world=ddp.world, memory_format=memory_format)
     model = model.to(memory_format=memory_format)
     opt = make_optimizer(model, cfg, len(images), device)
-    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
-    fixed_z = torch.randn(64, cfg.nz, device=device)
-    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    fixed_z = torch.randn(64, cfg.nz, device=device)   # the same z for every sample grid of the run
+    saved = dict(models={"vae": model}, optimizers={"vae": opt}, data={"train": batches},
+                 state={"fixed_z": fixed_z, "scaler": scaler})   # what a checkpoint holds
+    # ---- run plumbing: restore, folder, processes, log ---------------------------------------------------------
+    step = common.restore(run, **saved)             # the checkpoint, or --init's weights; 0 for a new run
+    common.open_run_folder(run)                     # create and lock it, write args.json (rank 0)
+    vae = model                                     # grids and evaluation use the plain module, on rank 0
+    if ddp.world > 1:                               # torchrun: one process per GPU, gradients averaged
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ddp.device_ids)
     if cfg.compile:
         model = torch.compile(model)
+    log = common.Log(run, step)
+    evaluate = fid.Evaluator(run, images, value_range=(0, 1)) if cfg.eval_every else None
+    extra = None if test is None else (             # --eval-nll: the test -ELBO and -L_k beside the FID
+        lambda should_stop: test_nll(vae, test, cfg.k, seed=cfg.seed, should_stop=should_stop))
 
-    run.track(models={"vae": model}, optimizers={"vae": opt}, data={"train": batches},
-              state={"fixed_z": fixed_z, "scaler": scaler}, sample=lambda: vae.mean(vae.decode(fixed_z)),
-              sample_range=(0.0, 1.0), generate=lambda n, g: sample(vae, n, g), real=images,
-              evaluate=(lambda stop: evaluate(test, should_stop=stop)) if test is not None else None)
-    step = run.start()
-    while step < cfg.steps and not run.stop_requested:
-        losses = train_step(model, opt, batches.next(), cfg, run.amp, scaler)
+    def save_samples(step: int) -> None:            # the fixed-z grid, in eval mode: drawing changes nothing
+        with common.eval_mode(vae):
+            common.save_grid(vae.mean(vae.decode(fixed_z)), run.out / "samples" / f"{step:06d}.png", value_range=(0, 1))
+
+    def draw(n: int, generator) -> torch.Tensor:    # --eval-every's samples
+        with common.eval_mode(vae):
+            return sample(vae, n, generator)
+
+    stop.begin()
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    while step < cfg.steps and not stop.agreed(step):
+        losses = train_step(model, opt, batches.next(), cfg, amp, scaler)
         step += 1
-        run.end_step(step, losses)
-    run.finish(step)
+        log.add(losses)
+        if step % cfg.log_every == 0:
+            log.write(step)
+        if step % cfg.sample_every == 0 and ddp.rank == 0:
+            save_samples(step)
+        best = evaluate is not None and step % cfg.eval_every == 0 and evaluate(step, draw, log, stop, extra=extra)
+        if step % cfg.ckpt_every == 0 or best or (cfg.keep_every and step % cfg.keep_every == 0):
+            common.save_run(run, step, log, **saved, best=best)
+    common.finish(run, step, log, stop, **saved)    # the last checkpoint, then how the run ended
+    if ddp.rank == 0 and step > run.start_step and step % cfg.sample_every:
+        save_samples(step)                          # and the last step's grid
+
+
+def sample_command(cfg: Config) -> None:
+    """--sample N: N images (the means of p(x | z)) in --sample-out, split among processes and resumable;
+    --figures: also reconstructions, interpolations and (--nz 2) the manifold, in --out."""
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "vae", ddp, command="--sample")
+    stop = common.Stop(ddp)
+    model = build(cfg, ddp.device).eval()
+    common.load_models(run, vae=model)
+    common.write_sharded(run, lambda n, g: sample(model, n, g), cfg.sample, 500, {}, stop, value_range=(0, 1))
+    if cfg.figures and ddp.rank == 0:
+        write_figures(model, cfg, run.out, ddp.device)
+
+
+def nll_command(cfg: Config) -> None:
+    """--nll N: the test -ELBO and IWAE's -L_k of the checkpoint on the first N test images, printed."""
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "vae", ddp, command="--nll")
+    model = build(cfg, ddp.device).eval()
+    common.load_models(run, vae=model)
+    x = test_images(cfg, cfg.nll).to(ddp.device)
+    scores = test_nll(model, x, cfg.k, seed=cfg.seed, progress=lambda i, n, s: run.say(
+        f"--nll: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}"))
+    print(f"test_neg_elbo: {scores['test_neg_elbo']:.4f}  test_nll: {scores['test_nll']:.4f}  (nats per "
+          f"image on {len(x)} test images; test_nll is IWAE's -L_{cfg.k}, an upper bound on -log p(x))")
+
+
+def main():
+    cfg = common.parse_config(Config)
+    nll_command(cfg) if cfg.nll else sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":

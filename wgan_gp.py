@@ -1,7 +1,7 @@
 """Improved Training of Wasserstein GANs.
 
 Ishaan Gulrajani, Faruk Ahmed, Martin Arjovsky, Vincent Dumoulin, Aaron Courville. NeurIPS 2017.
-arXiv:1704.00028
+arXiv:1704.00028. Results and every command: docs/wgan_gp.md
 
 WGAN (wgan.py) with the critic's Lipschitz constraint enforced by a gradient penalty instead of weight
 clipping (section 4, eq. 3). A differentiable function is 1-Lipschitz iff its gradient has norm at most 1
@@ -42,11 +42,11 @@ Networks (--arch):
 Deviations and choices, each deliberate:
 - Adam beta_1 = 0 as the paper's Algorithm 1 (and the authors' ResNet code); their gan_mnist.py and
   gan_cifar.py use beta_1 = 0.5.
-- The paper's CIFAR-10 ResNet run also used lr 2e-4 decayed linearly to 0 over 100,000 generator
-  iterations and a generator batch of 2m = 128; --arch resnet keeps Algorithm 1's constant alpha = 1e-4
-  and m (--lr 2e-4 gives that run's learning rate, without the decay), so it is not a reproduction of the
-  paper's CIFAR-10 Inception score. Nor does it add their dequantization noise (gan_cifar_resnet.py scales
-  the pixels by 2 (x / 256 - 0.5) and adds U[0, 1/128)): ours are 2 x / 255 - 1, as every script's.
+- --arch resnet keeps Algorithm 1's constant alpha = 1e-4 and generator batch m, where the paper's CIFAR-10 run
+  decayed lr 2e-4 linearly to 0 over 100,000 generator iterations with a generator batch of 2m = 128 (--lr 2e-4
+  gives its learning rate, without the decay): it does not reproduce that run's Inception score.
+- Pixels are 2 x / 255 - 1, as in every script, without gan_cifar_resnet.py's dequantization noise (its pixels
+  are 2 (x / 256 - 0.5) plus U[0, 1/128)).
 - The default, 64 x 64 with --critic-norm none, is the paper's text; the authors' own 64 x 64 critic has layer
   norm (--critic-norm layer).
 - --compile compiles G only: torch.compile (aot_autograd) does not support the penalty's double backward.
@@ -54,24 +54,15 @@ Deviations and choices, each deliberate:
   D(x^) and its double backward run in float32: the GradScaler's 2^16 on the inner gradient overflows fp16.
 - Sample grids and --sample use G in eval mode (batch norm running statistics); the authors' TF code
   draws with batch statistics.
-- --steps 20000 generator iterations is our default (about 110 Fashion-MNIST epochs of real batches for
-  the critic, at m = 64 and n_critic = 5); the authors ran 200,000 (MNIST, DCGAN-like CIFAR-10) and
-  100,000 (ResNet).
+- --steps 20000 generator iterations is our default; the authors ran 200,000 (MNIST, DCGAN-like CIFAR-10)
+  and 100,000 (ResNet).
 
-Usage:
+Usage (every command, the results and the speed: docs/wgan_gp.md):
     python wgan_gp.py                                 # Fashion-MNIST resized to 64 x 64, the DCGAN networks
-    python wgan_gp.py --image-size 28 --eval-every 250 --eval-n 2000   # README.md's CPU run (SIGTERM after 51 min)
-    python wgan_gp.py --dataset cifar10 --arch resnet --steps 100000 --lr 2e-4   # the paper's CIFAR-10 ResNet
-    python wgan_gp.py --resume                        # continue the run in runs/wgan_gp-fashion-mnist
+    python wgan_gp.py --resume                        # continue runs/wgan_gp-fashion-mnist (a requeued job too)
+    sbatch submit.sh wgan_gp                          # on SLURM, requeued until done (GPUS=4: torchrun, DDP)
     python wgan_gp.py --sample 10000 --sample-out wgan_gp.npz   # images for fid.py
-    sbatch submit.sh wgan_gp --image-size 32
-    python wgan_gp.py --eval-every 1000 --keep-every 5000   # FID during training, best.pt, snapshots
-    python wgan_gp.py --amp --channels-last --compile # speed flags (--compile: G only, see above)
-    torchrun --standalone --nproc_per_node=4 wgan_gp.py   # 4 GPUs (DDP); or GPUS=4 sbatch submit.sh wgan_gp
---batch-size is the global batch, shared among the processes (each its own slice and its own noise).
-images/s in the log counts generator iterations x batch; the critic sees n_critic real batches for each.
-
-From Python: G = wgan_gp.load("runs/wgan_gp-fashion-mnist/ckpt.pt"); images = G(wgan_gp.sample_z(64, G.nz, "cpu")).
+    python wgan_gp.py --dataset cifar10 --arch resnet --steps 100000 --lr 2e-4   # the paper's CIFAR-10 ResNet
 """
 from __future__ import annotations
 
@@ -83,6 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import fid
 from common import arg
 
 # what 0 means for --image-size, --nz, --ngf, --ndf: each architecture's own, from its official code
@@ -209,7 +201,91 @@ def sample_z(n: int, nz: int, device, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Networks: --arch resnet (Appendix; gan_cifar_resnet.py)
+# Training
+# ----------------------------------------------------------------------------------------------
+def interpolate(x: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1, lines 4 and 6: x^ = eps x + (1 - eps) x~, with one eps ~ U[0, 1] per sample."""
+    eps = torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)
+    return eps * x + (1 - eps) * fake
+
+
+def gradient_penalty(d_hat: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """(||grad_x^ D(x^)||_2 - 1)^2 for each sample (Algorithm 1, line 7), differentiable in the critic's
+    weights (create_graph=True: the loss's backward differentiates the gradient itself).
+
+    d_hat = D(x^) of the m samples; the gradient of their sum is each sample's own gradient because the
+    critic has no batch statistics."""
+    grad, = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
+    grad_norm = grad.float().flatten(1).norm(dim=1)   # float32, whatever the autocast dtype
+    return (grad_norm - 1) ** 2
+
+
+def train_step(G, critic, opt_G, opt_critic, batches, n_critic: int, cfg: Config, amp: torch.dtype | None = None,
+               scaler=torch.amp.GradScaler("cpu", enabled=False)) -> dict[str, torch.Tensor]:
+    """One generator iteration of Algorithm 1, after ``n_critic`` critic iterations, each on its own real
+    batch from ``batches``. ``amp``: the autocast dtype (None: float32); ``scaler``: the GradScaler of fp16
+    (disabled, it passes the losses and steps through unchanged)."""
+    for _ in range(n_critic):
+        # (4) a real batch, a prior batch and eps; (5) x~ = G(z), G fixed here: no graph through it; (6) x^
+        x = batches.next()
+        z = sample_z(len(x), cfg.nz, x.device)
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            fake = G(z).float()
+        x_hat = interpolate(x, fake).requires_grad_(True)
+        # (7) L = D(x~) - D(x) + lambda (||grad D(x^)||_2 - 1)^2, averaged over the batch. D(x) and D(x~) come
+        # from one call; D(x^) from its own, so that the penalty's double backward runs over m rows, not 3m.
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            d_real, d_fake = critic(torch.cat([x, fake])).float().split(len(x))
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp == torch.bfloat16):   # fp16: float32 here
+            d_hat = critic(x_hat).float()
+        penalty = gradient_penalty(d_hat, x_hat)
+        W_estimate = d_real.mean() - d_fake.mean()
+        loss_critic = -W_estimate + cfg.lambda_gp * penalty.mean()
+        # (9) w <- Adam(grad_w L)
+        opt_critic.zero_grad(set_to_none=True)
+        scaler.scale(loss_critic).backward()
+        scaler.step(opt_critic)
+        scaler.update()
+
+    # (11)-(12) Update G: descend -1/m sum D(G(z)). The critic's own gradients are not needed here:
+    # freezing it skips computing them (and DDP's sync of them).
+    critic.requires_grad_(False)
+    z = sample_z(len(x), cfg.nz, x.device)
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        loss_G = -critic(G(z)).float().mean()
+    opt_G.zero_grad(set_to_none=True)
+    scaler.scale(loss_G).backward()
+    scaler.step(opt_G)
+    scaler.update()
+    critic.requires_grad_(True)
+
+    return {"W_estimate": W_estimate.detach(), "gradient_penalty": penalty.mean().detach(), "loss_G": loss_G.detach()}
+
+
+def build_generator(cfg: Config) -> nn.Module:
+    channels = common.dataset_channels(cfg.dataset)
+    if cfg.arch == "resnet":
+        if cfg.image_size != 32:
+            raise common.UserError(f"--arch resnet is the paper's CIFAR-10 network, 32 x 32: --image-size "
+                                   f"{cfg.image_size} is not supported (use 32, or --arch dcgan)")
+        return ResNetGenerator(cfg.nz, cfg.ngf, channels)
+    return Generator(cfg.nz, cfg.ngf, channels, cfg.image_size)
+
+
+def build(cfg: Config, device):
+    G = build_generator(cfg).to(device)
+    channels = common.dataset_channels(cfg.dataset)
+    if cfg.arch == "resnet":
+        critic = ResNetCritic(cfg.ndf, channels, cfg.critic_norm).to(device)
+    else:
+        critic = Critic(cfg.ndf, channels, cfg.image_size, cfg.leak, cfg.critic_norm).to(device)
+        init_weights(G, cfg.init_std)
+        init_weights(critic, cfg.init_std)
+    return G, critic
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's CIFAR-10 network: --arch resnet (Appendix; the authors' gan_cifar_resnet.py)
 # ----------------------------------------------------------------------------------------------
 def tf_conv(c_in: int, c_out: int, k: int, he: bool = True) -> nn.Conv2d:
     """A k x k convolution (stride 1, 'same' padding, bias) initialised as tflib's Conv2D: uniform with
@@ -297,104 +373,8 @@ class ResNetCritic(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss: the gradient penalty
-# ----------------------------------------------------------------------------------------------
-def interpolate(x: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1, lines 4 and 6: x^ = eps x + (1 - eps) x~, with one eps ~ U[0, 1] per sample."""
-    eps = torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)
-    return eps * x + (1 - eps) * fake
-
-
-def gradient_penalty(d_hat: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(||grad_x^ D(x^)||_2 - 1)^2 for each sample (Algorithm 1, line 7), differentiable in the critic's
-    weights (create_graph=True: the loss's backward differentiates the gradient itself).
-
-    d_hat = D(x^) of the m samples; the gradient of their sum is each sample's own gradient because the
-    critic has no batch statistics."""
-    grad, = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
-    grad_norm = grad.float().flatten(1).norm(dim=1)   # float32, whatever the autocast dtype
-    return (grad_norm - 1) ** 2
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-def train_step(G, critic, opt_G, opt_critic, batches, n_critic: int, cfg: Config, amp: torch.dtype | None = None,
-               scaler=torch.amp.GradScaler("cpu", enabled=False)) -> dict[str, torch.Tensor]:
-    """One generator iteration of Algorithm 1, after ``n_critic`` critic iterations, each on its own real
-    batch from ``batches``. ``amp``: the autocast dtype (None: float32); ``scaler``: the GradScaler of fp16
-    (disabled, it passes the losses and steps through unchanged)."""
-    for _ in range(n_critic):
-        # (4) a real batch, a prior batch and eps; (5) x~ = G(z), G fixed here: no graph through it; (6) x^
-        x = batches.next()
-        z = sample_z(len(x), cfg.nz, x.device)
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-            fake = G(z).float()
-        x_hat = interpolate(x, fake).requires_grad_(True)
-        # (7) L = D(x~) - D(x) + lambda (||grad D(x^)||_2 - 1)^2, averaged over the batch. D(x) and D(x~) come
-        # from one call; D(x^) from its own, so that the penalty's double backward runs over m rows, not 3m.
-        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-            d_real, d_fake = critic(torch.cat([x, fake])).float().split(len(x))
-        with torch.autocast(x.device.type, dtype=amp, enabled=amp == torch.bfloat16):   # fp16: float32 here
-            d_hat = critic(x_hat).float()
-        penalty = gradient_penalty(d_hat, x_hat)
-        W_estimate = d_real.mean() - d_fake.mean()
-        loss_critic = -W_estimate + cfg.lambda_gp * penalty.mean()
-        # (9) w <- Adam(grad_w L)
-        opt_critic.zero_grad(set_to_none=True)
-        scaler.scale(loss_critic).backward()
-        scaler.step(opt_critic)
-        scaler.update()
-
-    # (11)-(12) Update G: descend -1/m sum D(G(z)). The critic's own gradients are not needed here:
-    # freezing it skips computing them (and DDP's sync of them).
-    critic.requires_grad_(False)
-    z = sample_z(len(x), cfg.nz, x.device)
-    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-        loss_G = -critic(G(z)).float().mean()
-    opt_G.zero_grad(set_to_none=True)
-    scaler.scale(loss_G).backward()
-    scaler.step(opt_G)
-    scaler.update()
-    critic.requires_grad_(True)
-
-    return {"W_estimate": W_estimate.detach(), "gradient_penalty": penalty.mean().detach(), "loss_G": loss_G.detach()}
-
-
-def build_generator(cfg: Config) -> nn.Module:
-    channels = common.dataset_channels(cfg.dataset)
-    if cfg.arch == "resnet":
-        if cfg.image_size != 32:
-            raise common.UserError(f"--arch resnet is the paper's CIFAR-10 network, 32 x 32: --image-size "
-                                   f"{cfg.image_size} is not supported (use 32, or --arch dcgan)")
-        return ResNetGenerator(cfg.nz, cfg.ngf, channels)
-    return Generator(cfg.nz, cfg.ngf, channels, cfg.image_size)
-
-
-def build(cfg: Config, device):
-    G = build_generator(cfg).to(device)
-    channels = common.dataset_channels(cfg.dataset)
-    if cfg.arch == "resnet":
-        critic = ResNetCritic(cfg.ndf, channels, cfg.critic_norm).to(device)
-    else:
-        critic = Critic(cfg.ndf, channels, cfg.image_size, cfg.leak, cfg.critic_norm).to(device)
-        init_weights(G, cfg.init_std)
-        init_weights(critic, cfg.init_std)
-    return G, critic
-
-
-# ----------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate(G, n: int, cfg: Config, device, batch: int = 500):
-    """n images from a seeded noise stream (the same n images for the same checkpoint and --seed)."""
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    G.eval()
-    for i in range(0, n, batch):
-        yield G(sample_z(min(batch, n - i), cfg.nz, device, g))
-
-
 def load(path: str, device="cpu") -> nn.Module:
     """G of a checkpoint, in eval mode, its config rebuilt from the checkpoint:
 
@@ -407,47 +387,80 @@ def load(path: str, device="cpu") -> nn.Module:
     return G.to(device).eval()
 
 
-def main():
-    cfg = common.parse_config(Config)
-    run = common.Run(cfg, "wgan_gp")
-    resolve(cfg)
-    device = run.device
+def train(cfg: Config) -> None:
+    # ---- run plumbing, the same in every script ----------------------------------------------------------------
+    ddp = common.Processes(cfg.device)              # torchrun's processes (or this one alone): rank, world, device
+    run = common.resolve_run(cfg, "wgan_gp", ddp)   # --out, --resume / --init and the config; nothing is written
+    resolve(cfg)                                    # the fields left at 0: --arch's values
+    stop = common.Stop(ddp)                         # SIGTERM, SIGUSR1, Ctrl-C: at once during the set-up (exit 3)
+    common.seed_everything(cfg.seed + ddp.rank)     # each process its own noise; DDP copies rank 0's weights
+    device, amp = ddp.device, common.amp_dtype(cfg.amp, ddp.device)
+    # ---- the paper: networks, data, optimizers (Algorithm 1) ---------------------------------------------------
     G, critic = build(cfg, device)
     run.say(f"G: {common.count_parameters(G):,} parameters, critic: {common.count_parameters(critic):,} parameters")
-
-    if run.sampling:
-        run.track(models={"G": G})
-        run.start()
-        run.write_generated(generate(G, cfg.sample, cfg, device))
-        return
-
     images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=run.rank, world=run.world,
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
                              memory_format=memory_format)
     G, critic = G.to(memory_format=memory_format), critic.to(memory_format=memory_format)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_critic = torch.optim.Adam(critic.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
-    fixed_noise = sample_z(64, cfg.nz, device)
-    G_eval = G  # samples and evaluation use the plain module, on rank 0 alone
-    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
-        ids = [device.index] if device.type == "cuda" else None
-        G = nn.parallel.DistributedDataParallel(G, device_ids=ids)
-        critic = nn.parallel.DistributedDataParallel(critic, device_ids=ids)
-    if cfg.compile:  # G only: the critic's double backward is not supported by torch.compile
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    fixed_noise = sample_z(64, cfg.nz, device)      # the same z for every sample grid of the run
+    saved = dict(models={"G": G, "critic": critic}, optimizers={"G": opt_G, "critic": opt_critic},
+                 data={"train": batches},
+                 state={"fixed_noise": fixed_noise, "scaler": scaler})   # what a checkpoint holds
+    # ---- run plumbing: restore, folder, processes, log ---------------------------------------------------------
+    step = common.restore(run, **saved)             # the checkpoint, or --init's weights; 0 for a new run
+    common.open_run_folder(run)                     # create and lock it, write args.json (rank 0)
+    G_eval = G                                      # grids and evaluation use the plain module, on rank 0
+    if ddp.world > 1:                               # torchrun: one process per GPU, gradients averaged
+        G, critic = (nn.parallel.DistributedDataParallel(m, device_ids=ddp.device_ids) for m in (G, critic))
+    if cfg.compile:                                 # G only: torch.compile has no double backward (the penalty)
         G = torch.compile(G)
+    log = common.Log(run, step)
+    evaluate = fid.Evaluator(run, images) if cfg.eval_every else None
 
-    run.track(models={"G": G, "critic": critic}, optimizers={"G": opt_G, "critic": opt_critic},
-              data={"train": batches}, state={"fixed_noise": fixed_noise, "scaler": scaler},
-              sample=lambda: G_eval(fixed_noise), generate=lambda n, g: G_eval(sample_z(n, cfg.nz, device, g)),
-              real=images)
-    step = run.start()
-    while step < cfg.steps and not run.stop_requested:
-        losses = train_step(G, critic, opt_G, opt_critic, batches, cfg.n_critic, cfg, run.amp, scaler)
+    def save_samples(step: int) -> None:            # the fixed-noise grid, G in eval mode: drawing changes nothing
+        with common.eval_mode(G_eval):
+            common.save_grid(G_eval(fixed_noise), run.out / "samples" / f"{step:06d}.png")
+
+    def draw(n: int, generator) -> torch.Tensor:    # --eval-every's samples
+        with common.eval_mode(G_eval):
+            return G_eval(sample_z(n, cfg.nz, device, generator))
+
+    stop.begin()
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    while step < cfg.steps and not stop.agreed(step):
+        losses = train_step(G, critic, opt_G, opt_critic, batches, cfg.n_critic, cfg, amp, scaler)
         step += 1
-        run.end_step(step, losses)
-    run.finish(step)
+        log.add(losses)
+        if step % cfg.log_every == 0:
+            log.write(step)
+        if step % cfg.sample_every == 0 and ddp.rank == 0:
+            save_samples(step)
+        best = evaluate is not None and step % cfg.eval_every == 0 and evaluate(step, draw, log, stop)
+        if step % cfg.ckpt_every == 0 or best or (cfg.keep_every and step % cfg.keep_every == 0):
+            common.save_run(run, step, log, **saved, best=best)
+    common.finish(run, step, log, stop, **saved)    # the last checkpoint, then how the run ended
+    if ddp.rank == 0 and step > run.start_step and step % cfg.sample_every:
+        save_samples(step)                          # and the last step's grid
+
+
+def sample_command(cfg: Config) -> None:
+    """--sample N: N images of the checkpoint's G in --sample-out, split among processes and resumable."""
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "wgan_gp", ddp, command="--sample")
+    resolve(cfg)
+    stop = common.Stop(ddp)
+    G = build_generator(cfg).to(ddp.device).eval()
+    common.load_models(run, G=G)
+    common.write_sharded(run, lambda n, g: G(sample_z(n, cfg.nz, ddp.device, g)), cfg.sample, 500, {}, stop)
+
+
+def main():
+    cfg = common.parse_config(Config)
+    sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":
