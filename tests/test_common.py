@@ -1,5 +1,6 @@
-"""common.py: data order across resume, atomic checkpoints, safe loading, resume semantics, lock, signals,
-NaN stop, registered state, metrics.csv, datasets (splits, labels, folder cache, bad files)."""
+"""common.py: data order across resume, atomic checkpoints, safe loading; the run's helpers, driven by a toy script
+as dcgan.py's train(cfg) drives them (resume semantics, lock, signals, NaN stop, registered state, metrics.csv);
+datasets (splits, labels, folder cache, bad files)."""
 import errno
 import fcntl
 import gzip
@@ -95,100 +96,186 @@ def test_rng_state_round_trip():
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 
 
+# ----------------------------------------------------------------------------------------------
+# A toy script: the run's helpers driven as dcgan.py's train(cfg) drives them
+# ----------------------------------------------------------------------------------------------
 @dataclass
-class Toy(common.RunConfig):
-    batch_size: int = arg(4, "")
-    lr: float = arg(0.1, "")
-    width: int = arg(3, "")
+class Config(common.RunConfig):
+    batch_size: int = arg(4, "minibatch size", min=1)
+    lr: float = arg(0.1, "SGD learning rate", above=0)
+    width: int = arg(3, "inputs of the Linear model", min=1)
+    decay: float = arg(0.0, "SGD weight decay: a field added since the first runs, which were trained with 0.5",
+                       min=0, predates=0.5)
 
 
 @pytest.fixture(autouse=True)
 def restore_signal_handlers():
-    """Run installs its handlers in this process: give pytest its own back after each test."""
+    """common.Stop installs its handlers in this process: give pytest its own back after each test."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
 
 
-def toy_run(tmp_path, argv):
-    cfg = common.parse_config(Toy, ["--dataset", "synthetic", "--out", str(tmp_path / "run"), *argv])
-    return common.Run(cfg, "toy")
+def parse(*argv) -> Config:
+    """The toy script's command line (without --out, its run folder is relative to the cwd)."""
+    return common.parse_config(Config, ["--dataset", "synthetic", "--device", "cpu", *map(str, argv)])
 
 
-def toy(argv, steps=None, model=None):
-    """A Run of the toy script (default --out relative to the cwd); with ``steps``, a checkpoint at that
-    step, after which the folder is unlocked. Returns (run, model)."""
-    run = common.Run(common.parse_config(Toy, ["--dataset", "synthetic", *argv]), "toy")
-    model = model or torch.nn.Linear(run.cfg.width, 1)
-    run.track({"m": model})
-    if steps is not None:
-        run.start()
-        run.checkpoint(steps)
-        run._lock.close()
-    return run, model
+def resolve(*argv, command: str | None = None) -> common.RunFolder:
+    """train(cfg)'s first lines (sample_command's with ``command``): which run this is; nothing is written."""
+    cfg = parse(*argv)
+    return common.resolve_run(cfg, "toy", common.Processes(cfg.device, connect=command is None), command=command)
+
+
+def build(cfg: Config, **state) -> dict:
+    """train(cfg)'s paper block: a Linear model, its SGD and fp16's GradScaler; returns ``saved``, what a
+    checkpoint holds (``state``: more registered state)."""
+    model = torch.nn.Linear(cfg.width, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.decay)
+    scaler = torch.amp.GradScaler("cpu", enabled=common.amp_dtype(cfg.amp, CPU) == torch.float16)
+    return dict(models={"m": model}, optimizers={"opt": opt}, state={"scaler": scaler, **state}, data={})
+
+
+def train_step(saved: dict, x: torch.Tensor, logged: dict) -> dict[str, torch.Tensor]:
+    """One SGD step of the toy model (through the GradScaler, as under fp16); what it logs is ``logged``."""
+    model, opt, scaler = saved["models"]["m"], saved["optimizers"]["opt"], saved["state"]["scaler"]
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(model(x).pow(2).mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    return {k: torch.tensor(v) for k, v in logged.items()}
+
+
+@dataclass
+class Session:
+    """A toy run's process at the top of its loop: what train(cfg) holds there."""
+    run: common.RunFolder
+    stop: common.Stop
+    saved: dict
+    log: common.Log
+    step: int
+
+    @property
+    def model(self) -> torch.nn.Linear:
+        return self.saved["models"]["m"]
+
+
+def start(*argv, **state) -> Session:
+    """`python toy.py ARGV` up to its loop: dcgan.py's train(cfg), block by block."""
+    cfg = parse(*argv)
+    ddp = common.Processes(cfg.device)
+    run = common.resolve_run(cfg, "toy", ddp)
+    stop = common.Stop(ddp)
+    common.seed_everything(cfg.seed + ddp.rank)
+    saved = build(cfg, **state)
+    step = common.restore(run, **saved)
+    common.open_run_folder(run)
+    log = common.Log(run, step)
+    stop.begin()
+    return Session(run, stop, saved, log, step)
+
+
+def end(run: common.RunFolder) -> None:
+    """What the end of a run's process does to its folder: the lock is released."""
+    if run.lock is not None:
+        run.lock.close()
+
+
+def train(*argv, logged) -> int:
+    """`python toy.py ARGV` to its end: dcgan.py's loop line for line (without sample grids and evaluation),
+    each step logging the next dict of ``logged``; then the process ends. Returns the last step."""
+    s = start(*argv)
+    run, stop, saved, log, step, cfg = s.run, s.stop, s.saved, s.log, s.step, s.run.cfg
+    try:
+        logged = iter(logged)
+        while step < cfg.steps and not stop.agreed(step):
+            losses = train_step(saved, torch.randn(cfg.batch_size, cfg.width), next(logged))
+            step += 1
+            log.add(losses)
+            if step % cfg.log_every == 0:
+                log.write(step)
+            if step % cfg.ckpt_every == 0 or (cfg.keep_every and step % cfg.keep_every == 0):
+                common.save_run(run, step, log, **saved)
+        common.finish(run, step, log, stop, **saved)
+    finally:
+        end(run)
+    return step
+
+
+def trained(*argv, step: int) -> Session:
+    """A toy run's process that trained ``step`` steps (whatever its --steps), wrote its checkpoint there and
+    ended: its folder is unlocked."""
+    s = start(*argv)
+    for _ in range(step - s.step):
+        train_step(s.saved, torch.randn(s.run.cfg.batch_size, s.run.cfg.width), {})
+    common.save_run(s.run, step, s.log, **s.saved)
+    end(s.run)
+    return s
 
 
 def test_resume_takes_unspecified_fields_from_the_checkpoint(tmp_path):
-    run = toy_run(tmp_path, ["--width", "5", "--steps", "2"])
-    model = torch.nn.Linear(run.cfg.width, 1)
-    run.track({"m": model})
-    run.start()
-    run.checkpoint(2)
-    run._lock.close()
-    resumed = toy_run(tmp_path, ["--resume", "--steps", "4", "--lr", "0.1"])
+    out = tmp_path / "run"
+    trained("--width", 5, "--steps", 2, "--out", out, step=2)
+    resumed = resolve("--resume", "--steps", 4, "--lr", 0.1, "--out", out)
     assert resumed.cfg.width == 5 and resumed.cfg.steps == 4
-    resumed._lock.close()
-    bare = toy_run(tmp_path, ["--resume"])  # run fields too: --steps is the checkpoint's, not the default
+    end(resumed)
+    bare = resolve("--resume", "--out", out)  # run fields too: --steps is the checkpoint's, not the default
     assert bare.cfg.steps == 2 and bare.cfg.width == 5
-    bare._lock.close()
+    end(bare)
     with pytest.raises(common.UserError, match=r"width 5 -> 6, .*lr 0.1 -> 0.2|lr 0.1 -> 0.2, width 5 -> 6"):
-        toy_run(tmp_path, ["--resume", "--width", "6", "--lr", "0.2"])
+        resolve("--resume", "--width", 6, "--lr", 0.2, "--out", out)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    run = toy_run(tmp_path, ["--steps", "10", "--log-every", "100", "--ckpt-every", "2"])
-    model = torch.nn.Linear(3, 1)
-    run.track({"m": model})
-    run.start()
-    run.end_step(1, {"loss": torch.tensor(1.0)})
-    run.end_step(2, {"loss": torch.tensor(1.0)})
-    path = tmp_path / "run" / "ckpt.pt"
-    good = path.read_bytes()
-    run.end_step(3, {"loss": torch.tensor(float("nan"))})
+    path, good = tmp_path / "run" / "ckpt.pt", []
+
+    def logged():
+        yield {"loss": 1.0}
+        yield {"loss": 1.0}
+        good.append(path.read_bytes())   # step 3 begins: step 2's checkpoint (--ckpt-every 2) is written
+        yield {"loss": float("nan")}
+        yield {"loss": 1.0}
+    advice = rf"loss became NaN or inf by step 4.*{path} \(step 2\).*--init {path} --lr"
+    with pytest.raises(common.UserError, match=advice):
+        train("--steps", 10, "--log-every", 100, "--ckpt-every", 2, "--out", tmp_path / "run", logged=logged())
+    assert path.read_bytes() == good[0]
     # the advice works: --init the last good checkpoint with a lower lr in a new folder
-    with pytest.raises(common.UserError, match=rf"loss became NaN or inf by step 4.*{path} \(step 2\).*--init {path} --lr"):
-        run.end_step(4, {"loss": torch.tensor(1.0)})
-    assert path.read_bytes() == good
+    s = start("--init", path, "--lr", 0.01, "--out", tmp_path / "new")
+    assert s.step == 0 and torch.equal(s.model.weight, load(path)["models"]["m"]["weight"])
+    end(s.run)
+    s = start("--resume", "--out", tmp_path / "run")   # a NaN in the weights is caught as well
+    assert s.step == 2
     with torch.no_grad():
-        model.weight.fill_(float("inf"))
+        s.model.weight.fill_(float("inf"))
     with pytest.raises(common.UserError, match="models/m/weight"):
-        run.checkpoint(5)
-    assert path.read_bytes() == good
+        common.save_run(s.run, 3, s.log, **s.saved)
+    assert path.read_bytes() == good[0]
+    end(s.run)
 
 
 def test_nan_before_any_checkpoint_names_none(tmp_path):
-    run = toy_run(tmp_path, ["--steps", "10", "--log-every", "1"])
-    run.track({"m": torch.nn.Linear(3, 1)})
-    run.start()
     with pytest.raises(common.UserError, match="no checkpoint was written yet: start again with a lower --lr"):
-        run.end_step(1, {"loss": torch.tensor(float("inf"))})
+        train("--steps", 10, "--log-every", 1, "--out", tmp_path / "run", logged=[{"loss": float("inf")}])
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 def test_nan_check_covers_buffers_and_registered_state(tmp_path):
-    run = toy_run(tmp_path, ["--steps", "10"])
+    run = resolve("--steps", 10, "--out", tmp_path / "run")
     bn, ema = torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 1)
-    run.track({"bn": bn}, state={"ema": ema})
-    run.start()
+    saved = dict(models={"bn": bn}, optimizers={}, state={"ema": ema}, data={})
+    common.restore(run, **saved)
+    common.open_run_folder(run)
     bn.running_var[1] = float("nan")
     with pytest.raises(common.UserError, match="models/bn/running_var"):
-        run.checkpoint(1)
+        common.save_run(run, 1, None, **saved)
     bn.running_var.fill_(1.0)
     with torch.no_grad():
         ema.bias.fill_(float("-inf"))
     with pytest.raises(common.UserError, match="state/ema/bias"):
-        run.checkpoint(1)
+        common.save_run(run, 1, None, **saved)
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+    end(run)
 
 
 def test_run_folder_lock(tmp_path):
@@ -201,6 +288,14 @@ def test_run_folder_lock(tmp_path):
         proc = run_script("gan", "--dataset", "synthetic", "--out", out, "--steps", 1, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "is in use by another process (pid 12345)" in proc.stderr
     assert not (out / "ckpt.pt").exists()
+
+
+def test_a_run_folder_in_use_is_refused_when_the_run_is_resolved(tmp_path):
+    s = start("--out", tmp_path / "run")           # its process has not ended: the folder stays locked
+    with pytest.raises(common.UserError, match=rf"run folder .*run is in use by another process \(pid {os.getpid()}\)"):
+        resolve("--resume", "--out", tmp_path / "run")   # before the data is loaded
+    end(s.run)
+    end(resolve("--resume", "--out", tmp_path / "run"))  # once it has, the folder is free
 
 
 def test_synthetic_is_deterministic():
@@ -253,40 +348,42 @@ def test_save_grid_is_square(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_resume_path_without_out_never_writes_another_runs_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    toy(["--steps", "5"], steps=5)                                  # runs/toy-synthetic: an unrelated run
+    trained("--steps", 5, step=5)                                   # runs/toy-synthetic: an unrelated run
     unrelated = digest(tmp_path / "runs/toy-synthetic/ckpt.pt")
-    toy(["--out", "other", "--width", "4"], steps=3)
-    run, _ = toy(["--resume", "other/ckpt.pt", "--steps", "8"])     # continues PATH's run where it was trained
-    assert run.out == common.Path("other")
-    assert run.cfg.width == 4 and run.start() == 3
-    run.checkpoint(8)
-    run._lock.close()
+    trained("--out", "other", "--width", 4, step=3)
+    s = start("--resume", "other/ckpt.pt", "--steps", 8)            # continues PATH's run where it was trained
+    assert s.run.out == common.Path("other")
+    assert s.run.cfg.width == 4 and s.step == 3
+    common.save_run(s.run, 8, s.log, **s.saved)
+    end(s.run)
     assert load(tmp_path / "other/ckpt.pt")["step"] == 8
     (tmp_path / "copy.pt").write_bytes((tmp_path / "other/ckpt.pt").read_bytes())
     with pytest.raises(common.UserError, match="holds another run .*never overwritten.*--out a new folder"):
-        toy(["--resume", "copy.pt", "--out", "runs/toy-synthetic"])
+        resolve("--resume", "copy.pt", "--out", "runs/toy-synthetic")
     assert digest(tmp_path / "runs/toy-synthetic/ckpt.pt") == unrelated
 
 
 def test_resume_path_starts_a_folder_once_then_its_own_checkpoint_wins(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    toy(["--out", "a"], steps=5)
-    argv = ["--resume", "a/ckpt.pt", "--out", "b", "--steps", "9"]  # what every requeue of submit.sh runs
-    run, _ = toy(argv)
-    assert run.start() == 5
-    run.checkpoint(7)
-    run._lock.close()
-    run, _ = toy(argv)
-    assert run.start() == 7, "a requeue must continue b's progress, not restart from a"
+    trained("--out", "a", step=5)
+    argv = ["--resume", "a/ckpt.pt", "--out", "b", "--steps", 9]   # what every requeue of submit.sh runs
+    s = start(*argv)
+    assert s.step == 5
+    common.save_run(s.run, 7, s.log, **s.saved)
+    end(s.run)
+    s = start(*argv)
+    assert s.step == 7, "a requeue must continue b's progress, not restart from a"
     assert "continuing b/ckpt.pt (step 7)" in capsys.readouterr().out
     assert load(tmp_path / "a/ckpt.pt")["step"] == 5
+    end(s.run)
 
 
 def test_bare_resume_without_a_checkpoint_says_so_first(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    run, _ = toy(["--resume", "--out", "new"])
+    s = start("--resume", "--out", "new")
     assert capsys.readouterr().out.splitlines()[0] == "no checkpoint in new: starting a new run"
-    assert run.start() == 0
+    assert s.step == 0
+    end(s.run)
 
 
 def test_resume_of_a_folder_run_needs_no_data_root(tmp_path):
@@ -303,64 +400,72 @@ def test_resume_of_a_folder_run_needs_no_data_root(tmp_path):
 
 def test_init_starts_a_new_run_from_trained_weights(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    _, trained = toy(["--out", "a", "--width", "5", "--lr", "0.3"], steps=4)
+    trained_weight = trained("--out", "a", "--width", 5, "--lr", 0.3, step=4).model.weight
     parent = load(tmp_path / "a/ckpt.pt")
-    argv = ["--init", "a/ckpt.pt", "--lr", "0.01", "--out", "b"]
-    run, model = toy(argv)
-    assert (run.cfg.width, run.cfg.lr, run.cfg.steps) == (5, 0.01, 10_000)  # the rest from a; a new length
-    assert run.start() == 0 and torch.equal(model.weight, trained.weight)
-    run.checkpoint(1)
-    run._lock.close()
+    argv = ["--init", "a/ckpt.pt", "--lr", 0.01, "--out", "b"]
+    s = start(*argv)
+    assert (s.run.cfg.width, s.run.cfg.lr, s.run.cfg.steps) == (5, 0.01, 10_000)  # the rest from a; a new length
+    assert s.step == 0 and torch.equal(s.model.weight, trained_weight)
+    common.seed_everything(0)          # what b would start from without --init differs: not equal by chance
+    assert not torch.equal(build(s.run.cfg)["models"]["m"].weight, trained_weight)
+    common.save_run(s.run, 1, s.log, **s.saved)
+    end(s.run)
     assert load(tmp_path / "b/ckpt.pt")["run"] != parent["run"]
-    run, _ = toy(["--resume", *argv])                      # requeued by submit.sh: b continues
-    assert run.start() == 1 and "--init applies only when a run starts" in capsys.readouterr().out
-    run._lock.close()
-    run, _ = toy(["--init", "a/ckpt.pt", "--width", "6", "--out", "c"])
+    s = start("--resume", *argv)                     # requeued by submit.sh: b continues
+    assert s.step == 1 and "--init applies only when a run starts" in capsys.readouterr().out
+    end(s.run)
     with pytest.raises(common.UserError, match="its m does not fit this config"):
-        run.start()
+        start("--init", "a/ckpt.pt", "--width", 6, "--out", "c")
     with pytest.raises(common.UserError, match="--init PATH starts a new run"):
-        toy(["--init", "a/ckpt.pt", "--resume", "a/ckpt.pt", "--out", "d"])
+        resolve("--init", "a/ckpt.pt", "--resume", "a/ckpt.pt", "--out", "d")
 
 
 def test_a_checkpoint_from_an_older_script_still_resumes(tmp_path, capsys):
-    toy_run(tmp_path, []).track({"m": torch.nn.Linear(3, 1)})
-    run, _ = toy(["--out", str(tmp_path / "run")], steps=2)
+    trained("--decay", 0.5, "--out", tmp_path / "run", step=2)
     ckpt = load(tmp_path / "run/ckpt.pt")
-    del ckpt["config"]["width"]                          # a field added to the script since
-    ckpt["config"]["gone"] = 1                           # a field removed since
+    del ckpt["config"]["width"], ckpt["config"]["decay"]     # fields added to the script since
+    ckpt["config"]["gone"] = 1                              # a field removed since
     common.save_checkpoint(ckpt, tmp_path / "run/ckpt.pt")
-    run = toy_run(tmp_path, ["--resume"])
+    capsys.readouterr()
+    s = start("--resume", "--out", tmp_path / "run")
     out = capsys.readouterr().out
-    assert run.cfg.width == 3 and "predates --width (3)" in out and "ignoring the checkpoint's gone" in out
-    run._lock.close()
+    assert s.step == 2 and s.run.cfg.width == 3 and "ignoring the checkpoint's gone" in out
+    assert s.run.cfg.decay == 0.5 and "predates --width (3), --decay (0.5)" in out   # decay's `predates`, not 0.0
+    end(s.run)
     with pytest.raises(common.UserError, match="lr 0.1 -> 0.5"):   # a real change is still refused
-        toy_run(tmp_path, ["--resume", "--lr", "0.5"])
+        resolve("--resume", "--lr", 0.5, "--out", tmp_path / "run")
 
 
 def test_sampling_takes_its_own_seed(tmp_path):
-    toy(["--out", str(tmp_path / "run")], steps=2)
-    run = toy_run(tmp_path, ["--sample", "3", "--seed", "9"])
+    trained("--out", tmp_path / "run", step=2)
+    run = resolve("--out", tmp_path / "run", "--sample", 3, "--seed", 9, command="--sample")
     assert run.cfg.seed == 9
+    common.load_models(run, m=torch.nn.Linear(run.cfg.width, 1))   # sample_command's next line
 
 
 # ----------------------------------------------------------------------------------------------
 # Signals, partial files, metrics.csv, cumulative time
 # ----------------------------------------------------------------------------------------------
 def test_a_signal_during_set_up_stops_at_once_and_saves_nothing(tmp_path):
-    run = toy_run(tmp_path, ["--steps", "10"])
+    run = resolve("--steps", 10, "--out", tmp_path / "run")
+    stop = common.Stop(run.ddp)
     with pytest.raises(common.Stopped, match="SIGTERM"):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)   # the handler raises in this thread as soon as the signal lands
-    run.track({"m": torch.nn.Linear(3, 1)})
+    saved = build(run.cfg)
+    common.restore(run, **saved)
+    common.open_run_folder(run)
     with pytest.raises(common.Stopped, match="SIGTERM"):
-        run.start()                            # the stop is not forgotten
+        stop.begin()                           # the stop is not forgotten
+    end(run)
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
-def test_a_set_up_signal_whose_exception_python_dropped_still_stops_at_start(tmp_path, monkeypatch):
+def test_a_set_up_signal_whose_exception_python_dropped_still_stops_at_begin(tmp_path, monkeypatch):
     """Python prints and drops an exception raised in a __del__ (or an import's weakref callback, where a
     USR1 landed in CI): training must not then run to its end as if no stop had been asked for."""
-    run = toy_run(tmp_path, ["--steps", "10"])
+    run = resolve("--steps", 10, "--out", tmp_path / "run")
+    stop = common.Stop(run.ddp)
 
     class SignalWhenCollected:
         def __del__(self):
@@ -370,22 +475,37 @@ def test_a_set_up_signal_whose_exception_python_dropped_still_stops_at_start(tmp
     dropped = []
     monkeypatch.setattr(sys, "unraisablehook", dropped.append)   # where Python sends what it drops
     SignalWhenCollected()
-    assert [type(u.exc_value) for u in dropped] == [common.Stopped] and run.stop_signal == "SIGUSR1"
-    run.track({"m": torch.nn.Linear(3, 1)})
+    assert [type(u.exc_value) for u in dropped] == [common.Stopped] and stop.signal == "SIGUSR1"
+    saved = build(run.cfg)
+    common.restore(run, **saved)
+    common.open_run_folder(run)
     with pytest.raises(common.Stopped, match="SIGUSR1"):
-        run.start()
+        stop.begin()
+    end(run)
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 def test_a_signal_in_the_loop_finishes_the_step_and_a_second_ctrl_c_kills(tmp_path):
-    run = toy_run(tmp_path, ["--steps", "10"])
-    run.track({"m": torch.nn.Linear(3, 1)})
-    assert run.start() == 0
+    s = start("--steps", 10, "--out", tmp_path / "run")
+    assert s.step == 0
     os.kill(os.getpid(), signal.SIGINT)       # in the loop: finish the step...
-    assert run.stop_requested and signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # ...a second one kills
+    assert s.stop.requested and signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # ...a second one kills
+    assert s.stop.agreed(0)                   # the loop ends
     with pytest.raises(common.Stopped, match="SIGINT"):
-        run.finish(0)                          # no step done: nothing to save, no "checkpoint saved at step 0"
+        common.finish(s.run, 0, s.log, s.stop, **s.saved)   # no step done: nothing to save, no "checkpoint saved"
+    end(s.run)
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_a_signal_in_the_loop_ends_the_run_after_that_step_with_its_checkpoint(tmp_path, capsys):
+    def logged():
+        yield {"loss": 1.0}
+        os.kill(os.getpid(), signal.SIGTERM)  # during step 2
+        yield {"loss": 1.0}
+        pytest.fail("a third step began after the signal")
+    assert train("--steps", 10, "--out", tmp_path / "run", logged=logged()) == 2
+    assert load(tmp_path / "run" / "ckpt.pt")["step"] == 2
+    assert "checkpoint saved at step 2 (SIGTERM); continue with --resume" in capsys.readouterr().out
 
 
 def test_sigterm_while_decoding_a_folder_exits_at_once(tmp_path):
@@ -412,31 +532,33 @@ def test_sigterm_while_decoding_a_folder_exits_at_once(tmp_path):
 def test_partial_files_of_a_killed_save_are_removed(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / ".ckpt.pt.tmp4242").write_bytes(b"half a checkpoint")
-    run = toy_run(tmp_path, [])
-    run.track({"m": torch.nn.Linear(3, 1)})
-    run.start()
+    s = start("--out", tmp_path / "run")
     assert not (tmp_path / "run" / ".ckpt.pt.tmp4242").exists()
     assert "removed .ckpt.pt.tmp4242" in capsys.readouterr().out
+    end(s.run)
 
 
 def test_metrics_columns_are_stable_and_time_is_cumulative(tmp_path):
     import csv
-    run = toy_run(tmp_path, [])
-    run.track({"m": torch.nn.Linear(3, 1)})
-    run.start()
-    run.write_metrics({"step": 1, "time_s": 0.1, "loss": 1.0})
-    run.write_metrics({"step": 2, "time_s": 0.2, "fid": 50.0})       # FID every N steps: a new column
-    run.write_metrics({"step": 3, "time_s": 0.3, "loss": 3.0})
+    s = start("--out", tmp_path / "run")
+    s.log.add({"loss": torch.tensor(1.0)})
+    s.log.write(1)
+    s.log.scores(2, {"fid": 50.0}, seconds=0.0)     # FID every N steps: a new column
+    s.log.add({"loss": torch.tensor(3.0)})
+    s.log.write(3)
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["step"], r["loss"], r["fid"]) for r in rows] == [("1", "1.0", ""), ("2", "", "50.0"), ("3", "3.0", "")]
+    assert [(r["step"], r["loss"], r["fid"]) for r in rows] == [("1", "1", ""), ("2", "", "50"), ("3", "3", "")]
     time.sleep(0.2)
-    run.checkpoint(3)
-    run._lock.close()
-    resumed = toy_run(tmp_path, ["--resume"])
-    resumed.track({"m": torch.nn.Linear(3, 1)})
-    resumed.start()
-    assert resumed.time_s() >= 0.2, "time_s goes on from the checkpoint's, it does not restart at 0"
+    common.save_run(s.run, 3, s.log, **s.saved)
+    end(s.run)
+    resumed = start("--resume", "--out", tmp_path / "run")
+    assert resumed.run.time_s() >= 0.2, "time_s goes on from the checkpoint's, it does not restart at 0"
+    resumed.log.add({"loss": torch.tensor(4.0)})
+    resumed.log.write(4)
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        assert float(list(csv.DictReader(f))[-1]["time_s"]) >= 0.2
+    end(resumed.run)
 
 
 def test_rng_state_from_another_device_warns(capsys):
@@ -453,7 +575,7 @@ def test_a_file_system_without_flock_is_one_clear_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(common.UserError, match="does not support flock .*Lustre"):
-        toy_run(tmp_path, [])
+        resolve("--out", tmp_path / "run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,8 +597,9 @@ class Pool:
         self.images = state["images"].clone()
 
 
-def stateful(tmp_path, argv):
-    run = toy_run(tmp_path, argv)
+def stateful(*argv) -> tuple[common.RunFolder, dict]:
+    """A run resolved, and the ``saved`` of a script with every kind of registered state and two data streams."""
+    run = resolve(*argv)
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     objects = {"sched": torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5),
@@ -484,13 +607,14 @@ def stateful(tmp_path, argv):
                "pool": Pool(), "noise": torch.zeros(4)}
     data = {"A": common.Batches(common.synthetic_images(40, size=4), 8, 0, CPU),
             "B": common.Batches(common.synthetic_images(24, size=4, seed=1), 8, 1, CPU)}
-    run.track({"m": model}, {"opt": opt}, state=objects, data=data)
-    return run, model, opt, objects, data
+    return run, dict(models={"m": model}, optimizers={"opt": opt}, state=objects, data=data)
 
 
 def test_registered_state_and_every_data_stream_resume_exactly(tmp_path):
-    run, model, opt, objects, data = stateful(tmp_path, [])
-    run.start()
+    run, saved = stateful("--out", tmp_path / "run")
+    model, opt, objects, data = saved["models"]["m"], saved["optimizers"]["opt"], saved["state"], saved["data"]
+    assert common.restore(run, **saved) == 0
+    common.open_run_folder(run)
     for i in range(5):
         opt.zero_grad()
         objects["scaler"].scale(model(data["A"].next().flatten(1)[:, :3]).mean()).backward()
@@ -502,10 +626,11 @@ def test_registered_state_and_every_data_stream_resume_exactly(tmp_path):
     objects["noise"].normal_()
     with torch.no_grad():
         objects["ema"].weight.fill_(0.5)
-    run.checkpoint(5)
-    run._lock.close()
-    again, _, _, restored, streams = stateful(tmp_path, ["--resume"])
-    assert again.start() == 5
+    common.save_run(run, 5, None, **saved)
+    end(run)
+    again, resumed = stateful("--resume", "--out", tmp_path / "run")
+    assert common.restore(again, **resumed) == 5
+    restored, streams = resumed["state"], resumed["data"]
     assert restored["sched"].state_dict() == objects["sched"].state_dict()
     assert restored["scaler"].get_scale() == objects["scaler"].get_scale() == 1024.0 * 2 ** 5
     assert torch.equal(restored["pool"].images, objects["pool"].images) and len(restored["pool"].images) == 3
@@ -513,6 +638,7 @@ def test_registered_state_and_every_data_stream_resume_exactly(tmp_path):
     for name in "AB":
         assert streams[name].state_dict() == data[name].state_dict()
         assert torch.equal(streams[name].next(), data[name].next())
+    end(again)
 
 
 def test_compiled_and_ddp_models_save_plain_keys(tmp_path):
@@ -522,10 +648,12 @@ def test_compiled_and_ddp_models_save_plain_keys(tmp_path):
     try:
         wrapped = {"compiled": torch.compile(torch.nn.Linear(3, 1)),
                    "ddp": torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))}
-        run = toy_run(tmp_path, [])
-        run.track(wrapped)
-        run.start()
-        run.checkpoint(1)
+        run = resolve("--out", tmp_path / "run")
+        saved = dict(models=wrapped, optimizers={}, state={}, data={})
+        common.restore(run, **saved)
+        common.open_run_folder(run)
+        common.save_run(run, 1, None, **saved)
+        end(run)
     finally:
         dist.destroy_process_group()
     saved = load(tmp_path / "run" / "ckpt.pt")["models"]
@@ -604,14 +732,10 @@ def test_ddp_shards_make_the_same_global_batches():
         common.Batches(images, 8, 0, CPU, world=3)
 
 
-def test_curves_png_and_snapshots(tmp_path):
+def test_keep_every_keeps_a_checkpoint_of_each_such_step_and_curves_png_is_drawn(tmp_path):
     from PIL import Image
-    run = toy_run(tmp_path, ["--keep-every", "2", "--steps", "4", "--log-every", "1"])
-    run.track({"m": torch.nn.Linear(3, 1)})
-    run.start()
-    for step in range(1, 5):
-        run.end_step(step, {"loss": torch.tensor(float(step))})
-    run.finish(4)
+    train("--keep-every", 2, "--steps", 4, "--log-every", 1, "--out", tmp_path / "run",
+          logged=[{"loss": float(step)} for step in range(1, 5)])
     out = tmp_path / "run"
     assert sorted(p.name for p in out.glob("ckpt*.pt")) == ["ckpt-2.pt", "ckpt-4.pt", "ckpt.pt"]
     assert load(out / "ckpt-2.pt")["step"] == 2 and load(out / "ckpt-4.pt")["step"] == 4
@@ -619,33 +743,18 @@ def test_curves_png_and_snapshots(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Review of run plumbing v2: races, legacy checkpoints, partial state, per-key averages
+# Review of run plumbing v2: races, partial state, per-key averages
 # ----------------------------------------------------------------------------------------------
 def test_a_checkpoint_written_by_another_process_meanwhile_is_never_overwritten(tmp_path):
-    run = toy_run(tmp_path, ["--steps", "4"])           # the folder does not exist yet: locked in start()
-    run.track({"m": torch.nn.Linear(3, 1)})
-    other, _ = toy(["--out", str(tmp_path / "run")], steps=6)   # another process, faster, same --out
+    run = resolve("--steps", 4, "--out", tmp_path / "run")   # the folder does not exist yet: open_run_folder locks it
+    saved = build(run.cfg)
+    trained("--out", tmp_path / "run", step=6)               # another process, faster, same --out
     theirs = digest(tmp_path / "run" / "ckpt.pt")
+    assert common.restore(run, **saved) == 0
     with pytest.raises(common.UserError, match="was written by another process while this one was starting"):
-        run.start()
+        common.open_run_folder(run)
+    end(run)
     assert digest(tmp_path / "run" / "ckpt.pt") == theirs
-
-
-def test_a_format_1_checkpoint_warm_starts_a_folder_that_then_continues(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    toy(["--out", "old"], steps=3)
-    legacy = load(tmp_path / "old/ckpt.pt")
-    for key in ("run", "time_s", "world", "best_fid", "state"):
-        legacy.pop(key)
-    legacy.update(format=1, data=legacy["data"]["train"] if "train" in legacy["data"] else {}, extra={})
-    common.save_checkpoint(legacy, tmp_path / "fmt1.pt")
-    argv = ["--resume", "fmt1.pt", "--out", "new", "--steps", "9"]
-    run, _ = toy(argv)
-    assert run.start() == 3
-    run.checkpoint(5)
-    run._lock.close()
-    run, _ = toy(argv)          # the requeue: new's own checkpoint (derived id, same legacy run) continues
-    assert run.start() == 5
 
 
 def test_stop_is_not_an_exception_that_a_handler_could_swallow():
@@ -654,55 +763,66 @@ def test_stop_is_not_an_exception_that_a_handler_could_swallow():
 
 def test_init_that_does_not_fit_names_the_difference_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    toy(["--out", "a", "--width", "5"], steps=2)
-    run, _ = toy(["--init", "a/ckpt.pt", "--width", "4", "--out", "b"])
+    trained("--out", "a", "--width", 5, step=2)
     with pytest.raises(common.UserError, match=r"does not fit this config .*width=5 \(now 4\)"):
-        run.start()
+        start("--init", "a/ckpt.pt", "--width", 4, "--out", "b")
     assert not (tmp_path / "b").exists()
 
 
 def test_an_incomplete_checkpoint_is_one_line(tmp_path):
-    toy(["--out", str(tmp_path / "run")], steps=2)
+    trained("--out", tmp_path / "run", step=2)
     ckpt = load(tmp_path / "run/ckpt.pt")
     del ckpt["optimizers"]
     common.save_checkpoint(ckpt, tmp_path / "cut.pt")
     with pytest.raises(common.UserError, match=r"cut.pt is incomplete \(no optimizers\)"):
-        toy_run(tmp_path, ["--resume", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "x")])
+        resolve("--resume", tmp_path / "cut.pt", "--out", tmp_path / "x")
 
 
 def test_a_key_logged_at_some_steps_only_is_averaged_over_those(tmp_path):
     import csv
-    run = toy_run(tmp_path, ["--log-every", "4", "--steps", "4"])
-    run.track({"m": torch.nn.Linear(3, 1)})
-    run.start()
-    for step in range(1, 5):
-        run.end_step(step, {"loss": torch.tensor(1.0), **({"fid": torch.tensor(12.5)} if step == 2 else {})})
+    train("--log-every", 4, "--steps", 4, "--out", tmp_path / "run",
+          logged=[{"loss": 1.0, **({"fid": 12.5} if step == 2 else {})} for step in range(1, 5)])
     with open(tmp_path / "run/metrics.csv", newline="") as f:
         row = next(csv.DictReader(f))
     assert (row["loss"], row["fid"]) == ("1", "12.5")
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    run = toy_run(tmp_path, ["--steps", "4"])
-    run.track({"m": torch.nn.Linear(3, 1)})
-    run.start()
-    run.checkpoint(1)
+    s = start("--steps", 4, "--out", tmp_path / "run")
+    common.save_run(s.run, 1, s.log, **s.saved)
 
     def full(state, path):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(common, "save_checkpoint", full)
     with pytest.raises(common.UserError, match=r"No space left on device\); the previous one \(step 1\) is intact"):
-        run.checkpoint(2)
+        common.save_run(s.run, 2, s.log, **s.saved)
     assert load(tmp_path / "run/ckpt.pt")["step"] == 1
+    end(s.run)
 
 
-def test_resume_path_already_done_still_gives_the_folder_its_checkpoint(tmp_path, monkeypatch):
+def test_resume_path_already_done_still_gives_the_folder_its_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    toy(["--out", "a"], steps=6)
-    run, _ = toy(["--resume", "a/ckpt.pt", "--out", "b", "--steps", "4"])
-    assert run.start() == 6
-    run.finish(6)
+    trained("--out", "a", step=6)
+    assert train("--resume", "a/ckpt.pt", "--out", "b", "--steps", 4, logged=[]) == 6
+    assert "already done at step 6 (--steps 4)" in capsys.readouterr().out
     assert load(tmp_path / "b/ckpt.pt")["step"] == 6   # a later bare --resume in b continues, not restarts
+
+
+def test_a_resume_under_fp16_starts_afresh_the_gradscaler_that_the_checkpoint_ran_without(tmp_path, capsys):
+    """--amp may change when a run is resumed (a requeue onto another GPU type): a checkpoint written without fp16
+    holds its disabled GradScaler's empty state, which an enabled one cannot load; it starts at its initial scale,
+    and from then on its state is saved and restored."""
+    out = tmp_path / "run"
+    trained("--out", out, step=2)
+    assert load(out / "ckpt.pt")["state"]["scaler"] == {}
+    assert train("--resume", "--amp", "fp16", "--steps", 4, "--out", out, logged=[{}, {}]) == 4
+    assert ("the checkpoint ran without fp16 (its GradScaler was off): the loss scale starts at 65536"
+            in capsys.readouterr().out)
+    scaler = load(out / "ckpt.pt")["state"]["scaler"]
+    assert scaler["scale"] == 65536.0 and scaler["_growth_tracker"] == 2   # two steps trained under fp16
+    s = start("--resume", "--out", out)             # --amp fp16 now comes from the checkpoint
+    assert s.saved["state"]["scaler"].is_enabled() and s.saved["state"]["scaler"].state_dict() == scaler
+    end(s.run)
 
 
 def test_sample_out_never_empties_a_folder_it_did_not_write(tmp_path):
