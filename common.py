@@ -1707,8 +1707,8 @@ def finish(run: RunFolder, step: int, log: Log, stop: Stop, models: dict, optimi
            data: dict) -> None:
     """After the loop: log and save the last step if the loop did not (the run ended, or a signal stopped it),
     let the processes go, and say how the run ended. A stop before any new step raises Stopped (exit 3)."""
+    log.write(step)   # the losses since the last row (nothing when there are none)
     if step != run.saved_step:
-        log.write(step)
         save_run(run, step, log, models, optimizers, state, data)
     run.ddp.close()
     if step >= run.cfg.steps:
@@ -1814,7 +1814,7 @@ def write_images(run: RunFolder, batches, value_range: tuple[float, float] = (-1
 
 
 def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict, stop: Stop,
-                  value_range: tuple[float, float] = (-1.0, 1.0), classes: int = 0) -> None:
+                  value_range: tuple[float, float] = (-1.0, 1.0), classes: int = 0) -> bool:
     """--sample N in fixed batches, split among processes and resumable. Batch j (images j * batch ...) is
     ``draw(size, generator)`` with a generator seeded from (--seed, j) (numpy's SeedSequence: a 32-bit seed,
     since the CPU generator keeps 32 bits of any seed), so image i is the same whatever the split and however
@@ -1825,7 +1825,8 @@ def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict,
     with the checkpoint, N, the batch and --seed: a folder drawn from anything else is replaced, never mixed.
     A .npz is written whole by one process. A conditional model (``classes`` K): image i is of class i mod K (or
     --class c), ``draw(size, generator, labels)``, N/K per class, PNGs under class_<k>/, and a ``labels`` array
-    in the .npz, which also records the --per-class subset the model was trained on."""
+    in the .npz, which also records the --per-class subset the model was trained on. Returns whether this
+    process drew all of its share (False: a signal stopped it)."""
     cfg, ddp = run.cfg, run.ddp
     one = getattr(cfg, "class_", -1) if getattr(cfg, "class_", -1) >= 0 else None
     if classes and one is None and n % classes:
@@ -1876,16 +1877,17 @@ def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict,
         if npz:
             raise Stopped(stop.signal)   # nothing written: a .npz is all or nothing
         print(f"stopped by {stop.signal} after {done} images: the same command continues", flush=True)
-        return
+        return False
     if npz:
         subset = {k: getattr(cfg, k) for k in ("per_class", "subset_seed") if getattr(cfg, k, 0)}
         save_npz(np.concatenate(kept), out, **({"labels": np.array([label(i) for i in range(n)])} if classes else {}),
                  **subset)
         print(f"wrote {n} images to {out}", flush=True)
-        return
+        return True
     present = sum(p.is_file() for j in range(math.ceil(n / batch)) for p in names(j))
     print(f"wrote {done} images to {out}" + ("" if present == n else
           f"; {present}/{n} are there: the other shards write the rest"), flush=True)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -287,8 +287,8 @@ def sample_command(cfg: Config) -> None:
     stop = common.Stop(ddp)
     G = Generator(cfg.nz, cfg.ngf, common.dataset_channels(cfg.dataset), cfg.image_size).to(ddp.device).eval()
     common.load_models(run, G=G)
-    common.write_sharded(run, lambda n, g: G(sample_z(n, cfg.nz, ddp.device, g)), cfg.sample, 500, {}, stop)
-    if cfg.interpolate and ddp.rank == 0:
+    done = common.write_sharded(run, lambda n, g: G(sample_z(n, cfg.nz, ddp.device, g)), cfg.sample, 500, {}, stop)
+    if done and cfg.interpolate and ddp.rank == 0:
         common.save_grid(interpolation_grid(G, cfg.interpolate, cfg, ddp.device), run.out / "interpolation.png",
                          nrow=10)
         print(f"wrote {run.out / 'interpolation.png'}")

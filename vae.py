@@ -534,8 +534,8 @@ def sample_command(cfg: Config) -> None:
     stop = common.Stop(ddp)
     model = build(cfg, ddp.device).eval()
     common.load_models(run, vae=model)
-    common.write_sharded(run, lambda n, g: sample(model, n, g), cfg.sample, 500, {}, stop, value_range=(0, 1))
-    if cfg.figures and ddp.rank == 0:
+    done = common.write_sharded(run, lambda n, g: sample(model, n, g), cfg.sample, 500, {}, stop, value_range=(0, 1))
+    if done and cfg.figures and ddp.rank == 0:
         write_figures(model, cfg, run.out, ddp.device)
 
 

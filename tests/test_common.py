@@ -787,6 +787,15 @@ def test_a_key_logged_at_some_steps_only_is_averaged_over_those(tmp_path):
     assert (row["loss"], row["fid"]) == ("1", "12.5")
 
 
+def test_the_last_steps_losses_are_logged_even_when_a_checkpoint_fell_on_the_last_step(tmp_path):
+    """The loop's own checkpoint at the last step must not swallow the losses since the last row."""
+    import csv
+    train("--log-every", 3, "--ckpt-every", 4, "--steps", 4, "--out", tmp_path / "run",
+          logged=[{"loss": float(step)} for step in range(1, 5)])
+    with open(tmp_path / "run/metrics.csv", newline="") as f:
+        assert [(r["step"], r["loss"]) for r in csv.DictReader(f)] == [("3", "2"), ("4", "4")]
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     s = start("--steps", 4, "--out", tmp_path / "run")
     common.save_run(s.run, 1, s.log, **s.saved)
