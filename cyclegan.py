@@ -1,78 +1,50 @@
 """Unpaired Image-to-Image Translation using Cycle-Consistent Adversarial Networks (CycleGAN).
 
-Jun-Yan Zhu, Taesung Park, Phillip Isola, Alexei A. Efros. ICCV 2017. arXiv:1703.10593
+Jun-Yan Zhu, Taesung Park, Phillip Isola, Alexei A. Efros.
+ICCV 2017. arXiv:1703.10593. Results and every command: docs/cyclegan.md
 
-Two mappings learned from unpaired images of two domains X and Y: G: X -> Y and F: Y -> X, each with its
-discriminator (D_Y tells real y from G(x), D_X real x from F(y)), and a cycle-consistency loss that asks each
-image to come back from the round trip (eq. 1-3):
+Two mappings learned from unpaired images of two domains X and Y, G: X -> Y and F: Y -> X, each with its
+discriminator (D_Y tells real y from G(x), D_X real x from F(y)), and a cycle-consistency loss (eq. 1-3):
 
     L_GAN(G, D_Y, X, Y) = E_y[log D_Y(y)] + E_x[log(1 - D_Y(G(x)))]        (and L_GAN(F, D_X, Y, X))
     L_cyc(G, F)         = E_x[ ||F(G(x)) - x||_1 ] + E_y[ ||G(F(y)) - y||_1 ]
     L = L_GAN(G, D_Y, X, Y) + L_GAN(F, D_X, Y, X) + lambda L_cyc,     lambda = 10                  (eq. 3)
     G*, F* = arg min_{G,F} max_{D_X,D_Y} L
-The official code adds, by default, the identity term of section 5.2 (introduced there for painting -> photo,
-after Taigman et al. 2017), and so do we (--lambda-identity 0 is eq. 3 alone):
+and, as the official code by default (a deviation from eq. 3), section 5.2's identity term (--lambda-identity 0: off):
     L_identity(G, F)    = E_y[ ||G(y) - y||_1 ] + E_x[ ||F(x) - x||_1 ],   weighted 0.5 lambda
 
 Training details (section 4, appendix 7.1): the GAN terms are least squares (LSGAN, Mao et al. 2017):
 G minimizes E_x[(D_Y(G(x)) - 1)^2], D_Y minimizes E_y[(D_Y(y) - 1)^2] + E_x[D_Y(G(x))^2], halved ("we divide
-the objective by 2 while optimizing D, which slows down the rate at which D learns, relative to G"). D is
-updated on a history of generated images (Shrivastava et al. 2017): a pool of 50 past fakes, from which a
-stored fake is returned (and replaced by the new one) half the time once it is full (ImagePool). Adam lr 2e-4
-(beta1 0.5), batch 1, 100 epochs at that rate then 100 of linear decay to zero; weights N(0, 0.02).
+the objective by 2 while optimizing D, which slows down the rate at which D learns, relative to G"), on a
+pool of 50 past fakes (Shrivastava et al. 2017: ImagePool). Adam lr 2e-4 (beta1 0.5), batch 1, 100 epochs
+then 100 of linear decay to zero; weights N(0, 0.02). Data (--dataset unaligned): trainA/ and trainB/, each image
+resized to 286 x 286 (bicubic), randomly cropped to 256 and flipped; an epoch is max(|A|, |B|) steps.
 
 Each training step (the official code's optimize_parameters: G and F first, then the discriminators):
-    (1) update G and F: minimize the LSGAN terms of G(x) and F(y) (labelled real), lambda L_cyc (and 0.5 lambda
-        L_identity)
+    (1) update G and F: minimize the LSGAN terms of G(x), F(y) (labelled real), lambda L_cyc, 0.5 lambda L_identity
     (2) update D_X and D_Y: minimize their halved LSGAN objectives on real images and on fakes from the pools
 
-Networks (appendix 7.2; the official resnet_9blocks and "basic" D), at 256 x 256:
-- G and F: c7s1-64, d128, d256, R256 x 9, u128, u64, c7s1-3: a 7 x 7 convolution, two stride-2 convolutions,
-  9 residual blocks (two 3 x 3 convolutions each), two stride-1/2 transposed convolutions, a 7 x 7
-  convolution and tanh; reflection padding, instance norm (no learned scale), ReLU. 11,378,179 parameters
-  each, the official count; the paper uses 6 blocks for 128 x 128 images (--n-blocks 6).
-- D_X and D_Y: the 70 x 70 PatchGAN, C64-C128-C256-C512 (no norm on the first), a 1-channel 4 x 4 convolution;
-  instance norm, LeakyReLU 0.2; 30 x 30 outputs at 256 x 256. 2,764,737 parameters each, the official count.
-Data (the official unaligned format): trainA/ and trainB/; each image resized to 286 x 286 (bicubic), randomly
-cropped to 256 and flipped; an epoch is max(|A|, |B|) steps.
+Networks (appendix 7.2; the official resnet_9blocks and "basic" D, with the official parameter counts):
+- G and F (11,378,179 parameters each): c7s1-64, d128, d256, R256 x 9, u128, u64, c7s1-3, with reflection
+  padding, instance norm, ReLU and tanh out; the paper uses 6 blocks for 128 x 128 images (--n-blocks 6).
+- D_X and D_Y (2,764,737 each): the 70 x 70 PatchGAN, C64-C128-C256-C512, instance norm, LeakyReLU 0.2.
+The offline demo (--dataset sneaker2boot, the default): Fashion-MNIST's sneakers (A) and ankle boots (B), 32 x 32.
 
-The offline demo (--dataset sneaker2boot, the default): Fashion-MNIST's sneakers (A) and ankle boots (B),
-padded to 32 x 32, resized to 36 and cropped back to 32 (the 286/256 jitter at this size); its defaults are
-smaller: ngf = ndf = 32, 6 residual blocks (the paper's choice below 256), D with 2 layers (34 x 34 patches:
-the 70 x 70 one is twice the image), 20 + 20 epochs of 6,000 steps (the paper's horse2zebra: 200 x 1,334).
---dataset unaligned reads the official datasets (horse2zebra, monet2photo...) with the paper's defaults.
+Deviations, each deliberate (and the identity term above):
+- The domains are two data streams, each visiting its images in a fresh seeded order every pass; the official
+  loader draws B uniformly with replacement: the same distribution of pairs, each B image once per pass here.
+- The lr is a function of the step, the official value epoch by epoch (their LambdaLR stepped at each epoch's
+  start: epoch 100 runs at 100/101 of lr, epoch 200 at 0; a --steps past the schedule is refused).
+- Resume is exact, the pools and the schedule position included (the official --continue_train restarts both).
+- The pools draw from their own seeded generator, the crops and flips from one seeded by (--seed, epoch, batch).
+- Under torchrun each process has its own pools, saved together.
 
-Deviations, each deliberate:
-- The identity term (above) is on by default, as in the official code, though eq. 3 does not have it; the paper
-  uses it for painting <-> photo (section 5.2). --lambda-identity 0 trains eq. 3 as written.
-- The domains are two data streams, each visiting its images in a fresh random order every pass (seeded,
-  resumed exactly). The official loader shuffles A over max(|A|, |B|) indices and draws B uniformly with
-  replacement (--serial_batches off): the same distribution of pairs, each B image once per pass here.
-- The schedule is a function of the step (epoch = step // steps per epoch + 1): lr * (1 - max(0, epoch + 1 -
-  n_epochs) / (n_epochs_decay + 1)), the official values epoch by epoch, its LambdaLR stepped at the start of
-  each epoch: so epoch 100 already runs at 100/101 of lr and epoch 200 at 0, as there. A --steps past the
-  last epoch is refused (the lr would turn negative).
-- Resume is exact: the pools (their images, fill count and random generator) and the schedule position are
-  in the checkpoint. The official --continue_train restarts both (empty pools, --epoch_count by hand).
-- The pools draw from their own seeded generator, not Python's global one; the crops and flips from a
-  generator seeded by (--seed, epoch, batch); the images are decoded once and kept in memory as uint8.
-- --batch-size is global under torchrun and a batch of 1 cannot be shared: several processes need
-  --batch-size a multiple of their number (each process then has its own pools, saved together).
-
-Usage:
+Usage (every command, the results and the speed: docs/cyclegan.md):
     python cyclegan.py                                   # the offline demo: sneakers <-> ankle boots
-    python cyclegan.py --steps 7000 --sample-every 1000  # the CPU-sized run of README.md
-    python cyclegan.py --resume                          # continue runs/cyclegan-sneaker2boot
+    python cyclegan.py --resume                          # continue runs/cyclegan-sneaker2boot (a requeued job too)
     python cyclegan.py --dataset unaligned --data-root datasets/horse2zebra
-    python cyclegan.py --dataset unaligned --data-root datasets/apple2orange --image-size 128 --load-size 143 \
-        --n-blocks 6
-    python cyclegan.py --translate photos/ --translate-out zebras/           # G: A -> B on a folder
-    python cyclegan.py --translate paintings/ --direction BtoA               # F: B -> A
-    python cyclegan.py --sample 1000 --sample-out fake_B.npz                 # G(1000 test A images), for fid.py
-    sbatch submit.sh cyclegan --dataset unaligned --data-root datasets/horse2zebra
-    torchrun --standalone --nproc_per_node=4 cyclegan.py --batch-size 4     # 4 GPUs, one pair each
-
-From Python: G, F = cyclegan.load("runs/cyclegan-sneaker2boot/ckpt.pt"); y = G(x) (x in [-1, 1], N x C x H x W).
+    python cyclegan.py --translate photos/ --translate-out zebras/   # G: A -> B on a folder (--direction BtoA: F)
+    python cyclegan.py --sample 1000 --sample-out fake_B.npz         # G(1000 test A images), for fid.py
 """
 from __future__ import annotations
 
@@ -83,6 +55,7 @@ import torch.nn as nn
 from torch.nn.functional import l1_loss, mse_loss
 
 import common
+import fid
 from common import arg
 
 DEMOS = ("sneaker2boot", "synthetic-unpaired")
@@ -126,7 +99,7 @@ class Config(common.RunConfig):
 
 
 def apply_demo_defaults(cfg: Config) -> None:
-    """The demos' own defaults for the fields not typed (a checkpoint's config still wins: Run merges after)."""
+    """The demos' defaults for the fields not typed (before resolve_run: a checkpoint's config still wins)."""
     if cfg.dataset in DEMOS:
         for name, value in DEMO_DEFAULTS.items():
             if name not in cfg.given:
@@ -214,11 +187,14 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 def build(cfg: Config, device):
-    """G: X -> Y, F: Y -> X, D_X, D_Y."""
+    """G: X -> Y, F: Y -> X, D_X, D_Y; the sizes they cannot take are refused in one line."""
+    common.check_dataset(cfg.dataset, tuple(common.UNPAIRED_DATASETS))
     if cfg.image_size % 4:
         raise common.UserError(f"--image-size {cfg.image_size}: G halves it twice and doubles it back; use a "
                                f"multiple of 4")
     patch_grid(cfg.image_size, cfg.n_layers_D)
+    if cfg.load_size < cfg.image_size:
+        raise common.UserError(f"--load-size {cfg.load_size} is smaller than the crop, --image-size {cfg.image_size}")
     c = common.UNPAIRED_DATASETS[cfg.dataset]
     G, F = (ResnetGenerator(c, c, cfg.ngf, cfg.n_blocks).to(device) for _ in range(2))
     D_X, D_Y = (PatchGAN(c, cfg.ndf, cfg.n_layers_D).to(device) for _ in range(2))
@@ -272,6 +248,22 @@ class ImagePool:
             self.images = torch.empty(self.size, *state["images"].shape[1:], device=self.device)
             self.images[:self.count] = state["images"]
         self.generator.set_state(state["generator"])
+
+
+class GatheredPool:
+    """An ImagePool in a checkpoint under torchrun, where each process fills its own: every process's state, in rank
+    order, tensors on the CPU (``ddp.gather``); process r restores entry r mod the number saved."""
+
+    def __init__(self, pool: ImagePool, ddp: common.Processes):
+        self.pool, self.ddp = pool, ddp
+
+    def state_dict(self) -> dict:
+        state = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.pool.state_dict().items()}
+        return {"processes": self.ddp.gather(state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["processes"]
+        self.pool.load_state_dict(saved[self.ddp.rank % len(saved)])
 
 
 def lsgan_loss(scores: torch.Tensor, real: bool) -> torch.Tensor:
@@ -379,52 +371,29 @@ def load(path: str, device="cpu") -> tuple[ResnetGenerator, ResnetGenerator]:
     return nets[0], nets[1]
 
 
-def main():
-    cfg = common.parse_config(Config)
-    apply_demo_defaults(cfg)
-    if cfg.translate_out and not cfg.translate:
+def train(cfg: Config) -> None:
+    if cfg.translate_out:
         raise common.UserError("--translate-out goes with --translate DIR")
-    if "direction" in cfg.given and not (cfg.translate or cfg.sample):
+    if "direction" in cfg.given:
         raise common.UserError("--direction picks the mapping of --translate or --sample (training learns both)")
-    run = common.Run(cfg, "cyclegan", command="--translate" if cfg.translate else None,
-                     datasets=tuple(common.UNPAIRED_DATASETS))
-    device = run.device
+    # ---- run plumbing, the same in every script ----------------------------------------------------------------
+    ddp = common.Processes(cfg.device)              # torchrun's processes (or this one alone): rank, world, device
+    run = common.resolve_run(cfg, "cyclegan", ddp)  # --out, --resume / --init and the config; nothing is written
+    stop = common.Stop(ddp)                         # SIGTERM, SIGUSR1, Ctrl-C: at once during the set-up (exit 3)
+    common.seed_everything(cfg.seed + ddp.rank)     # each process its own noise; DDP copies rank 0's weights
+    device, amp = ddp.device, common.amp_dtype(cfg.amp, ddp.device)
+    # ---- the paper: networks, data, schedule, optimizers, pools (section 4, appendix 7) ------------------------
     G, F, D_X, D_Y = build(cfg, device)
-    if cfg.load_size < cfg.image_size:
-        raise common.UserError(f"--load-size {cfg.load_size} is smaller than the crop, --image-size {cfg.image_size}")
     side = patch_grid(cfg.image_size, cfg.n_layers_D)
     run.say(f"G, F (ResNet, {cfg.n_blocks} blocks): {common.count_parameters(G):,} parameters each, D_X, D_Y "
             f"(PatchGAN, {side} x {side} patches): {common.count_parameters(D_X):,} parameters each")
-
-    if run.sampling:    # --translate DIR or --sample N: one mapping of the checkpoint, no training
-        net = G if cfg.direction == "AtoB" else F
-        run.track(models={"G": G, "F": F})
-        if cfg.translate:
-            inputs, paths = common.read_images(cfg.translate, cfg.image_size, common.UNPAIRED_DATASETS[cfg.dataset])
-            out = common.prepare_folder(cfg.translate_out or run.out / "translated", cfg.translate, "--translate-out")
-            run.start()
-            net.eval()
-            for i, fake in zip(range(0, len(inputs), 64), in_batches(net, inputs, device)):
-                common.write_named(fake, paths[i:i + 64], out)
-            print(f"translated {len(inputs)} images of {cfg.translate} to {out} ({cfg.direction})")
-        else:
-            source = held_out(cfg)[0 if cfg.direction == "AtoB" else 1]
-            if cfg.sample > len(source):
-                raise common.UserError(f"--sample {cfg.sample}: the held-out split has {len(source)} images of that "
-                                       f"domain")
-            source = source[torch.randperm(len(source), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.sample]]
-            run.start()
-            net.eval()
-            run.write_generated(in_batches(net, source, device))
-        return
-
     domain_A, domain_B = common.load_domains(cfg.dataset, cfg.data_root, cfg.load_size)
     test_A, test_B = held_out(cfg)
     fixed_A, fixed_B = scaled(test_A[:6], device), scaled(test_B[:6], device)    # a 6 x 6 grid of triplets
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    data = {name: common.Batches(images, cfg.batch_size, cfg.seed + k, device, rank=run.rank, world=run.world,
-                                 memory_format=memory_format, crop=cfg.image_size, hflip=cfg.flip)
-            for k, (name, images) in enumerate((("A", domain_A), ("B", domain_B)))}
+    batches_A, batches_B = (common.Batches(images, cfg.batch_size, cfg.seed + k, device, rank=ddp.rank, world=ddp.world,
+                                           memory_format=memory_format, crop=cfg.image_size, hflip=cfg.flip)
+                            for k, images in enumerate((domain_A, domain_B)))
     steps_per_epoch = max(len(domain_A), len(domain_B)) // cfg.batch_size   # the official epoch: max(|A|, |B|)
     schedule = (cfg.n_epochs + cfg.n_epochs_decay) * steps_per_epoch
     if cfg.steps > schedule:   # past the last epoch, lr_at turns negative: gradient ascent
@@ -435,34 +404,86 @@ def main():
     G, F, D_X, D_Y = (net.to(memory_format=memory_format) for net in (G, F, D_X, D_Y))
     opt_G = torch.optim.Adam([*G.parameters(), *F.parameters()], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_D = torch.optim.Adam([*D_X.parameters(), *D_Y.parameters()], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
-    pool_X = ImagePool(cfg.pool_size, seed=cfg.seed * 1000 + 2 * run.rank, device=device)   # fakes F(y), for D_X
-    pool_Y = ImagePool(cfg.pool_size, seed=cfg.seed * 1000 + 2 * run.rank + 1, device=device)   # G(x), for D_Y
-    G_eval, F_eval = G, F  # samples and evaluation use the plain modules, on rank 0 alone
-    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
-        ids = [device.index] if device.type == "cuda" else None
-        G, F, D_X, D_Y = (nn.parallel.DistributedDataParallel(net, device_ids=ids) for net in (G, F, D_X, D_Y))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    pool_X = ImagePool(cfg.pool_size, seed=cfg.seed * 1000 + 2 * ddp.rank, device=device)       # fakes F(y), for D_X
+    pool_Y = ImagePool(cfg.pool_size, seed=cfg.seed * 1000 + 2 * ddp.rank + 1, device=device)   # G(x), for D_Y
+    saved = dict(models={"G": G, "F": F, "D_X": D_X, "D_Y": D_Y}, optimizers={"G": opt_G, "D": opt_D},
+                 data={"A": batches_A, "B": batches_B},
+                 state={"scaler": scaler, "pool_X": GatheredPool(pool_X, ddp), "pool_Y": GatheredPool(pool_Y, ddp)})
+    # ---- run plumbing: restore, folder, processes, log ---------------------------------------------------------
+    step = common.restore(run, **saved)             # the checkpoint, or --init's weights; 0 for a new run
+    common.open_run_folder(run)                     # create and lock it, write args.json (rank 0)
+    G_eval, F_eval = G, F                           # grids and evaluation use the plain modules, on rank 0
+    if ddp.world > 1:                               # torchrun: one process per GPU, gradients averaged
+        G, F, D_X, D_Y = (nn.parallel.DistributedDataParallel(m, device_ids=ddp.device_ids) for m in (G, F, D_X, D_Y))
     if cfg.compile:
-        G, F, D_X, D_Y = (torch.compile(net) for net in (G, F, D_X, D_Y))
+        G, F, D_X, D_Y = (torch.compile(m) for m in (G, F, D_X, D_Y))
+    log = common.Log(run, step)
+    evaluate = fid.Evaluator(run, test_B) if cfg.eval_every else None   # G(test A) against test B
 
-    def grid() -> torch.Tensor:   # x | G(x) | F(G(x)) (3 rows), then y | F(y) | G(F(y)) (3 rows), two a row
-        fake_B, fake_A = G_eval(fixed_A), F_eval(fixed_B)
-        return torch.cat([torch.stack([fixed_A, fake_B, F_eval(fake_B)], 1).flatten(0, 1),
-                          torch.stack([fixed_B, fake_A, G_eval(fake_A)], 1).flatten(0, 1)])
+    def save_samples(step: int) -> None:            # x | G(x) | F(G(x)) (3 rows), then y | F(y) | G(F(y)) (3 rows)
+        with common.eval_mode(G_eval, F_eval):
+            fake_B, fake_A = G_eval(fixed_A), F_eval(fixed_B)
+            grid = torch.cat([torch.stack([fixed_A, fake_B, F_eval(fake_B)], 1).flatten(0, 1),
+                              torch.stack([fixed_B, fake_A, G_eval(fake_A)], 1).flatten(0, 1)])
+        common.save_grid(grid, run.out / "samples" / f"{step:06d}.png")
 
-    run.track(models={"G": G, "F": F, "D_X": D_X, "D_Y": D_Y}, optimizers={"G": opt_G, "D": opt_D}, data=data,
-              state={"scaler": scaler, "pool_X": common.PerProcess(pool_X, run.dist),
-                     "pool_Y": common.PerProcess(pool_Y, run.dist)},
-              sample=grid, real=test_B,   # --eval-every: G(test A) against test B
-              generate=lambda n, g: G_eval(scaled(draw(test_A, n, g), device)))
-    step = run.start()
-    while step < cfg.steps and not run.stop_requested:
-        x, y = data["A"].next(), data["B"].next()
-        losses = train_step(G, F, D_X, D_Y, opt_G, opt_D, pool_X, pool_Y, x, y, lr_at(step, steps_per_epoch, cfg),
-                            cfg, run.amp, scaler)
+    def translations(n: int, generator) -> torch.Tensor:   # --eval-every's: G(n test A images drawn anew)
+        with common.eval_mode(G_eval):
+            return G_eval(scaled(draw(test_A, n, generator), device))
+
+    stop.begin()
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    while step < cfg.steps and not stop.agreed(step):
+        losses = train_step(G, F, D_X, D_Y, opt_G, opt_D, pool_X, pool_Y, batches_A.next(), batches_B.next(),
+                            lr_at(step, steps_per_epoch, cfg), cfg, amp, scaler)
         step += 1
-        run.end_step(step, losses)
-    run.finish(step)
+        log.add(losses)
+        if step % cfg.log_every == 0:
+            log.write(step)
+        if step % cfg.sample_every == 0 and ddp.rank == 0:
+            save_samples(step)
+        best = evaluate is not None and step % cfg.eval_every == 0 and evaluate(step, translations, log, stop)
+        if step % cfg.ckpt_every == 0 or best or (cfg.keep_every and step % cfg.keep_every == 0):
+            common.save_run(run, step, log, **saved, best=best)
+    common.finish(run, step, log, stop, **saved)    # the last checkpoint, then how the run ended
+    if ddp.rank == 0 and step > run.start_step and step % cfg.sample_every:
+        save_samples(step)                          # and the last step's grid
+
+
+def translate_command(cfg: Config) -> None:
+    """--translate DIR: every image of DIR through the checkpoint's G (AtoB) or F (BtoA), to --translate-out."""
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "cyclegan", ddp, command="--translate")
+    G, F = build(cfg, ddp.device)[:2]
+    inputs, paths = common.read_images(cfg.translate, cfg.image_size, common.UNPAIRED_DATASETS[cfg.dataset])
+    out = common.prepare_folder(cfg.translate_out or run.out / "translated", cfg.translate, "--translate-out")
+    common.load_models(run, G=G, F=F)
+    net = (G if cfg.direction == "AtoB" else F).eval()
+    for i, fake in zip(range(0, len(inputs), 64), in_batches(net, inputs, ddp.device)):
+        common.write_named(fake, paths[i:i + 64], out)
+    print(f"translated {len(inputs)} images of {cfg.translate} to {out} ({cfg.direction})")
+
+
+def sample_command(cfg: Config) -> None:
+    """--sample N: N held-out images picked by --seed (no replacement) through G (AtoB) or F (BtoA), one process."""
+    if cfg.translate_out:
+        raise common.UserError("--translate-out goes with --translate DIR")
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "cyclegan", ddp, command="--sample")
+    G, F = build(cfg, ddp.device)[:2]
+    source = held_out(cfg)[0 if cfg.direction == "AtoB" else 1]
+    if cfg.sample > len(source):
+        raise common.UserError(f"--sample {cfg.sample}: the held-out split has {len(source)} images of that domain")
+    source = source[torch.randperm(len(source), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.sample]]
+    common.load_models(run, G=G, F=F)
+    common.write_images(run, in_batches((G if cfg.direction == "AtoB" else F).eval(), source, ddp.device))
+
+
+def main():
+    cfg = common.parse_config(Config)
+    apply_demo_defaults(cfg)                        # before resolve_run: a checkpoint's config still wins
+    translate_command(cfg) if cfg.translate else sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":

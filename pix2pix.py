@@ -1,6 +1,7 @@
 """Image-to-Image Translation with Conditional Adversarial Networks (pix2pix).
 
-Phillip Isola, Jun-Yan Zhu, Tinghui Zhou, Alexei A. Efros. CVPR 2017. arXiv:1611.07004
+Phillip Isola, Jun-Yan Zhu, Tinghui Zhou, Alexei A. Efros.
+CVPR 2017. arXiv:1611.07004. Results and every command: docs/pix2pix.md
 
 A conditional GAN learns a mapping G: x -> y from aligned pairs (x, y). D judges pairs: the input with the
 target, or the input with G's output (eq. 1, 3, 4):
@@ -20,58 +21,37 @@ Each training step (section 3.3; the official code's optimize_parameters):
 The losses are means over D's output map: each of its N x N outputs judges one patch of the pair.
 
 Networks (section 3.2, appendix 6.1; the official PyTorch code's unet_256 and "basic" D), at 256 x 256:
-- G, a U-Net: 8 stride-2 convolutions down to 1 x 1 (C64-C128-C256-C512-C512-C512-C512-C512), 8 transposed
-  ones back up, each decoder layer fed with the encoder layer of the same size (skip connections); batch
-  norm (none on the first and the innermost encoder layers), LeakyReLU 0.2 down, ReLU up, tanh out;
-  dropout 0.5 after the decoder's 2nd to 4th layers. 54,413,955 parameters for RGB -> RGB, the official
-  count. Other sizes S = 2^n keep the blocks with n levels (unet_128 at 128; 5 levels, no dropout layer, at 32).
-- D, the 70 x 70 PatchGAN: C64-C128-C256-C512 (4 x 4 convolutions, stride 2, 2, 2, then 1), a 1-channel
-  4 x 4 convolution; LeakyReLU 0.2, batch norm but on the first; its 30 x 30 outputs at 256 x 256 each see a
-  70 x 70 patch of the 6-channel (x, y) pair. 2,768,705 parameters, the official count.
-Training (section 4, appendix 6.2; the official defaults): weights N(0, 0.02), batch-norm scales N(1, 0.02);
-Adam lr 2e-4, betas (0.5, 0.999); batch 1; random jitter: each pair resized to 286 x 286 (bicubic), then the
-same random 256 x 256 crop and horizontal flip for x and y; lr constant for 100 epochs, then linearly down
-to zero over 100 more (a longer --steps is refused: the lr would turn negative). Training reads train/ only;
-val/ (else test/) gives the sample grids, --sample and --eval-every (train/ itself, with a warning, if neither).
+- G, a U-Net: 8 stride-2 convolutions down to 1 x 1 (C64-C128-C256-C512-C512-C512-C512-C512), 8 transposed ones
+  back up, each fed the encoder's output of its size too (skips); batch norm but on the outermost and innermost
+  encoder layers, LeakyReLU 0.2 down, ReLU up, tanh out, dropout 0.5 after the decoder's 2nd to 4th layers:
+  54,413,955 parameters, the official count. A size 2^n has n levels (5, and no dropout layer, at 32).
+- D, the 70 x 70 PatchGAN: C64-C128-C256-C512 (4 x 4, strides 2, 2, 2, 1) and a 1-channel 4 x 4 convolution,
+  LeakyReLU 0.2, batch norm but on the first: 30 x 30 outputs, 2,768,705 parameters, the official count.
+Training (section 4, appendix 6.2): weights N(0, 0.02), batch-norm scales N(1, 0.02); Adam lr 2e-4, betas (0.5,
+0.999); batch 1; pairs resized to 286 x 286 (bicubic), then the same random 256 x 256 crop and flip for x and y;
+lr constant for 100 epochs, then linearly to zero over 100 more. Training reads train/ only; val/ (else test/,
+else train/ with a warning) gives the sample grids, --sample and --eval-every.
 
-Inference (section 3.3): "we run the generator net in exactly the same manner as during the training phase",
-with dropout and with batch norm on the test batch's statistics; one image at a time, as the official
-test.py (which resizes to 256, no crop). Sample grids, --sample, --translate and --eval-every do the same;
-the running statistics are left untouched and the dropout masks are seeded.
+Inference (section 3.3): "we run the generator net in exactly the same manner as during the training phase":
+dropout on, batch norm on each image's own statistics (one at a time, as the official test.py). Sample grids,
+--sample, --translate and --eval-every do so, the running statistics untouched and the dropout masks seeded.
 
-The offline demo (--dataset edges2fashion, the default): like edges2shoes, the input is the edge map of an
-image (a Sobel magnitude threshold, computed once, common.edge_map) and the target the image: Fashion-MNIST
-padded to 32 x 32, resized to 36 and cropped back to 32 (the 286/256 jitter at this size). Being 32 x 32, it
-has smaller defaults: ngf = ndf = 32, D with 2 layers (34 x 34 patches: the 70 x 70 one is twice the image),
-and edges2shoes' batch 4 and 15 epochs (5 + 10 of decay). --dataset aligned reads the official datasets
-(facades, maps, edges2shoes... A|B side by side in train/, val/, test/) with the paper's defaults.
+The offline demo (--dataset edges2fashion, the default): a Fashion-MNIST image's edge map -> the image, at 32 x 32
+with smaller DEMO_DEFAULTS. --dataset aligned reads the official datasets (facades, maps, edges2shoes...).
 
 Deviations, each deliberate:
-- The schedule is a function of the step (epoch = step // steps per epoch + 1): lr * (1 - max(0, epoch + 1 -
-  n_epochs) / (n_epochs_decay + 1)), the official values epoch by epoch, its LambdaLR stepped at the start of
-  each epoch: so epoch 100 already runs at 100/101 of lr and epoch 200 at 0, as there. It resumes exactly.
+- The lr is a function of the step, the official value epoch by epoch (their LambdaLR stepped at each epoch's
+  start: epoch 100 runs at 100/101 of lr, epoch 200 at 0; a --steps past the schedule is refused): exact resume.
 - An epoch drops its last incomplete batch (the official one runs it smaller): no difference at batch 1.
-- The crops and flips come from a generator seeded by (--seed, epoch, batch), not Python's global one; the
-  pairs are decoded once, kept in memory as uint8 at the load size, and cropped on the device.
-- Dropout sits where the official PyTorch code puts it (decoder layers 2-4, before the skip concatenation);
-  the paper's appendix and its Torch code put it on layers 1-3. The parameter count is the same.
-- --batch-size is global under torchrun: each process normalizes its share (batch norm per process, as the
-  official DataParallel does per GPU). A batch of 1 cannot be shared: several processes need --batch-size
-  a multiple of their number (edges2shoes' 4 on 4 GPUs).
+- The crops and flips come from a generator seeded by (--seed, epoch, batch), not Python's global one.
+- Dropout sits on decoder layers 2-4 as in the official PyTorch code (the paper's appendix: layers 1-3).
 
-Usage:
+Usage (every command, the results and the speed: docs/pix2pix.md):
     python pix2pix.py                                   # the offline demo: Fashion-MNIST edges -> images
-    python pix2pix.py --steps 15000 --sample-every 1500 # the CPU-sized run of README.md
-    python pix2pix.py --resume                          # continue runs/pix2pix-edges2fashion
+    python pix2pix.py --resume                          # continue runs/pix2pix-edges2fashion (a requeued job too)
     python pix2pix.py --dataset aligned --data-root datasets/facades --direction BtoA   # the paper's facades
-    python pix2pix.py --dataset aligned --data-root datasets/edges2shoes --batch-size 4 --n-epochs 5 --n-epochs-decay 10
     python pix2pix.py --translate my_edges/ --translate-out out/   # translate a folder with the checkpoint
     python pix2pix.py --sample 1000 --sample-out fake.npz          # 1000 held-out inputs translated, for fid.py
-    sbatch submit.sh pix2pix --dataset aligned --data-root datasets/facades --direction BtoA
-    torchrun --standalone --nproc_per_node=4 pix2pix.py --batch-size 4   # 4 GPUs, one pair each
-
-From Python: G = pix2pix.load("runs/pix2pix-edges2fashion/ckpt.pt"); y = pix2pix.translate(G, x)
-(x in [-1, 1], N x C x H x W).
 """
 from __future__ import annotations
 
@@ -82,6 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import fid
 from common import arg
 
 DEMOS = ("edges2fashion", "synthetic-pairs")
@@ -123,7 +104,7 @@ class Config(common.RunConfig):
 
 
 def apply_demo_defaults(cfg: Config) -> None:
-    """The demos' own defaults for the fields not typed (a checkpoint's config still wins: Run merges after)."""
+    """The demos' defaults for the fields not typed (before resolve_run: a checkpoint's config still wins)."""
     if cfg.dataset in DEMOS:
         for name, value in DEMO_DEFAULTS.items():
             if name not in cfg.given:
@@ -231,15 +212,22 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 def channels(cfg: Config) -> tuple[int, int]:
+    common.check_dataset(cfg.dataset, tuple(common.PAIRED_DATASETS))
     c = common.PAIRED_DATASETS[cfg.dataset]
     return c, c   # (x, y): both sides of a pair have the same channels in every dataset here
 
 
 def build(cfg: Config, device):
+    """G and D, initialised; the sizes and flags they cannot take are refused in one line."""
     c_x, c_y = channels(cfg)
     G = UNet(c_x, c_y, unet_levels(cfg.image_size), cfg.ngf, cfg.dropout).to(device)
     D = PatchGAN(c_x + c_y, cfg.ndf, cfg.n_layers_D).to(device)
     patch_grid(cfg.image_size, cfg.n_layers_D)
+    if cfg.load_size < cfg.image_size:
+        raise common.UserError(f"--load-size {cfg.load_size} is smaller than the crop, --image-size {cfg.image_size}")
+    if "dropout" in cfg.given and not any(isinstance(m, nn.Dropout) for m in G.modules()):
+        raise common.UserError(f"--dropout {cfg.dropout}: the U-Net of --image-size {cfg.image_size} has no dropout "
+                               f"layer (they sit on its 8 ngf decoder layers, from 64 x 64 up); drop the flag")
     init_weights(G, cfg.init_std)
     init_weights(D, cfg.init_std)
     return G, D
@@ -361,48 +349,25 @@ def load(path: str, device="cpu") -> UNet:
     return G.to(device).eval()
 
 
-def main():
-    cfg = common.parse_config(Config)
-    apply_demo_defaults(cfg)
-    if cfg.translate_out and not cfg.translate:
+def train(cfg: Config) -> None:
+    if cfg.translate_out:
         raise common.UserError("--translate-out goes with --translate DIR")
-    run = common.Run(cfg, "pix2pix", command="--translate" if cfg.translate else None,
-                     datasets=tuple(common.PAIRED_DATASETS))
-    device = run.device
+    # ---- run plumbing, the same in every script ----------------------------------------------------------------
+    ddp = common.Processes(cfg.device)              # torchrun's processes (or this one alone): rank, world, device
+    run = common.resolve_run(cfg, "pix2pix", ddp)   # --out, --resume / --init and the config; nothing is written
+    stop = common.Stop(ddp)                         # SIGTERM, SIGUSR1, Ctrl-C: at once during the set-up (exit 3)
+    common.seed_everything(cfg.seed + ddp.rank)     # each process its own noise; DDP copies rank 0's weights
+    device, amp = ddp.device, common.amp_dtype(cfg.amp, ddp.device)
+    # ---- the paper: networks, data, schedule, optimizers (section 4, appendix 6.2) ------------------------------
     G, D = build(cfg, device)
-    if cfg.load_size < cfg.image_size:
-        raise common.UserError(f"--load-size {cfg.load_size} is smaller than the crop, --image-size {cfg.image_size}")
-    if "dropout" in cfg.given and not any(isinstance(m, nn.Dropout) for m in G.modules()):
-        raise common.UserError(f"--dropout {cfg.dropout}: the U-Net of --image-size {cfg.image_size} has no dropout "
-                               f"layer (they sit on its 8 ngf decoder layers, from 64 x 64 up); drop the flag")
+    side = patch_grid(cfg.image_size, cfg.n_layers_D)
     run.say(f"G (U-Net, {unet_levels(cfg.image_size)} levels): {common.count_parameters(G):,} parameters, D (PatchGAN, "
-            f"{patch_grid(cfg.image_size, cfg.n_layers_D)} x {patch_grid(cfg.image_size, cfg.n_layers_D)} patches): "
-            f"{common.count_parameters(D):,} parameters")
-
-    if cfg.translate:   # no training: the user's images through the checkpoint's G
-        inputs, paths = common.read_images(cfg.translate, cfg.image_size, channels(cfg)[0])
-        out = common.prepare_folder(cfg.translate_out or run.out / "translated", cfg.translate, "--translate-out")
-        run.track(models={"G": G})
-        run.start()
-        for i in range(0, len(inputs), 64):
-            common.write_named(translate(G, scaled(inputs[i:i + 64], device), cfg.seed + i), paths[i:i + 64], out)
-        print(f"translated {len(inputs)} images of {cfg.translate} to {out}")
-        return
-    if run.sampling:    # --sample N: N held-out inputs picked by --seed, translated
-        x = held_out(cfg)[0]
-        if cfg.sample > len(x):
-            raise common.UserError(f"--sample {cfg.sample}: the held-out split has {len(x)} inputs")
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.sample]]
-        run.track(models={"G": G})
-        run.start()
-        run.write_generated(translate(G, scaled(x[i:i + 100], device), cfg.seed + i) for i in range(0, len(x), 100))
-        return
-
+            f"{side} x {side} patches): {common.count_parameters(D):,} parameters")
     pairs = common.load_pairs(cfg.dataset, cfg.data_root, cfg.load_size)
     held_x, held_y = held_out(cfg)
     fixed_x, fixed_y = scaled(held_x[:12], device), scaled(held_y[:12], device)   # a 6 x 6 grid of triplets
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    batches = common.Batches(pairs, cfg.batch_size, cfg.seed, device, rank=run.rank, world=run.world,
+    batches = common.Batches(pairs, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
                              memory_format=memory_format, crop=cfg.image_size, hflip=cfg.flip)
     steps_per_epoch = batches.batches_per_epoch
     schedule = (cfg.n_epochs + cfg.n_epochs_decay) * steps_per_epoch
@@ -414,29 +379,81 @@ def main():
     G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
-    G_eval = G  # samples and evaluation use the plain module, on rank 0 alone
-    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
-        G = nn.parallel.DistributedDataParallel(G, device_ids=[device.index] if device.type == "cuda" else None)
-        D = nn.parallel.DistributedDataParallel(D, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    saved = dict(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
+                 state={"scaler": scaler})          # what a checkpoint holds
+    # ---- run plumbing: restore, folder, processes, log ---------------------------------------------------------
+    step = common.restore(run, **saved)             # the checkpoint, or --init's weights; 0 for a new run
+    common.open_run_folder(run)                     # create and lock it, write args.json (rank 0)
+    G_eval = G                                      # grids and evaluation use the plain module, on rank 0
+    if ddp.world > 1:                               # torchrun: one process per GPU, gradients averaged
+        G, D = (nn.parallel.DistributedDataParallel(m, device_ids=ddp.device_ids) for m in (G, D))
     if cfg.compile:
         G, D = torch.compile(G), torch.compile(D)
+    log = common.Log(run, step)
+    evaluate = fid.Evaluator(run, held_y) if cfg.eval_every else None   # G(held-out x) against held-out y
 
-    def grid() -> torch.Tensor:   # input | output | target, two triplets a row
-        fake = translate(G_eval, fixed_x, cfg.seed)
-        return torch.stack([fixed_x, fake, fixed_y], 1).flatten(0, 1)
+    def save_samples(step: int) -> None:            # input | output | target, two triplets a row; translate()
+        fake = translate(G_eval, fixed_x, cfg.seed)  # runs G as in training and changes nothing of it
+        common.save_grid(torch.stack([fixed_x, fake, fixed_y], 1).flatten(0, 1),
+                         run.out / "samples" / f"{step:06d}.png")
 
-    run.track(models={"G": G, "D": D}, optimizers={"G": opt_G, "D": opt_D}, data={"train": batches},
-              state={"scaler": scaler}, sample=grid, real=held_y,   # --eval-every: G(held-out x) against held-out y
-              generate=lambda n, g: translate(G_eval, scaled(draw(held_x, n, g), device),
-                                              int(torch.randint(2 ** 62, (1,), generator=g, device=g.device))))
-    step = run.start()
-    while step < cfg.steps and not run.stop_requested:
+    def translations(n: int, generator) -> torch.Tensor:   # --eval-every's: n held-out inputs drawn anew, translated
+        x = scaled(draw(held_x, n, generator), device)
+        return translate(G_eval, x, int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device)))
+
+    stop.begin()
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    while step < cfg.steps and not stop.agreed(step):
         x, y = split_pairs(batches.next(), cfg)
-        losses = train_step(G, D, opt_G, opt_D, x, y, lr_at(step, steps_per_epoch, cfg), cfg, run.amp, scaler)
+        losses = train_step(G, D, opt_G, opt_D, x, y, lr_at(step, steps_per_epoch, cfg), cfg, amp, scaler)
         step += 1
-        run.end_step(step, losses)
-    run.finish(step)
+        log.add(losses)
+        if step % cfg.log_every == 0:
+            log.write(step)
+        if step % cfg.sample_every == 0 and ddp.rank == 0:
+            save_samples(step)
+        best = evaluate is not None and step % cfg.eval_every == 0 and evaluate(step, translations, log, stop)
+        if step % cfg.ckpt_every == 0 or best or (cfg.keep_every and step % cfg.keep_every == 0):
+            common.save_run(run, step, log, **saved, best=best)
+    common.finish(run, step, log, stop, **saved)    # the last checkpoint, then how the run ended
+    if ddp.rank == 0 and step > run.start_step and step % cfg.sample_every:
+        save_samples(step)                          # and the last step's grid
+
+
+def translate_command(cfg: Config) -> None:
+    """--translate DIR: every image of DIR through the checkpoint's G, to --translate-out (one process)."""
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "pix2pix", ddp, command="--translate")
+    G = build(cfg, ddp.device)[0]
+    inputs, paths = common.read_images(cfg.translate, cfg.image_size, channels(cfg)[0])
+    out = common.prepare_folder(cfg.translate_out or run.out / "translated", cfg.translate, "--translate-out")
+    common.load_models(run, G=G)
+    for i in range(0, len(inputs), 64):
+        common.write_named(translate(G, scaled(inputs[i:i + 64], ddp.device), cfg.seed + i), paths[i:i + 64], out)
+    print(f"translated {len(inputs)} images of {cfg.translate} to {out}")
+
+
+def sample_command(cfg: Config) -> None:
+    """--sample N: N held-out inputs picked by --seed (without replacement), translated, in one process."""
+    if cfg.translate_out:
+        raise common.UserError("--translate-out goes with --translate DIR")
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "pix2pix", ddp, command="--sample")
+    G = build(cfg, ddp.device)[0]
+    x = held_out(cfg)[0]
+    if cfg.sample > len(x):
+        raise common.UserError(f"--sample {cfg.sample}: the held-out split has {len(x)} inputs")
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.sample]]
+    common.load_models(run, G=G)
+    common.write_images(run, (translate(G, scaled(x[i:i + 100], ddp.device), cfg.seed + i)
+                              for i in range(0, len(x), 100)))
+
+
+def main():
+    cfg = common.parse_config(Config)
+    apply_demo_defaults(cfg)                        # before resolve_run: a checkpoint's config still wins
+    translate_command(cfg) if cfg.translate else sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":
