@@ -325,6 +325,57 @@ def check_sample(script: str, small: list, tmp: Path) -> None:
     assert digest(out / "ckpt.pt") == before
 
 
+def check_conditional_sample(script: str, small: list, tmp: Path, classes: int = 4) -> None:
+    """A conditional model's --sample N writes N/K images of each class (class i mod K: uniform, not random
+    labels), PNGs under class_<k>/ and a labels array in the .npz; --class c draws that class only; an N that is
+    not a multiple of K, or a class it does not have, is one line."""
+    import numpy as np
+    out = tmp / "conditional"
+    run_script(script, *small, "--steps", 2, "--out", out, cwd=tmp)
+    run_script(script, "--out", out, "--sample", 2 * classes, "--sample-out", tmp / "s.npz", cwd=tmp)
+    saved = np.load(tmp / "s.npz")
+    assert saved["images"].shape[0] == 2 * classes and list(saved["labels"]) == list(range(classes)) * 2
+    run_script(script, "--out", out, "--sample", classes, cwd=tmp)
+    assert sorted(p.relative_to(out / "generated").as_posix() for p in (out / "generated").rglob("*.png")) == \
+        [f"class_{i}/{i:06d}.png" for i in range(classes)]
+    run_script(script, "--out", out, "--sample", 3, "--class", 1, "--sample-out", tmp / "one.npz", cwd=tmp)
+    assert list(np.load(tmp / "one.npz")["labels"]) == [1, 1, 1]
+    for flags, words in ((["--sample", classes + 1], [f"multiple of {classes}"]),
+                         (["--sample", 2, "--class", classes], [f"--class {classes}"])):
+        assert_clean_error(run_script(script, "--out", out, *flags, cwd=tmp, check=False), *words)
+
+
+_SYNTHETIC_CLASSIFIER = []
+
+
+def synthetic_classifier():
+    """fid.py's classifier recipe trained on the synthetic training images (4 classes: the quadrant of the disk),
+    at 16 x 16; once per test process."""
+    if not _SYNTHETIC_CLASSIFIER:
+        import common
+        import fid
+        train = common.load_images("synthetic", "data", 16, labels=True)
+        test = common.load_images("synthetic", "data", 16, split="test", labels=True)
+        _SYNTHETIC_CLASSIFIER.append(fid.train_classifier(*train, *test, seed=0, log=lambda *_: None)[0])
+    return _SYNTHETIC_CLASSIFIER[0]
+
+
+def check_samples_are_of_their_class(script: str, small: list, tmp: Path, steps: int, at_least: float = 0.7) -> float:
+    """Label plumbing, end to end: after ``steps`` steps on the synthetic data (4 classes, 16 x 16), the samples
+    --sample draws for class c are classified c by an independent classifier (fid.py's recipe) at least
+    ``at_least`` of the time (chance: 0.25; a model that ignores its labels stays near it). Returns the accuracy."""
+    import numpy as np
+    import fid
+    out = tmp / "fidelity"
+    run_script(script, *small, "--image-size", 16, "--steps", steps, "--log-every", steps, "--out", out, cwd=tmp)
+    run_script(script, "--out", out, "--sample", 200, "--sample-out", tmp / "fidelity.npz", cwd=tmp)
+    saved = np.load(tmp / "fidelity.npz")
+    accuracy = fid.accuracy(synthetic_classifier(), torch.from_numpy(saved["images"]).permute(0, 3, 1, 2),
+                            torch.from_numpy(saved["labels"]))
+    assert accuracy >= at_least, accuracy
+    return accuracy
+
+
 def assert_clean_error(proc, *words) -> None:
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr
