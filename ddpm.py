@@ -1,15 +1,11 @@
 """Denoising Diffusion Probabilistic Models.
 
-Jonathan Ho, Ajay Jain, Pieter Abbeel. NeurIPS 2020. arXiv:2006.11239
+Jonathan Ho, Ajay Jain, Pieter Abbeel. NeurIPS 2020. arXiv:2006.11239. Results and every command: docs/ddpm.md
 
-Forward process (eq. 2, 4), a fixed Markov chain that adds Gaussian noise with variances beta_1..beta_T:
-
+Forward process (eq. 2, 4), a fixed Markov chain of Gaussian noise, variances beta_1..beta_T, alpha_t = 1 - beta_t:
     q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)
-    q(x_t | x_0)     = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),   alpha_t = 1 - beta_t,
-                       alpha_bar_t = prod_{s <= t} alpha_s
-Its posterior (eq. 6, 7), tractable given x_0:
-
-    q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I),
+    q(x_t | x_0)     = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),   alpha_bar_t = prod_{s <= t} alpha_s
+Its posterior (eq. 6, 7), tractable given x_0: q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I),
     mu_tilde_t   = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
                    + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
     beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
@@ -24,64 +20,34 @@ Algorithm 2 (sampling): x_T ~ N(0, I); for t = T..1: z ~ N(0, I) if t > 1 else 0
 The variational bound (eq. 5) L_vlb = L_T + sum_{t>1} L_{t-1} + L_0, reported in bits/dim on the test set:
     L_T = KL(q(x_T | x_0) || N(0, I)),   L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)),
     L_0 = -log p(x_0 | x_1), a Gaussian discretized to the 256 pixel values (eq. 13).
-DDIM (Song, Meng, Ermon 2020, "Denoising Diffusion Implicit Models", arXiv:2010.02502, eq. 12), by flag:
-the same network, S of the T steps, x_{t'} = sqrt(alpha_bar_t') x_0 + sqrt(1 - alpha_bar_t' - s^2) eps
-+ s z with s = eta sqrt((1 - alpha_bar_t') / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t');
-eta = 0 is deterministic; S = 50 takes 20x fewer network evaluations than Algorithm 2's T = 1000.
+DDIM (Song, Meng, Ermon 2020, arXiv:2010.02502, eq. 12), by flag: the same network on S of the T steps (the
+DDIM code's uniform skip tau_i = 1 + floor(i T / S), i = 0..S-1), from t to t':
+    x_{t'} = sqrt(alpha_bar_t') x_0 + sqrt(1 - alpha_bar_t' - s^2) eps + s z,
+    s = eta sqrt((1 - alpha_bar_t') / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t');  eta = 0: deterministic.
 
-The paper's hyper-parameters (section 4, appendix B) are the defaults: T = 1000, beta linear from 1e-4 to 0.02
-(computed in float64, as the official code); a U-Net (PixelCNN++ backbone) of ResNet blocks with GroupNorm (32
-groups), the sinusoidal embedding of t added in every block, dropout 0.1; Adam lr 2e-4 with a linear warm-up
-over 5,000 steps, gradients clipped at norm 1, an EMA of the weights with decay 0.9999 (samples and evaluation
-use it), batch 128. Two parts of the paper's CIFAR-10 setup are flags: --arch cifar10 and --hflip (random
-horizontal flips). --arch cifar10 is the paper's network (ch 128, ch_mult 1,2,2,2, 2 blocks per resolution,
-self-attention at 16 x 16 and in the middle): 35,746,307 parameters, the official code's count (tested); at
-other sizes its attention stays at the 16 x 16 level. --arch small (the default) is the same network a quarter
-as wide and one resolution shorter (ch 32, ch_mult 1,2,2: 28 -> 14 -> 7), so that Fashion-MNIST trains on a
-CPU: 1,623,169 parameters for one channel; its levels have no 16 x 16, so attention sits at level 1 (14 x 14),
-as in --arch tiny. With 32 channels, GroupNorm's 32 groups are one channel each there: instance norm.
+The paper's setup (section 4, appendix B) is the default: T = 1000, beta linear from 1e-4 to 0.02 (in float64), a
+U-Net (PixelCNN++ backbone) of ResNet blocks with GroupNorm and the embedding of t, dropout 0.1, Adam lr 2e-4 warmed up
+over 5,000 steps, gradients clipped at norm 1, batch 128, samples from an EMA of the weights (decay 0.9999).
+--arch cifar10 --hflip is its CIFAR-10 U-Net (ch 128, ch_mult 1,2,2,2, attention at 16 x 16: 35,746,307 parameters)
+and flips; --arch small, the default, is a quarter as wide and one level shorter (1,623,169 parameters).
 
-Deviations, each deliberate:
-- x_0 predicted at sampling time is clipped to [-1, 1] before mu_theta is formed, as the official sampler
-  does (the paper's Algorithm 2 is written without it); L_vlb is computed the same way (the official
-  evaluation, clip_denoised=True). DDIM clips x_0 too and re-derives eps from the clipped x_0 (as OpenAI's
-  guided-diffusion does): with eta = 1 and S = T it is then exactly Algorithm 2 with sigma^2 = beta_tilde
-  (tested); the DDIM paper's code does not clip.
-- sigma_1^2 is beta_tilde_2, under --var beta (the paper's CIFAR-10 choice) and --var beta-tilde alike, as in
-  the official code: sigma_1 = sqrt(beta_1) = 0.010 is wider than a pixel bin (2/255 = 0.0078), sqrt(beta_tilde_2)
-  = 0.0074 about one bin, so L_0 is better for the same samples (1.71 -> 1.31 bits/dim for a perfect mean).
-- L_0's Gaussian mass per pixel bin uses the exact normal CDF (eq. 13); the official code uses the tanh
-  approximation 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), off by up to 1.8e-4 in each CDF.
-- The learning rate of update s (counted from 0) is 2e-4 min(s / 5000, 1), the official warm-up, so the
-  first update has lr 0.
-- The course notes give the hybrid objective L_simple + 0.001 L_vlb with learned variances: that is
-  Nichol & Dhariwal 2021 (arXiv:2102.09672); this file is Ho et al., L_simple and fixed variances.
-- The network is given the paper's t = 1..T; the official code feeds its 0-based index t - 1 to the
-  embedding: the same model, trained from scratch, but official weights would need t - 1.
-- Downsampling pads its stride-2 convolution symmetrically (PyTorch's padding=1), TensorFlow's SAME pads
-  right and bottom only: the same parameters, a one-pixel shift of where the kernel lands.
-- GroupNorm's eps is PyTorch's 1e-5; the official tf.contrib group_norm uses 1e-6.
-- The paper's beta endpoints are for T = 1000: at another --T the chain stops short of N(0, I) (alpha_bar_T
-  0.36 at T = 100), which the run prints and warns about; --beta-schedule scaled multiplies both by 1000 / T.
-- DDIM's S steps start at t = 1 and end at tau_S = 1 + (S - 1) T / S (981 for S = 50), as the DDIM code's
-  uniform skip: its x at tau_S is drawn from N(0, I) (alpha_bar 5.9e-5 there, 4.0e-5 at T).
+Deviations, each deliberate (docs/ddpm.md says why):
+- The predicted x_0 is clipped to [-1, 1] before mu_theta is formed, in sampling and in L_vlb (the official code).
+- DDIM clips x_0 too and re-derives eps from it (guided-diffusion): eta = 1, S = T is Algorithm 2 with beta_tilde.
+- sigma_1^2 is beta_tilde_2 under both --var settings, as in the official code.
+- L_0 uses the exact normal CDF (eq. 13), not the official code's tanh approximation.
+- Update s (from 0) has the learning rate 2e-4 min(s / 5000, 1), the official warm-up: the first one has lr 0.
+- The network is given the paper's t = 1..T; the official code feeds t - 1 to the embedding.
+- Downsampling's stride-2 convolution pads symmetrically (padding=1), not as TensorFlow's SAME (right, bottom).
+- GroupNorm's eps is PyTorch's 1e-5 (official: 1e-6); at 32 channels its 32 groups are instance norm.
+- --beta-schedule scaled multiplies the paper's betas by 1000 / T, so that another --T still ends near N(0, I).
 
-Usage:
+Usage (every command, the results and the speed: docs/ddpm.md):
     python ddpm.py                                     # Fashion-MNIST 28 x 28, the small U-Net
     python ddpm.py --resume                            # continue runs/ddpm-fashion-mnist (a requeued job too)
-    python ddpm.py --dataset cifar10 --arch cifar10 --hflip --steps 800000 --amp --compile --channels-last
-    GPUS=4 sbatch submit.sh ddpm --dataset cifar10 --arch cifar10 --hflip   # or torchrun --nproc_per_node=4
-    python ddpm.py --sample 50000 --sample-out samples/ --sampler ddim --sample-steps 50   # for fid.py
-    torchrun --nproc_per_node=4 ddpm.py --sample 50000 --sample-out samples/   # split across 4 GPUs
-    sbatch --array=0-9 submit.sh ddpm --sample 50000 --sample-out samples/     # or 10 SLURM array tasks
+    GPUS=4 sbatch submit.sh ddpm --dataset cifar10 --arch cifar10 --hflip   # the paper's CIFAR-10 run on 4 GPUs
+    python ddpm.py --sample 50000 --sample-out samples/ --sampler ddim      # for fid.py; split, resumable
     python ddpm.py --vlb 10000                         # L_vlb in bits/dim on 10,000 test images
-    python ddpm.py --eval-every 10000 --eval-vlb 1000 --sampler ddim   # FID and test bits/dim in training
---batch-size is the global batch, shared among the processes (each its own slice and noise). --sample into
-a folder can be split and resumed: image i always comes from the same noise (batch i // 500, seeded by
---seed), so any split, and any restart, writes the same images; the images already there are kept.
-
-From Python: model, diffusion = ddpm.load("runs/ddpm-fashion-mnist/ckpt.pt");
-images = ddpm.sample(model, diffusion, 16, (1, 28, 28))   (the EMA weights, in [-1, 1])
 """
 from __future__ import annotations
 
@@ -95,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import fid
 from common import arg
 
 # name -> (ch, ch_mult, blocks per resolution); self-attention: attention_level
@@ -122,8 +89,7 @@ class Config(common.RunConfig):
     image_size: int = arg(0, "0: the dataset's own (28 Fashion-MNIST, 32 CIFAR-10); a multiple of "
                           "2^(levels - 1)", min=0)
     arch: str = arg("small", "U-Net: small (CPU-sized, for 28 x 28) | cifar10 (the paper's, 35.7M parameters) | "
-                    "tiny (tests)",
-                    choices=tuple(ARCHS))
+                    "tiny (tests)", choices=tuple(ARCHS))
     dropout: float = arg(0.1, "dropout in the ResNet blocks (the paper: 0.1 on CIFAR-10)", min=0, max=0.99)
     attn_level: int = arg(-1, "the U-Net level with self-attention (level i works at image_size / 2^i); -1: the "
                           "arch's (cifar10: the 16 x 16 level, the paper's; small, tiny: level 1)", min=-1, predates=1)
@@ -514,74 +480,110 @@ def load(path: str, device="cpu"):
     return model.to(device).eval(), Diffusion(cfg.T, *beta_range(cfg), cfg.var, device)
 
 
-def main():
-    cfg = common.parse_config(Config)
-    run = common.Run(cfg, "ddpm", command="--vlb" if cfg.vlb else None, shards=True)
+def train(cfg: Config) -> None:
+    # ---- run plumbing, the same in every script ----------------------------------------------------------------
+    ddp = common.Processes(cfg.device)              # torchrun's processes (or this one alone): rank, world, device
+    run = common.resolve_run(cfg, "ddpm", ddp)      # --out, --resume / --init and the config; nothing is written
+    stop = common.Stop(ddp)                         # SIGTERM, SIGUSR1, Ctrl-C: at once during the set-up (exit 3)
+    common.seed_everything(cfg.seed + ddp.rank)     # each process its own noise; DDP copies rank 0's weights
+    device, amp = ddp.device, common.amp_dtype(cfg.amp, ddp.device)
+    # ---- the paper: the U-Net and its EMA, the diffusion, data, Adam (section 4, appendix B) --------------------
     if not 0 < cfg.beta_1 <= cfg.beta_T:
         raise common.UserError(f"--beta-1 {cfg.beta_1} and --beta-T {cfg.beta_T}: the schedule needs 0 < beta_1 <= "
                                f"beta_T (beta_1 = 0 makes beta_tilde_1 0/0)")
-    if cfg.eval_vlb and not cfg.eval_every and not run.sampling:
+    if cfg.eval_vlb and not cfg.eval_every:
         raise common.UserError("--eval-vlb N goes with --eval-every N (on a checkpoint: --vlb N)")
-    cfg.attn_level = attention_level(cfg)   # recorded: a checkpoint keeps the network it was built with
-    device = run.device
-    model = build(cfg, device)
-    memory_format = torch.channels_last if cfg.channels_last and not run.sampling else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    ema = EMA(model, cfg.ema_decay)
-    diffusion = Diffusion(cfg.T, *beta_range(cfg), cfg.var, device)
-    shape = (common.dataset_channels(cfg.dataset), image_size(cfg), image_size(cfg))
     if cfg.sampler == "ddim":
-        ddim_timesteps(cfg.T, cfg.sample_steps)   # a bad --sample-steps is refused before anything is done
-    run.say(f"T = {cfg.T}, beta from {diffusion.beta_list[1]:.3g} to {diffusion.beta_list[-1]:.3g} "
-            f"({cfg.beta_schedule}): alpha_bar_T = {diffusion.alpha_bar_list[-1]:.3g}")
-    if diffusion.alpha_bar_list[-1] > 1e-2:   # x_T = sqrt(alpha_bar_T) x_0 + ...: far from the N(0, I) we sample
-        common.warn(f"alpha_bar_T = {diffusion.alpha_bar_list[-1]:.3g}: x_T keeps much of x_0, but sampling starts from "
-                    f"N(0, I); use more steps (--T 1000) or --beta-schedule scaled")
-
-    def draw(n: int, generator) -> torch.Tensor:   # grids, --eval-every and --sample: the EMA weights
-        return sample(ema.model, diffusion, n, shape, cfg.sampler, cfg.sample_steps, cfg.eta, generator, device)
-
+        ddim_timesteps(cfg.T, cfg.sample_steps)     # a bad --sample-steps is refused before anything is done
+    cfg.attn_level = attention_level(cfg)           # recorded: a checkpoint keeps the network it was built with
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build(cfg, device).to(memory_format=memory_format)
     run.say(f"U-Net ({cfg.arch}): {common.count_parameters(model):,} parameters")
-
-    if run.sampling:   # --sample N or --vlb N: the checkpoint's EMA weights, no training
-        run.track(models={"ema": ema.model})
-        run.start()
-        if cfg.vlb:
-            test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.vlb]
-            bpd = vlb_bpd(ema.model, diffusion, test, seed=cfg.seed, progress=lambda i, n, s: run.say(
-                f"L_vlb: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}"))
-            print(f"test_bpd: {bpd:.4f}  (L_vlb in bits/dim on {len(test)} test images, EMA weights)")
-        else:
-            settings = {k: getattr(cfg, k) for k in ("sampler", "sample_steps", "eta", "var")}
-            run.write_sharded(draw, cfg.sample, batch=500, key=settings)
-        return
-
+    ema = EMA(model, cfg.ema_decay)                 # a network of its own, saved as "ema": grids and evaluation use it
+    diffusion = Diffusion(cfg.T, *beta_range(cfg), cfg.var, device)
     images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
     test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.eval_vlb] \
         if cfg.eval_every and cfg.eval_vlb else None
-    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=run.rank, world=run.world,
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
                              memory_format=memory_format)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
-    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)   # train_step sets each update's warm-up lr
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    grid = torch.Generator(device)                  # the grids' own noise, the same for every grid of the run
+    saved = dict(models={"model": model, "ema": ema.model}, optimizers={"model": opt}, data={"train": batches},
+                 state={"scaler": scaler})          # what a checkpoint holds
+    # ---- run plumbing: restore, folder, processes, log ---------------------------------------------------------
+    step = common.restore(run, **saved)             # the checkpoint, or --init's weights; 0 for a new run
+    common.open_run_folder(run)                     # create and lock it, write args.json (rank 0)
+    if ddp.world > 1:                               # torchrun: one process per GPU, gradients averaged
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ddp.device_ids)
     if cfg.compile:
         model = torch.compile(model)
+    log = common.Log(run, step)
+    evaluate = fid.Evaluator(run, images) if cfg.eval_every else None
 
-    def evaluate(should_stop) -> dict | None:   # --eval-vlb; None when a stop request cut it short
-        bpd = vlb_bpd(ema.model, diffusion, test, seed=cfg.seed, should_stop=should_stop)
+    def save_samples(step: int) -> None:            # Algorithm 2 (or DDIM) from the EMA weights, the grid's noise
+        with common.eval_mode(ema.model):
+            common.save_grid(draw(64, grid.manual_seed(cfg.seed)), run.out / "samples" / f"{step:06d}.png")
+
+    def draw(n: int, generator) -> torch.Tensor:    # grids and --eval-every's samples: the EMA weights (eval mode)
+        return sample(ema.model, diffusion, n, images.shape[1:], cfg.sampler, cfg.sample_steps, cfg.eta, generator)
+
+    def test_bpd(should_stop) -> dict | None:       # --eval-vlb: L_vlb on the test images; None: off, or cut short
+        bpd = vlb_bpd(ema.model, diffusion, test, seed=cfg.seed, should_stop=should_stop) if test is not None else None
         return None if bpd is None else {"test_bpd": bpd}
 
-    grid = torch.Generator(device)   # the same noise for every grid of the run
-    run.track(models={"model": model, "ema": ema.model}, optimizers={"model": opt}, data={"train": batches},
-              state={"scaler": scaler}, sample=lambda: draw(64, grid.manual_seed(cfg.seed)),
-              generate=draw, real=images, evaluate=evaluate if test is not None else None)
-    step = run.start()
-    while step < cfg.steps and not run.stop_requested:
-        losses = train_step(model, ema, opt, diffusion, batches.next(), step, cfg, run.amp, scaler)
+    run.say(f"T = {cfg.T}, beta from {diffusion.beta_list[1]:.3g} to {diffusion.beta_list[-1]:.3g} "
+            f"({cfg.beta_schedule}): alpha_bar_T = {diffusion.alpha_bar_list[-1]:.3g}")
+    if diffusion.alpha_bar_list[-1] > 1e-2:         # x_T far from N(0, I); said after every refusal (one line each)
+        common.warn(f"alpha_bar_T = {diffusion.alpha_bar_list[-1]:.3g}: x_T keeps much of x_0, but sampling starts "
+                    f"from N(0, I); use more steps (--T 1000) or --beta-schedule scaled")
+    stop.begin()
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    while step < cfg.steps and not stop.agreed(step):
+        losses = train_step(model, ema, opt, diffusion, batches.next(), step, cfg, amp, scaler)   # Algorithm 1
         step += 1
-        run.end_step(step, losses)
-    run.finish(step)
+        log.add(losses)
+        if step % cfg.log_every == 0:
+            log.write(step)
+        if step % cfg.sample_every == 0 and ddp.rank == 0:
+            save_samples(step)
+        best = evaluate is not None and step % cfg.eval_every == 0 and evaluate(step, draw, log, stop, extra=test_bpd)
+        if step % cfg.ckpt_every == 0 or best or (cfg.keep_every and step % cfg.keep_every == 0):
+            common.save_run(run, step, log, **saved, best=best)
+    common.finish(run, step, log, stop, **saved)    # the last checkpoint, then how the run ended
+    if ddp.rank == 0 and step > run.start_step and step % cfg.sample_every and not stop.requested:
+        save_samples(step)                          # and the last step's grid (minutes on a CPU: not after a signal)
+
+
+def sample_command(cfg: Config) -> None:
+    """--sample N: N images of the checkpoint's EMA weights in --sample-out, split among processes and resumable."""
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "ddpm", ddp, command="--sample")
+    stop = common.Stop(ddp)
+    if cfg.sampler == "ddim":
+        ddim_timesteps(cfg.T, cfg.sample_steps)     # refused before the folder is touched
+    model, diffusion = build(cfg, ddp.device).eval(), Diffusion(cfg.T, *beta_range(cfg), cfg.var, ddp.device)
+    common.load_models(run, ema=model)
+    shape = (common.dataset_channels(cfg.dataset), image_size(cfg), image_size(cfg))
+    settings = {k: getattr(cfg, k) for k in ("sampler", "sample_steps", "eta", "var")}   # what else fixes the images
+    draw = lambda n, g: sample(model, diffusion, n, shape, cfg.sampler, cfg.sample_steps, cfg.eta, g)   # noqa: E731
+    common.write_sharded(run, draw, cfg.sample, 500, settings, stop)
+
+
+def vlb_command(cfg: Config) -> None:
+    """--vlb N: L_vlb in bits/dim of the checkpoint's EMA weights on the first N test images (Table 1)."""
+    run = common.resolve_run(cfg, "ddpm", common.Processes(cfg.device, connect=False), command="--vlb")
+    model, diffusion = build(cfg, run.ddp.device).eval(), Diffusion(cfg.T, *beta_range(cfg), cfg.var, run.ddp.device)
+    common.load_models(run, ema=model)
+    test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.vlb]
+    bpd = vlb_bpd(model, diffusion, test, seed=cfg.seed, progress=lambda i, n, s: print(
+        f"L_vlb: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}", flush=True))
+    print(f"test_bpd: {bpd:.4f}  (L_vlb in bits/dim on {len(test)} test images, EMA weights)")
+
+
+def main():
+    cfg = common.parse_config(Config)
+    vlb_command(cfg) if cfg.vlb else sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":

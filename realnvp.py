@@ -1,14 +1,13 @@
 """Density estimation using Real NVP.
 
-Laurent Dinh, Jascha Sohl-Dickstein, Samy Bengio. ICLR 2017. arXiv:1605.08803
+Laurent Dinh, Jascha Sohl-Dickstein, Samy Bengio.
+ICLR 2017. arXiv:1605.08803. Results and every command: docs/realnvp.md
 
 A bijection f from data space to a latent space with a standard normal prior p_Z gives the exact
 log-likelihood by the change of variables (section 3.1):
-
     log p_X(x) = log p_Z(f(x)) + log |det(df(x) / dx^T)|
 f is a stack of affine coupling layers (section 3.2), each of which leaves the d dimensions picked by a binary mask b
 unchanged and scales and shifts the others by functions s, t of the unchanged ones (masked form, eq. 9):
-
     y = b * x + (1 - b) * (x * exp(s(b * x)) + t(b * x)),       log|det dy/dx| = sum_j ((1 - b) * s(b * x))_j
 Its Jacobian is triangular, so the determinant is that product of scales (section 3.3), and its inverse needs
 no inverse of s or t: x = b * y + (1 - b) * (y - t(b * y)) * exp(-s(b * y)). s and t are deep
@@ -16,87 +15,50 @@ ResNets; s is a tanh times a learned scale (section 4.1), t has an affine output
 
 Masks (section 3.4): a spatial checkerboard, b = 1 where i + j is even (or odd); and channel-wise, b = 1 on
 the first (or last) half of the channels. The squeeze (section 3.6) turns each 2 x 2 x c block into
-1 x 1 x 4c (channel 4k + 2 dy + dx), so a channel-wise mask after it splits those 4c channels in two halves:
-for a one-channel image, each 2 x 2 block's top row from its bottom row.
-
+1 x 1 x 4c (channel 4k + 2 dy + dx), so a channel-wise mask after it splits those 4c channels in two halves.
 Multi-scale architecture (section 3.6, Figure 4), recursively: at each scale, 3 couplings with alternating
 checkerboard masks, a squeeze, 3 couplings with alternating channel-wise masks, and half of the dimensions
-are factored out: they become part of z, the other half goes on to the next scale. The last scale is 4
-couplings with alternating checkerboard masks. Batch normalization (section 3.7, appendix E) follows every
-coupling, applied to its whole output: y = (x - mu) / sqrt(sigma^2 + eps) per channel, with
-log|det| = -1/2 sum log(sigma^2 + eps) over the C x H x W dimensions; mu, sigma^2 are the minibatch's in
-training and running averages at test time (running averages are kept with momentum 0.1, eps = 1e-4,
-the official code's). Inside s and t: batch normalization and weight normalization (section 3.7).
+are factored out into z, the other half goes on; the last scale is 4 checkerboard couplings. Batch
+normalization (section 3.7, appendix E) follows every coupling: y = (x - mu) / sqrt(sigma^2 + eps) per
+channel, log|det| = -1/2 sum log(sigma^2 + eps) over C x H x W; mu, sigma^2 are the minibatch's in training,
+running averages (momentum 0.1, eps 1e-4) at test time. Inside s and t: batch norm and weight norm (section 3.7).
 
 Pre-processing (section 4.1): an 8-bit image x in {0..255}^D is dequantized with uniform noise, and the
 flow models the logit of the result, squeezed into [alpha, 1 - alpha] to keep away from the boundaries:
-
     x~ = (x + u) / 256,  u ~ U[0, 1)^D                  x~ in [0, 1)^D
     y  = logit(alpha + (1 - 2 alpha) x~),  alpha = 0.05,   log|det dy/dx~| = sum_j log((1 - 2 alpha) / (p_j (1 - p_j)))
 with p = alpha + (1 - 2 alpha) x~. The density of x + u on [0, 256)^D is p(x~) / 256^D, so the negative
-log-likelihood in bits per dimension of the original 8-bit pixels (the number every paper reports,
-Table 1; in expectation over u, an upper bound on the discrete -log2 P(x) / D) is
-
+log-likelihood in bits per dimension of the 8-bit pixels (Table 1; in expectation over u, an upper bound on
+the discrete -log2 P(x) / D) is
     bits/dim = (-log p_Y(y) - log|det dy/dx~| + D log 256) / (D log 2),
     log p_Y(y) = log N(f(y); 0, I) + log|det df/dy|.
-Training maximizes log p(x~) by Adam with the paper's settings (section 4.1): lr 1e-3, default betas,
-batch 64, and an L2 penalty 5e-5 sum g^2 on the weight scale parameters (the weight-norm scales g, and
-here also the couplings' tanh scales).
+Training maximizes log p(x~) by Adam (section 4.1): lr 1e-3, default betas, batch 64, and an L2 penalty
+5e-5 sum g^2 on the weight scale parameters (the weight-norm scales g, and here also the tanh scales).
+--arch cifar10 is the paper's CIFAR-10 model (2 scales, 8 residual blocks, 64 feature maps doubled at each
+scale and in the channel-wise couplings: 19,637,884 parameters); --arch small, the default, is the same design
+for 28 x 28 on a CPU (3 scales, 1 x 28 x 28 -> 2 x 14 x 14 -> 4 x 7 x 7, 2 blocks, 16 maps: 1,452,642 parameters).
 
---arch cifar10 is the paper's CIFAR-10 model (section 4.1: "8 residual blocks, 64 feature maps, and
-downscale only once"): 2 scales, 3 x 32 x 32 -> 12 x 16 x 16, of which 6 x 16 x 16 is factored out and
-6 x 16 x 16 goes through the last 4 couplings; the feature maps double at each scale and in the channel-wise
-couplings, as in the official code (64, 128, 128): 19,637,884 parameters (tested). The paper reports
-3.49 bits/dim on CIFAR-10's test set. --arch small (the default) is the same design sized for a CPU and
-for Fashion-MNIST's 28 x 28 = 4 x 7 x 7: 3 scales, 1 x 28 x 28 -> 2 x 14 x 14 -> the last scale at
-4 x 7 x 7 (the paper recurses until 4 x 4 x c on 32 x 32 images; 7 is odd, so 28 takes two squeezes
-and no padding), 2 residual blocks, 16 feature maps at the first scale: 1,452,642 parameters.
-
-Deviations, each deliberate:
-- The affine map is the paper's x * exp(s) + t (eq. 9). The official code (tensorflow/models,
-  research/real_nvp) computes (x + t) * exp(s): the same family of maps, t rescaled.
-- Batch normalization of the flow normalizes the whole coupling output, as section 3.7 says; the official
-  code normalizes only the half the coupling changed. Training uses the minibatch's statistics and
-  test time the running averages, as in the official code (its bn_lag = 0: appendix E's variant, which
-  mixes the running average into the training statistics, is off). Its training bits/dim is therefore
-  measured with batch statistics; the test bits/dim, with the running averages, is the model's. With
-  momentum 0.1 the averages follow the last ten or so minibatches, and the test bits/dim moves with them
-  (by about 0.1 between nearby Fashion-MNIST checkpoints), so --bpd also reports it with every running
-  average replaced by the mean statistics of --recalibrate training minibatches (recalibrate), labelled.
-- Sampling inverts the flow with the running averages in every batch norm (eval mode). The official sampler
-  runs the decoder with train=True: the batch norms inside s and t use the sample batch's own statistics,
-  and only the flow's own batch norms their moving averages.
-- The logit's input is alpha + (1 - 2 alpha) x~, in [0.05, 0.95] (the official code's data_constraint
-  0.9); the paper writes alpha + (1 - alpha) x~.
-- The learned scale of tanh(s) is one scalar per coupling, as in the official code, starting at 0 in
-  checkerboard couplings (they start additive) and at 1 in channel-wise ones. The L2 penalty covers every
-  weight-norm g and every such scale; the official code's misses the channel-wise couplings' scales.
-- Inside s and t, as in the official code, the conditioning input goes through batch norm, then
-  relu([h, -h]) (plus the mask as an extra channel, for checkerboards); the ResNet (pre-activation blocks)
-  sums a 1 x 1 convolution of every block's output (its "skip" connections). Every convolution has its
-  weight-norm g, starting at ||v|| from PyTorch's default initialization (the official code gives a g
-  only to the 1 x 1 convolutions and to each block's second one, and initializes v uniformly at its own
-  scale);
-  the batch norms inside s and t have PyTorch's learned scale besides the shift (official: shift only);
-  the official code's doubling of the normalized input is left out.
+Deviations, each deliberate (docs/realnvp.md says more):
+- The affine map is the paper's x * exp(s) + t (eq. 9); the official code computes (x + t) * exp(s).
+- The flow's batch norm normalizes the whole coupling output (section 3.7); the official code only the changed half.
+- Appendix E's lagged batch statistics are off (the official bn_lag = 0): training uses the minibatch's, test time
+  the running averages, which --bpd also reports recalibrated on --recalibrate training minibatches.
+- Sampling inverts the flow with every batch norm's running averages (eval mode), not the official decoder(train=True).
+- The logit's input is alpha + (1 - 2 alpha) x~ (the official data_constraint); the paper writes alpha + (1 - alpha) x~.
+- tanh(s)'s learned scale is one scalar per coupling (official); the L2 penalty covers all (official: not channel-wise).
+- Every convolution of s and t has a weight-norm g, starting at ||v|| (official: some of them, v at its own scale).
+- Inside s and t, batch norm learns a scale besides the shift (official: shift only), and the official code's
+  doubling of the normalized input is left out.
 - Gradients are clipped at global norm 100, the official code's clip_gradient (the paper is silent).
-- Sampling temperature (--temperature T, z ~ N(0, T^2 I)) is not in the paper (Kingma & Dhariwal 2018,
-  Glow); T = 1, the default, samples the model.
+- Sampling temperature (--temperature T, z ~ N(0, T^2 I)) is Glow's (Kingma & Dhariwal 2018), not the paper's.
 - The paper does not give its number of updates; --steps 50,000 (53 epochs of Fashion-MNIST) is ours.
 
-Usage:
+Usage (every command, the results and the speed: docs/realnvp.md):
     python realnvp.py                                   # Fashion-MNIST 28 x 28, --arch small
     python realnvp.py --resume                          # continue runs/realnvp-fashion-mnist (a requeued job too)
-    python realnvp.py --dataset cifar10 --arch cifar10 --hflip --amp --compile --channels-last
-    GPUS=4 sbatch submit.sh realnvp --dataset cifar10 --arch cifar10 --hflip   # or torchrun --nproc_per_node=4
+    GPUS=4 sbatch submit.sh realnvp --dataset cifar10 --arch cifar10 --hflip   # the paper's CIFAR-10 model, 4 GPUs
     python realnvp.py --bpd 10000                       # test bits/dim of the checkpoint on 10,000 test images
-    python realnvp.py --eval-every 5000 --eval-bpd 10000   # test bits/dim (and FID) during training
     python realnvp.py --sample 10000 --sample-out samples.npz --temperature 0.7   # for fid.py
---batch-size is the global batch, shared among the processes (each its own slice, noise and batch
-statistics). --sample into a folder can be split among processes and array tasks and resumed (ddpm.py).
-
-From Python: model = realnvp.load("runs/realnvp-fashion-mnist/ckpt.pt");
-images = realnvp.sample(model, 16, temperature=0.7)   (in [0, 1], 16 x C x H x W)
 """
 from __future__ import annotations
 
@@ -109,6 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import fid
 from common import arg
 
 # name -> (scales, residual blocks in each s/t ResNet, feature maps at the first scale)
@@ -527,69 +490,104 @@ def load(path: str, device="cpu") -> RealNVP:
     return model.to(device).eval()
 
 
-def main():
-    cfg = common.parse_config(Config)
-    run = common.Run(cfg, "realnvp", command="--bpd" if cfg.bpd else None, shards=True)
-    device = run.device
-    model = build(cfg, device)
-    memory_format = torch.channels_last if cfg.channels_last and not run.sampling else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    flow = model   # sampling and evaluation use the plain module, on rank 0 alone
-
-    def draw(n: int, generator) -> torch.Tensor:   # grids, --eval-every and --sample, in [0, 1]
-        return sample(flow, n, cfg.temperature, generator, device)
-
+def train(cfg: Config) -> None:
+    # ---- run plumbing, the same in every script ----------------------------------------------------------------
+    ddp = common.Processes(cfg.device)              # torchrun's processes (or this one alone): rank, world, device
+    run = common.resolve_run(cfg, "realnvp", ddp)   # --out, --resume / --init and the config; nothing is written
+    stop = common.Stop(ddp)                         # SIGTERM, SIGUSR1, Ctrl-C: at once during the set-up (exit 3)
+    common.seed_everything(cfg.seed + ddp.rank)     # each process its own noise; DDP copies rank 0's weights
+    device, amp = ddp.device, common.amp_dtype(cfg.amp, ddp.device)
+    # ---- the paper: the flow, data, Adam with the L2 penalty on the weight scales (section 4.1) -----------------
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build(cfg, device).to(memory_format=memory_format)
     run.say(f"Real NVP ({cfg.arch}): {common.count_parameters(model):,} parameters")
-
-    if run.sampling:   # --sample N or --bpd N: the checkpoint's weights and running averages, no training
-        run.track(models={"model": model})
-        run.start()
-        if cfg.bpd:
-            test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.bpd]
-            progress = lambda i, n, s: run.say(   # noqa: E731
-                f"bits/dim: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}")
-            bpd = evaluate_bpd(model, test, seed=cfg.seed, progress=progress)
-            print(f"test_bpd: {bpd:.4f}  (bits/dim on {len(test)} test images, running averages as saved)")
-            if cfg.recalibrate:
-                train = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
-                recalibrate(model, train, cfg.recalibrate, cfg.batch_size, seed=cfg.seed)
-                bpd = evaluate_bpd(model, test, seed=cfg.seed, progress=progress)
-                print(f"test_bpd_recalibrated: {bpd:.4f}  (the same, running averages from {cfg.recalibrate} "
-                      f"training minibatches of {cfg.batch_size})")
-        else:
-            run.write_sharded(draw, cfg.sample, batch=500, key={"temperature": cfg.temperature}, value_range=(0, 1))
-        return
-
     images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
     # --eval-every's test bits/dim; a folder has no test split: off, unless --eval-bpd was typed (then refused)
     with_bpd = cfg.eval_every and cfg.eval_bpd and (cfg.dataset != "folder" or "eval_bpd" in cfg.given)
     test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.eval_bpd] \
         if with_bpd else None
-    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 255.0), rank=run.rank,
-                             world=run.world, memory_format=memory_format)
+    batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 255.0), rank=ddp.rank,
+                             world=ddp.world, memory_format=memory_format)   # pixel values, dequantized by train_step
     scales = weight_scales(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)   # the L2 penalty is in the loss, on ``scales`` only
-    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
-    if run.world > 1:  # torchrun: one process per GPU, gradients averaged across processes
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    grid = torch.Generator(device)                  # the grids' own noise, the same for every grid of the run
+    saved = dict(models={"model": model}, optimizers={"model": opt}, data={"train": batches},
+                 state={"scaler": scaler})          # what a checkpoint holds
+    # ---- run plumbing: restore, folder, processes, log ---------------------------------------------------------
+    step = common.restore(run, **saved)             # the checkpoint, or --init's weights; 0 for a new run
+    common.open_run_folder(run)                     # create and lock it, write args.json (rank 0)
+    flow = model                                    # grids and evaluation use the plain module, on rank 0
+    if ddp.world > 1:                               # torchrun: one process per GPU, gradients averaged
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ddp.device_ids)
     if cfg.compile:
         model = torch.compile(model)
+    log = common.Log(run, step)
+    evaluate = fid.Evaluator(run, images, value_range=(0, 1)) if cfg.eval_every else None
 
-    def evaluate(stop) -> dict | None:   # --eval-every: the test bits/dim, None when a stop cut it short
-        bpd = evaluate_bpd(flow, test, seed=cfg.seed, should_stop=stop)
+    def save_samples(step: int) -> None:            # z ~ N(0, T^2 I) from the grid's noise, the flow in eval mode
+        with common.eval_mode(flow):
+            common.save_grid(draw(64, grid.manual_seed(cfg.seed)), run.out / "samples" / f"{step:06d}.png",
+                             value_range=(0, 1))
+
+    def draw(n: int, generator) -> torch.Tensor:    # grids and --eval-every's samples, in [0, 1] (eval mode)
+        return sample(flow, n, cfg.temperature, generator, device)
+
+    def test_bpd(should_stop) -> dict | None:       # --eval-bpd: the test bits/dim; None: off, or cut short
+        bpd = evaluate_bpd(flow, test, seed=cfg.seed, should_stop=should_stop) if test is not None else None
         return None if bpd is None else {"test_bpd": bpd}
 
-    grid = torch.Generator(device)   # the same noise for every grid of the run
-    run.track(models={"model": model}, optimizers={"model": opt}, data={"train": batches},
-              state={"scaler": scaler}, sample=lambda: draw(64, grid.manual_seed(cfg.seed)), sample_range=(0, 1),
-              generate=draw, real=images,
-              evaluate=evaluate if test is not None else None)
-    step = run.start()
-    while step < cfg.steps and not run.stop_requested:
-        losses = train_step(model, opt, batches.next(), scales, cfg, run.amp, scaler)
+    stop.begin()
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    while step < cfg.steps and not stop.agreed(step):
+        losses = train_step(model, opt, batches.next(), scales, cfg, amp, scaler)
         step += 1
-        run.end_step(step, losses)
-    run.finish(step)
+        log.add(losses)
+        if step % cfg.log_every == 0:
+            log.write(step)
+        if step % cfg.sample_every == 0 and ddp.rank == 0:
+            save_samples(step)
+        best = evaluate is not None and step % cfg.eval_every == 0 and evaluate(step, draw, log, stop, extra=test_bpd)
+        if step % cfg.ckpt_every == 0 or best or (cfg.keep_every and step % cfg.keep_every == 0):
+            common.save_run(run, step, log, **saved, best=best)
+    common.finish(run, step, log, stop, **saved)    # the last checkpoint, then how the run ended
+    if ddp.rank == 0 and step > run.start_step and step % cfg.sample_every:
+        save_samples(step)                          # and the last step's grid
+
+
+def sample_command(cfg: Config) -> None:
+    """--sample N: N images of the checkpoint's flow in --sample-out, split among processes and resumable."""
+    ddp = common.Processes(cfg.device, connect=False)
+    run = common.resolve_run(cfg, "realnvp", ddp, command="--sample")
+    stop = common.Stop(ddp)
+    model = build(cfg, ddp.device).eval()
+    common.load_models(run, model=model)
+    common.write_sharded(run, lambda n, g: sample(model, n, cfg.temperature, g), cfg.sample, 500,
+                         {"temperature": cfg.temperature}, stop, value_range=(0, 1))
+
+
+def bpd_command(cfg: Config) -> None:
+    """--bpd N: bits/dim of the checkpoint on the first N test images, with the running averages as saved, then
+    (--recalibrate M) with every batch norm's running averages from M training minibatches."""
+    run = common.resolve_run(cfg, "realnvp", common.Processes(cfg.device, connect=False), command="--bpd")
+    model = build(cfg, run.ddp.device)
+    common.load_models(run, model=model)
+    test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.bpd]
+    progress = lambda i, n, s: print(   # noqa: E731
+        f"bits/dim: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}", flush=True)
+    bpd = evaluate_bpd(model, test, seed=cfg.seed, progress=progress)
+    print(f"test_bpd: {bpd:.4f}  (bits/dim on {len(test)} test images, running averages as saved)")
+    if cfg.recalibrate:
+        images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
+        recalibrate(model, images, cfg.recalibrate, cfg.batch_size, seed=cfg.seed)
+        bpd = evaluate_bpd(model, test, seed=cfg.seed, progress=progress)
+        print(f"test_bpd_recalibrated: {bpd:.4f}  (the same, running averages from {cfg.recalibrate} "
+              f"training minibatches of {cfg.batch_size})")
+
+
+def main():
+    cfg = common.parse_config(Config)
+    bpd_command(cfg) if cfg.bpd else sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":
