@@ -1,7 +1,6 @@
 """Density estimation using Real NVP.
 
-Laurent Dinh, Jascha Sohl-Dickstein, Samy Bengio.
-ICLR 2017. arXiv:1605.08803. Results and every command: docs/realnvp.md
+Laurent Dinh, Jascha Sohl-Dickstein, Samy Bengio. ICLR 2017. arXiv:1605.08803. Results: docs/realnvp.md
 
 A bijection f from data space to a latent space with a standard normal prior p_Z gives the exact
 log-likelihood by the change of variables (section 3.1):
@@ -13,15 +12,14 @@ Its Jacobian is triangular, so the determinant is that product of scales (sectio
 no inverse of s or t: x = b * y + (1 - b) * (y - t(b * y)) * exp(-s(b * y)). s and t are deep
 ResNets; s is a tanh times a learned scale (section 4.1), t has an affine output.
 
-Masks (section 3.4): a spatial checkerboard, b = 1 where i + j is even (or odd); and channel-wise, b = 1 on
-the first (or last) half of the channels. The squeeze (section 3.6) turns each 2 x 2 x c block into
-1 x 1 x 4c (channel 4k + 2 dy + dx), so a channel-wise mask after it splits those 4c channels in two halves.
-Multi-scale architecture (section 3.6, Figure 4), recursively: at each scale, 3 couplings with alternating
-checkerboard masks, a squeeze, 3 couplings with alternating channel-wise masks, and half of the dimensions
-are factored out into z, the other half goes on; the last scale is 4 checkerboard couplings. Batch
-normalization (section 3.7, appendix E) follows every coupling: y = (x - mu) / sqrt(sigma^2 + eps) per
-channel, log|det| = -1/2 sum log(sigma^2 + eps) over C x H x W; mu, sigma^2 are the minibatch's in training,
-running averages (momentum 0.1, eps 1e-4) at test time. Inside s and t: batch norm and weight norm (section 3.7).
+Masks (section 3.4): a spatial checkerboard, b = 1 where i + j is even (or odd); and channel-wise, b = 1 on the first
+(or last) half of the channels. The squeeze (section 3.6) turns each 2 x 2 x c block into 1 x 1 x 4c
+(channel 4k + 2 dy + dx). Multi-scale architecture (section 3.6, Figure 4), recursively: at each scale, 3 couplings
+with alternating checkerboard masks, a squeeze, 3 couplings with alternating channel-wise masks, and half of the
+dimensions are factored out into z, the other half goes on; the last scale is 4 checkerboard couplings. Batch
+normalization (section 3.7, appendix E) follows every coupling: y = (x - mu) / sqrt(sigma^2 + eps) per channel,
+log|det| = -1/2 sum log(sigma^2 + eps) over C x H x W; mu, sigma^2 are the minibatch's in training, running averages
+(momentum 0.1, eps 1e-4) at test time. Inside s and t: batch norm and weight norm (section 3.7).
 
 Pre-processing (section 4.1): an 8-bit image x in {0..255}^D is dequantized with uniform noise, and the
 flow models the logit of the result, squeezed into [alpha, 1 - alpha] to keep away from the boundaries:
@@ -41,14 +39,12 @@ for 28 x 28 on a CPU (3 scales, 1 x 28 x 28 -> 2 x 14 x 14 -> 4 x 7 x 7, 2 block
 Deviations, each deliberate (docs/realnvp.md says more):
 - The affine map is the paper's x * exp(s) + t (eq. 9); the official code computes (x + t) * exp(s).
 - The flow's batch norm normalizes the whole coupling output (section 3.7); the official code only the changed half.
-- Appendix E's lagged batch statistics are off (the official bn_lag = 0): training uses the minibatch's, test time
-  the running averages, which --bpd also reports recalibrated on --recalibrate training minibatches.
+- Appendix E's lagged batch statistics are off (official bn_lag = 0); --bpd also reports recalibrated running averages.
 - Sampling inverts the flow with every batch norm's running averages (eval mode), not the official decoder(train=True).
 - The logit's input is alpha + (1 - 2 alpha) x~ (the official data_constraint); the paper writes alpha + (1 - alpha) x~.
 - tanh(s)'s learned scale is one scalar per coupling (official); the L2 penalty covers all (official: not channel-wise).
 - Every convolution of s and t has a weight-norm g, starting at ||v|| (official: some of them, v at its own scale).
-- Inside s and t, batch norm learns a scale besides the shift (official: shift only), and the official code's
-  doubling of the normalized input is left out.
+- In s and t, batch norm also learns a scale (official: shift only); the normalized input is not doubled (official: 2x).
 - Gradients are clipped at global norm 100, the official code's clip_gradient (the paper is silent).
 - Sampling temperature (--temperature T, z ~ N(0, T^2 I)) is Glow's (Kingma & Dhariwal 2018), not the paper's.
 - The paper does not give its number of updates; --steps 50,000 (53 epochs of Fashion-MNIST) is ours.
@@ -83,8 +79,7 @@ BN_MOMENTUM, BN_EPS = 0.1, 1e-4          # running averages and epsilon of every
 
 @dataclass
 class Config(common.RunConfig):
-    steps: int = arg(50_000, "optimizer steps (the paper does not say; 53 Fashion-MNIST epochs at batch 64)",
-                     run=True, min=0)
+    steps: int = arg(50_000, "optimizer steps (not in the paper; 53 Fashion-MNIST epochs at batch 64)", run=True, min=0)
     bpd: int = arg(0, "no training: bits/dim of the checkpoint on the first N test images, with the running "
                    "averages as saved and recalibrated (--recalibrate)", command=True, min=0)
     recalibrate: int = arg(100, "with --bpd: also the bits/dim with every batch norm's running averages replaced by "
@@ -94,8 +89,7 @@ class Config(common.RunConfig):
     temperature: float = arg(1.0, "standard deviation T of z ~ N(0, T^2 I) for grids, --eval-every and --sample "
                              "(1: the model; below 1: Glow's reduced temperature)", run=True, min=0)
     # The paper's hyper-parameters (section 4.1)
-    image_size: int = arg(0, "0: the dataset's own (28 Fashion-MNIST, 32 CIFAR-10); a multiple of 2^(scales - 1)",
-                          min=0)
+    image_size: int = arg(0, "0: the dataset's (28 Fashion-MNIST, 32 CIFAR-10); a multiple of 2^(scales - 1)", min=0)
     arch: str = arg("small", "small (CPU-sized, 3 scales for 28 x 28) | cifar10 (the paper's: 2 scales, 8 blocks, "
                     "64 feature maps) | tiny (tests)", choices=tuple(ARCHS))
     batch_size: int = arg(64, "minibatch size (global, shared among processes)", min=1)
@@ -179,8 +173,7 @@ class Coupling(nn.Module):
         self.st = ResNet(2 * cin + self.checkerboard, features, 2 * cout, blocks)
         self.scale = nn.Parameter(torch.tensor(0.0 if self.checkerboard else 1.0))   # official initial values
 
-    def s_t(self, x_cond):
-        """s and t of the conditioning part (b * x, or the conditioning half of the channels)."""
+    def s_t(self, x_cond):   # x_cond: b * x, or the conditioning half of the channels
         h = self.norm_in(x_cond)
         h = torch.cat([h, -h] + ([self.b.expand(len(h), -1, -1, -1)] if self.checkerboard else []), dim=1)
         t, s = self.st(F.relu(h)).to(x_cond.dtype).chunk(2, dim=1)   # float32 under autocast
@@ -262,8 +255,7 @@ def factor_out(h):
     return keep, z
 
 
-def factor_in(keep, z):
-    """The inverse of factor_out."""
+def factor_in(keep, z):   # the inverse of factor_out
     n, c2, height, width = keep.shape
     c = c2 // 2
     h = torch.stack([keep[:, :c], z[:, :c], z[:, c:], keep[:, c:]], dim=2)   # n x c x 4 x H x W
@@ -304,12 +296,11 @@ class RealNVP(nn.Module):
             f = features * 2 ** i
             if i == scales - 1:   # the last scale: 4 alternating checkerboards
                 layers = self._pairs(c, s, f, blocks, "checkerboard", (0, 1, 0, 1))
-                self.z_shapes.append((c, s, s))
             else:
                 layers = (self._pairs(c, s, f, blocks, "checkerboard", (0, 1, 0)) + [Squeeze()]
                           + self._pairs(4 * c, s // 2, 2 * f, blocks, "channel", (0, 1, 0)))
                 c, s = 2 * c, s // 2
-                self.z_shapes.append((c, s, s))
+            self.z_shapes.append((c, s, s))
             self.scales.append(nn.ModuleList(layers))
 
     @staticmethod
@@ -377,12 +368,10 @@ def evaluate_bpd(model: RealNVP, images: torch.Tensor, batch: int = 500, seed: i
              progress=None) -> float | None:
     """Bits/dim averaged over ``images`` (uint8 N x C x H x W), one seeded dequantization per image, the
     model in eval mode (running averages). None if ``should_stop()``."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     dims, total, t0 = math.prod(images.shape[1:]), 0.0, time.time()
-    try:
+    with common.eval_mode(model):
         for i in range(0, len(images), batch):
             if should_stop is not None and should_stop():
                 return None
@@ -390,8 +379,6 @@ def evaluate_bpd(model: RealNVP, images: torch.Tensor, batch: int = 500, seed: i
             total += bits_per_dim(-(log_prior(zs) + logdet), dims).sum().item()
             if progress:
                 progress(min(i + batch, len(images)), len(images), time.time() - t0)
-    finally:
-        model.train(was_training)
     return total / len(images)
 
 
@@ -400,34 +387,27 @@ def recalibrate(model: RealNVP, images: torch.Tensor, batches: int, batch_size: 
     """Replace every batch norm's running averages by the mean statistics of ``batches`` training minibatches
     (uint8 images drawn with a seeded generator, dequantized once): the model's test-time batch norm without
     the noise of a momentum-0.1 average. The weights are untouched; the model is left in eval mode."""
-    flow_norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
-    sums = {m: [0.0, 0.0] for m in flow_norms}
+    norms = [m for m in model.modules() if isinstance(m, (BatchNorm, nn.BatchNorm2d))]   # the flow's, s and t's
+    sums = {m: [0.0, 0.0] for m in norms}
 
-    def record(module, inputs, output):   # the flow's batch norms: the minibatch's mean and biased variance
-        sums[module][0] += inputs[0].mean(dim=(0, 2, 3))
-        sums[module][1] += inputs[0].var(dim=(0, 2, 3), unbiased=False)
+    def record(m, inputs, output):   # the minibatch's statistics as each keeps them (nn.BatchNorm2d: unbiased var)
+        sums[m][0] += inputs[0].mean(dim=(0, 2, 3))
+        sums[m][1] += inputs[0].var(dim=(0, 2, 3), unbiased=isinstance(m, nn.BatchNorm2d))
 
-    hooks = [m.register_forward_hook(record) for m in flow_norms]
-    inner = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in inner:                       # inside s and t: PyTorch's cumulative average over the minibatches
-        m.reset_running_stats()
-        m.momentum = None
+    hooks = [m.register_forward_hook(record) for m in norms]
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     model.train()
-    try:
-        for _ in range(batches):
-            x = images[torch.randint(0, len(images), (batch_size,), generator=g)].float()
-            model(dequantize(x, g).to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        for m in inner:
-            m.momentum = BN_MOMENTUM
-        model.eval()
-    for m in flow_norms:
+    for _ in range(batches):
+        x = images[torch.randint(0, len(images), (batch_size,), generator=g)].float()
+        model(dequantize(x, g).to(device))
+    model.eval()
+    for m, hook in zip(norms, hooks):
+        hook.remove()
         m.running_mean.copy_(sums[m][0] / batches)
         m.running_var.copy_(sums[m][1] / batches)
+        if isinstance(m, nn.BatchNorm2d):
+            m.num_batches_tracked.fill_(batches)   # as PyTorch's cumulative average counts them
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +425,6 @@ def train_step(model, opt, x, scales: list, cfg: Config, amp: torch.dtype | None
     if cfg.hflip:
         flip = torch.rand(len(x), device=x.device) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    dims = math.prod(x.shape[1:])
     with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
         zs, logdet = model(dequantize(x))
     nll = -(log_prior(zs) + logdet)                                    # -log p(x~), nats per image
@@ -457,7 +436,7 @@ def train_step(model, opt, x, scales: list, cfg: Config, amp: torch.dtype | None
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)   # no host sync: a tensor
     scaler.step(opt)
     scaler.update()
-    return {"bpd": bits_per_dim(nll.detach(), dims).mean(), "grad_norm": grad_norm}
+    return {"bpd": bits_per_dim(nll.detach(), math.prod(x.shape[1:])).mean(), "grad_norm": grad_norm}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,12 +449,8 @@ def sample(model: RealNVP, n: int, temperature: float = 1.0, generator=None, dev
     own pixel (rounding 255 x~ would move half of bin 0's mass to pixel 1)."""
     device = device or next(model.parameters()).device
     zs = [temperature * torch.randn((n, *shape), device=device, generator=generator) for shape in model.z_shapes]
-    was_training = model.training
-    model.eval()
-    try:
+    with common.eval_mode(model):
         return (256 * model.inverse(zs)).floor().clamp(0, 255) / 255
-    finally:
-        model.train(was_training)
 
 
 def load(path: str, device="cpu") -> RealNVP:
