@@ -74,20 +74,17 @@ ARCHS = {"tiny": (32, (1, 2), 1),              # for the tests and a first look
 class Config(common.RunConfig):
     steps: int = arg(100_000, "optimizer steps (the paper: 800,000 for CIFAR-10)", run=True, min=0)
     sample_every: int = arg(5000, "write a sample grid (--sampler) every N steps", run=True, min=1)
-    vlb: int = arg(0, "no training: L_vlb in bits/dim on the first N test images, with the checkpoint's EMA "
-                   "weights", command=True, min=0)
+    vlb: int = arg(0, "no training: L_vlb in bits/dim on the first N test images (EMA weights)", command=True, min=0)
     eval_vlb: int = arg(0, "with --eval-every: also L_vlb in bits/dim on the first N test images, to metrics.csv "
                         "(test_bpd)", run=True, min=0)
     # Sampling (grids, --eval-every, --sample): none of these changes the training
-    sampler: str = arg("ddpm", "ddpm (Algorithm 2, T steps) | ddim (--sample-steps steps)", run=True,
-                       choices=("ddpm", "ddim"))
+    sampler: str = arg("ddpm", "ddpm (Algorithm 2, T steps) | ddim (S steps)", run=True, choices=("ddpm", "ddim"))
     sample_steps: int = arg(50, "DDIM's S: steps of --sampler ddim", run=True, min=1)
     eta: float = arg(0.0, "DDIM's eta: 0 deterministic, 1 the ancestral sampler's noise", run=True, min=0, max=1)
     var: str = arg("beta", "sigma_t^2 of the reverse process: beta (the paper's CIFAR-10 choice) | beta-tilde",
                    run=True, choices=("beta", "beta-tilde"))
     # The paper's hyper-parameters (section 4, appendix B)
-    image_size: int = arg(0, "0: the dataset's own (28 Fashion-MNIST, 32 CIFAR-10); a multiple of "
-                          "2^(levels - 1)", min=0)
+    image_size: int = arg(0, "0: the dataset's (28 Fashion-MNIST, 32 CIFAR-10); a multiple of 2^(levels - 1)", min=0)
     arch: str = arg("small", "U-Net: small (CPU-sized, for 28 x 28) | cifar10 (the paper's, 35.7M parameters) | "
                     "tiny (tests)", choices=tuple(ARCHS))
     dropout: float = arg(0.1, "dropout in the ResNet blocks (the paper: 0.1 on CIFAR-10)", min=0, max=0.99)
@@ -121,8 +118,7 @@ class Diffusion:
         alpha = 1 - beta
         alpha_bar = torch.cumprod(alpha, 0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        beta_tilde = torch.zeros_like(beta)
-        beta_tilde[1:] = (1 - alpha_bar_prev[1:]) / (1 - alpha_bar[1:]) * beta[1:]    # eq. 7; beta_tilde_1 = 0
+        beta_tilde = (1 - alpha_bar_prev) / (1 - alpha_bar).clamp(min=1e-20) * beta   # eq. 7; beta_tilde_0, _1 = 0
         sigma2 = (beta if var == "beta" else beta_tilde).clone()
         sigma2[1] = beta_tilde[2]   # sigma_1 only enters L_0 (no noise is added at t = 1): official code, above
         wide = torch.float32 if torch.device(device).type == "mps" else torch.float64   # MPS has no float64
@@ -171,10 +167,8 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     inv_std = torch.exp(-log_scale)
     cdf_plus = std_normal.cdf(inv_std * (x - mean + 1 / 255))
     cdf_min = std_normal.cdf(inv_std * (x - mean - 1 / 255))
-    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
-    log_one_minus_cdf_min = (1 - cdf_min).clamp(min=1e-12).log()
-    log_probs = (cdf_plus - cdf_min).clamp(min=1e-12).log()
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_probs))
+    mass = torch.where(x < -0.999, cdf_plus, torch.where(x > 0.999, 1 - cdf_min, cdf_plus - cdf_min))
+    return mass.clamp(min=1e-12).log()
 
 
 @torch.no_grad()
@@ -279,22 +273,16 @@ class Attention(nn.Module):
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-class Down(nn.Module):
-    def __init__(self, ch: int):
+class Resample(nn.Module):
+    """Down: a stride-2 convolution 3x3; up: nearest-neighbour x2, then a convolution 3x3 (official)."""
+
+    def __init__(self, ch: int, up: bool):
         super().__init__()
-        self.conv = init_(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.up = up
+        self.conv = init_(nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1))
 
     def forward(self, x):
-        return self.conv(x)
-
-
-class Up(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = init_(nn.Conv2d(ch, ch, 3, padding=1))
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else x)
 
 
 class UNet(nn.Module):
@@ -306,8 +294,7 @@ class UNet(nn.Module):
 
     def __init__(self, channels: int, ch: int, ch_mult: tuple, num_res_blocks: int, attn: tuple, dropout: float):
         super().__init__()
-        tdim = 4 * ch
-        self.ch = ch
+        tdim, self.ch = 4 * ch, ch
         self.temb = nn.Sequential(init_(nn.Linear(ch, tdim)), nn.SiLU(), init_(nn.Linear(tdim, tdim)))
         self.head = init_(nn.Conv2d(channels, ch, 3, padding=1))
         self.down, skips, now = nn.ModuleList(), [ch], ch
@@ -317,7 +304,7 @@ class UNet(nn.Module):
                 now = ch * mult
                 skips.append(now)
             if level != len(ch_mult) - 1:
-                self.down.append(Down(now))
+                self.down.append(Resample(now, up=False))
                 skips.append(now)
         self.middle = nn.ModuleList([ResBlock(now, now, tdim, dropout), Attention(now),
                                      ResBlock(now, now, tdim, dropout)])
@@ -327,7 +314,7 @@ class UNet(nn.Module):
                 self.up.append(self._block(skips.pop() + now, ch * mult, tdim, dropout, level in attn))
                 now = ch * mult
             if level != 0:
-                self.up.append(Up(now))
+                self.up.append(Resample(now, up=True))
         self.tail = nn.Sequential(nn.GroupNorm(32, now), nn.SiLU(), init_(nn.Conv2d(now, channels, 3, padding=1), 0))
 
     @staticmethod
@@ -339,12 +326,11 @@ class UNet(nn.Module):
         h = self.head(x)
         hs = [h]
         for layer in self.down:
-            h = layer(h) if isinstance(layer, Down) else self._run(layer, h, temb)
+            h = layer(h) if isinstance(layer, Resample) else self._run(layer, h, temb)
             hs.append(h)
-        for layer in self.middle:
-            h = layer(h, temb)
+        h = self._run(self.middle, h, temb)
         for layer in self.up:
-            h = layer(h) if isinstance(layer, Up) else self._run(layer, torch.cat([h, hs.pop()], dim=1), temb)
+            h = layer(h) if isinstance(layer, Resample) else self._run(layer, torch.cat([h, hs.pop()], dim=1), temb)
         return self.tail(h)
 
     @staticmethod
@@ -355,9 +341,8 @@ class UNet(nn.Module):
 
 
 def attention_level(cfg: Config) -> int:
-    """--attn-level, where -1 takes the arch's: for cifar10 the level whose maps are 16 x 16, as the paper places
-    it (the level nearest to 16 at sizes without one); for small and tiny, whose levels at their sizes (28, 14, 7;
-    8, 4) have no 16 x 16, level 1. A checkpoint records the level it was built with."""
+    """--attn-level, where -1 takes the arch's: for cifar10 the level whose maps are 16 x 16, as the paper places it
+    (the level nearest to 16 at sizes without one); for small and tiny (levels 28, 14, 7; 8, 4: no 16 x 16), level 1."""
     levels = len(ARCHS[cfg.arch][1])
     if cfg.attn_level >= levels:
         raise common.UserError(f"--attn-level {cfg.attn_level}: --arch {cfg.arch} has levels 0 to {levels - 1}")
@@ -383,8 +368,7 @@ def image_size(cfg: Config) -> int:
 
 
 def beta_range(cfg: Config) -> tuple[float, float]:
-    """(beta_1, beta_T) of the linear schedule: as given, or (--beta-schedule scaled) times 1000 / T, below 1
-    (Nichol & Dhariwal 2021's linear schedule for any T)."""
+    """(beta_1, beta_T) as given, or times 1000 / T up to 0.999 (--beta-schedule scaled, Nichol & Dhariwal 2021)."""
     scale = 1000 / cfg.T if cfg.beta_schedule == "scaled" else 1.0
     return min(cfg.beta_1 * scale, 0.999), min(cfg.beta_T * scale, 0.999)
 
@@ -394,13 +378,11 @@ def beta_range(cfg: Config) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 class EMA:
     """Exponential moving average of the weights, theta_ema <- decay theta_ema + (1 - decay) theta, in one
-    fused foreach call per step (the official code's tf.train.ExponentialMovingAverage, no bias correction).
-    ``ema.model`` is a network of its own, saved in the checkpoint as the model "ema"."""
+    fused foreach call per step (the official code's tf.train.ExponentialMovingAverage, no bias correction)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self._ema, self._src = list(self.model.parameters()), list(model.parameters())
+        self.decay, self._ema, self._src = decay, list(self.model.parameters()), list(model.parameters())
 
     @torch.no_grad()
     def update(self) -> None:
@@ -436,8 +418,7 @@ def train_step(model, ema: EMA, opt, diffusion: Diffusion, x0, step: int, cfg: C
 @torch.no_grad()
 def sample(model, diffusion: Diffusion, n: int, shape: tuple, sampler: str = "ddpm", steps: int = 50,
            eta: float = 0.0, generator=None, device=None) -> torch.Tensor:
-    """n images in [-1, 1]. ``generator`` draws x_T and every z, in this order: the same generator state
-    gives the same images."""
+    """n images in [-1, 1]; ``generator`` draws x_T, then every z: the same generator state gives the same images."""
     device = device or next(model.parameters()).device
     randn = lambda: torch.randn((n, *shape), device=device, generator=generator)   # noqa: E731
     x = randn()                                                                     # x_T ~ N(0, I)
@@ -461,8 +442,7 @@ def sample(model, diffusion: Diffusion, n: int, shape: tuple, sampler: str = "dd
 
 
 def ddim_timesteps(T: int, S: int) -> list[int]:
-    """The S steps tau_1 < ... < tau_S of DDIM, evenly spaced from t = 1: 1 + floor(i T / S), i = 0..S-1 (where
-    S divides T, the DDIM code's uniform skip: 1, 1 + T/S, ...)."""
+    """DDIM's S steps tau_i = 1 + floor(i T / S), i = 0..S-1: the DDIM code's uniform skip where S divides T."""
     if S > T:
         raise common.UserError(f"--sample-steps {S}: at most --T ({T})")
     return [1 + i * T // S for i in range(S)]
