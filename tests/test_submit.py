@@ -51,8 +51,8 @@ def slurm():
         pytest.skip("sbatch not found: SLURM is not installed (bash tools/slurm/slurm-local-up.sh installs and "
                     "starts a one-node cluster, as root on Debian)")
     if os.geteuid() == 0:   # idempotent: 0.1 s when the cluster is up already
-        up = subprocess.run(["bash", str(ROOT / "tools" / "slurm-local-up.sh")], capture_output=True, text=True,
-                            timeout=300)
+        up = subprocess.run(["bash", str(ROOT / "tools" / "slurm" / "slurm-local-up.sh")], capture_output=True,
+                            text=True, timeout=300)
         if up.returncode != 0:
             pytest.fail(f"sbatch exists but tools/slurm/slurm-local-up.sh could not bring the cluster up:\n{up.stderr}",
                         pytrace=False)
