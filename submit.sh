@@ -11,6 +11,7 @@
 #   sbatch --time=4:00:00 --gres=gpu:a100:1 submit.sh ddpm # options given to sbatch override the
 #   sbatch -p long --mem=64G -c 16 submit.sh cyclegan      #   #SBATCH lines below, one by one
 #   GPUS=4 sbatch --gres=gpu:4 -c 32 --mem=128G submit.sh ddpm   # DDP: torchrun --standalone --nproc_per_node=4
+#   GPUS=8 sbatch --nodes=4 --gres=gpu:8 -c 64 submit.sh ddpm     # 4 nodes x 8 GPUs: srun, one torchrun per node
 #   VENV=~/venvs/gen sbatch submit.sh dcgan                # activate this venv in the job first
 #   MODULES="cuda/12.4 python/3.11" sbatch submit.sh vae   # `module load` these first
 #   DRY_RUN=1 bash submit.sh ddpm --steps 10               # check the name, print the command, run nothing
@@ -21,7 +22,12 @@
 # `sbatch --export=ALL,GPUS=4 ...`):
 #   GPUS=N      launch with torchrun on N GPUs of one node (only scripts whose
 #               docstring shows a torchrun command support DDP); also ask Slurm for
-#               them with --gres=gpu:N. Default 1: plain python.
+#               them with --gres=gpu:N. Default 1: plain python. With --nodes=K,
+#               N GPUs on each node: K*N processes share the global batch.
+#   RDZV_PORT=P more than one node: the port of torchrun's rendezvous on the first
+#               node (default 20000 + job id % 10000).
+#   MULTINODE=1 the launch of more than one node (srun, one torchrun per node, c10d
+#               rendezvous) on one node too: to try it before asking for more nodes.
 #   VENV=DIR    `source DIR/bin/activate` before running. Not needed when the venv or
 #               conda env is already active in the shell you run sbatch from: the job
 #               inherits its PATH.
@@ -60,6 +66,20 @@
 #   - --resume PATH in the arguments: PATH starts --out only while --out has no
 #     checkpoint of its own; every requeue after that continues --out's.
 #
+# More than one node (sbatch --nodes=K): this shell runs on the first node only.
+# It starts `srun`, which runs one torchrun per node; their c10d rendezvous is on
+# the first node. USR1 goes to the workers of the first node only: srun's task
+# there writes its pid (torchrun's) to a file, since they are no children of this
+# shell. The scripts' ranks agree on a stop every 10 steps, so a stop that reaches
+# any rank stops all of them at the same step, and rank 0 alone writes the
+# checkpoint. torchrun ignores USR1 on every node (no USR1 handler of its own: it
+# would die and orphan its workers), in case a USR1 reaches the whole job step
+# (`scancel --signal=USR1 <job>`; srun forwards any signal it gets to every
+# process of the step). SIGTERM reaches every process on every node from Slurm
+# (torchrun passes it to its workers and waits for them). --kill-on-bad-exit
+# ends every node when one fails; the workers exit 0 after a checkpoint, so do
+# torchrun and srun. torchrun reports a worker's exit 3 as 1: not requeued either.
+#
 # Job name: #SBATCH lines are read by sbatch before anything runs, so they cannot
 # compute a name from the arguments. Pass -J <script> to name the job and its log.
 # Without -J, the job is called "submit.sh" at submission; this script then
@@ -70,7 +90,8 @@
 #
 # Defaults for one GPU job; each can be overridden on the sbatch command line.
 #SBATCH --nodes=1                 # torchrun --standalone: one node, GPUS processes
-#SBATCH --ntasks=1                # one batch shell; torchrun starts the workers
+#SBATCH --ntasks-per-node=1       # one batch shell; --nodes=K: one torchrun per node (--ntasks=1
+                                  #   would make Slurm shrink --nodes=K to one node)
 #SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=8         # data loading and the python process
 #SBATCH --mem=32G
@@ -87,10 +108,15 @@
 # No $(...) below this point: bash 5.2 loses a trapped signal that arrives while
 # it expands some command substitutions (measured: "$(date) $(hostname)" lost
 # 14 USR1 out of 20, with "trap: unexpected EOF while looking for matching `)'").
-child=""            # pid of python (or torchrun)
+child=""            # pid of python (or torchrun, or srun)
 got_usr1=0          # the time limit is near: requeue once python has checkpointed
 got_stop=0          # preempted, requeued from outside or cancelled: Slurm decides
 pending_usr1=0      # USR1 came before python was started: pass it on after the start
+multinode=0         # srun runs one torchrun per node (section 2)
+pidfile=""          # with multinode: where srun's task on this node writes torchrun's pid
+# `cmd | mapfile -t array` runs mapfile in this shell: the way to read a command's
+# output here, as <(...) loses a trapped signal too (measured: 1 USR1 in 95).
+shopt -s lastpipe
 
 say() { printf '[submit.sh] %(%F %T)T %s\n' -1 "$*"; }
 say_n() { printf '[submit.sh] %(%F %T)T %s' -1 "$*"; }     # the command after it ends the line
@@ -133,16 +159,55 @@ on_usr1() {
     if [ -n "$child" ]; then pass_usr1; else pending_usr1=1; fi
 }
 pass_usr1() {
-    local pid targets=("$child")
-    if [ "$GPUS" -gt 1 ]; then
+    local pid launcher=$child targets=("$child")
+    if [ "$multinode" = 1 ]; then
+        if ! node_launcher; then
+            # Task 0 is not on this node, or this step sees another /tmp: srun
+            # passes USR1 to every process of its step on every node (torchrun
+            # ignores it; a worker without its handler yet ignores it too).
+            say "torchrun of this node not found in $pidfile: passing USR1 to srun, for every process of the step"
+            if kill -USR1 "$child" 2>/dev/null; then got_usr1=1; fi
+            return 0
+        fi
+    fi
+    if [ "$GPUS" -gt 1 ] || [ "$multinode" = 1 ]; then
         # torchrun has no USR1 handler, so USR1 would kill it and orphan its
         # workers: signal the workers, its children, instead.
-        mapfile -t targets < <(pgrep -P "$child")
+        workers "$launcher"
     fi
     for pid in "${targets[@]}"; do
         if send_usr1 "$pid"; then got_usr1=1; fi
     done
     [ "$got_usr1" = 1 ] || say "the trainer has ended by itself or not started its workers: nothing to signal"
+}
+# workers PID: PID's children (torchrun's workers) into `targets`, once PID has
+# started all GPUS of them (it may still be in the rendezvous, waiting for the
+# other nodes); up to 2 minutes, less if PID exits.
+workers() {
+    local i
+    targets=()
+    for ((i = 0; i < 600; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        # Not while PID is still a shell (before its exec, or a pyenv shim):
+        # its children then are no workers.
+        if ! [ "/proc/$1/exe" -ef "/proc/$$/exe" ]; then
+            pgrep -P "$1" | mapfile -t targets || true
+            [ "${#targets[@]}" -lt "$GPUS" ] || return 0
+        fi
+        sleep 0.2
+    done
+}
+# node_launcher: the pid of this node's torchrun, into `launcher`. Under srun it
+# is no descendant of this shell: srun's task 0, on this first node, writes it to
+# $pidfile. Waits up to 2 minutes while srun runs (it may still start the tasks).
+node_launcher() {
+    local i
+    for ((i = 0; i < 600; i++)); do
+        if [ -s "$pidfile" ] && read -r launcher < "$pidfile"; then return 0; fi
+        kill -0 "$child" 2>/dev/null || return 1
+        sleep 0.2
+    done
+    return 1
 }
 # shellcheck disable=SC2317
 on_stop() {
@@ -178,9 +243,11 @@ script=$REPO_DIR/$name.py
 
 GPUS=${GPUS:-1}
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { echo "submit.sh: GPUS must be a positive integer, not '$GPUS'" >&2; exit 2; }
-if [ "$GPUS" -gt 1 ]; then
+nodes=${SLURM_NNODES:-1}
+if [ "$nodes" -gt 1 ] || [ "${MULTINODE:-0}" = 1 ]; then multinode=1; fi
+if [ "$GPUS" -gt 1 ] || [ "$multinode" = 1 ]; then
     grep -q torchrun "$script" || {
-        echo "submit.sh: $name.py does not support DDP (its docstring shows no torchrun command); run it with GPUS=1" >&2
+        echo "submit.sh: $name.py does not support DDP (its docstring shows no torchrun command); run it on one node with GPUS=1" >&2
         exit 2; }
     if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
         IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
@@ -188,6 +255,31 @@ if [ "$GPUS" -gt 1 ]; then
             echo "submit.sh: GPUS=$GPUS but this job sees ${#visible[@]} GPU(s) (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES); submit with --gres=gpu:$GPUS" >&2
             exit 2; }
     fi
+fi
+if [ "$multinode" = 1 ]; then
+    [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_JOB_NODELIST:-}" ] || {
+        echo "submit.sh: more than one node (or MULTINODE=1) needs a Slurm job: sbatch --nodes=K submit.sh $name ..." >&2
+        exit 2; }
+    # The rendezvous is on the first node: the one this shell runs on.
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | mapfile -t hosts || hosts=()
+    [ "${#hosts[@]}" -gt 0 ] || {
+        echo "submit.sh: 'scontrol show hostnames $SLURM_JOB_NODELIST' names no node" >&2; exit 2; }
+    port=${RDZV_PORT:-$(( 20000 + SLURM_JOB_ID % 10000 ))}   # below the ephemeral ports
+    pidfile=${TMPDIR:-/tmp}/submit.sh-$SLURM_JOB_ID.pid
+    # srun's task on each node: ignore USR1 (see "More than one node" at the top;
+    # the workers inherit this until they install their handler), let task 0 (on
+    # this node) tell pass_usr1 its pid, and become torchrun (exec keeps the pid).
+    # shellcheck disable=SC2016  # expanded by the task's bash
+    per_node='trap "" USR1; if [ "$SLURM_PROCID" = 0 ]; then echo $$ > "$1.tmp" && mv -f "$1.tmp" "$1"; fi; shift; exec "$@"'
+    # --ntasks too: the job's SLURM_NTASKS would count any --ntasks-per-node given
+    # to sbatch; --cpus-per-task: srun of Slurm 22.05 does not inherit it;
+    # --export=ALL: this environment (venv, modules), also where sbatch had NONE.
+    cmd=(srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL
+         ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"}
+         bash -c "$per_node" submit.sh-node "$pidfile"
+         torchrun --nnodes="$nodes" --nproc_per_node="$GPUS" --rdzv_backend=c10d
+         --rdzv_endpoint="${hosts[0]}:$port" --rdzv_id="$SLURM_JOB_ID" "$script" --resume "$@")
+elif [ "$GPUS" -gt 1 ]; then
     cmd=(torchrun --standalone --nproc_per_node="$GPUS" "$script" --resume "$@")
 else
     cmd=(python -u "$script" --resume "$@")
@@ -243,15 +335,24 @@ fi
 say_n "python: "
 python -c 'import sys; print(sys.executable, sys.version.split()[0])'
 say "cwd: $PWD; OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+if [ "$multinode" = 1 ]; then
+    say "nodes: $nodes ($SLURM_JOB_NODELIST), $GPUS process(es) each; rendezvous on ${hosts[0]}:$port"
+fi
 say_n "log: "
 readlink /proc/$$/fd/1 || echo "?"
 printf -v line '%q ' "${cmd[@]}"
+if [ "$multinode" = 1 ]; then                    # the per-node script in '...', readable
+    printf -v quoted '%q' "$per_node"
+    readable=${per_node@Q}
+    line=${line/"$quoted"/"$readable"}           # quoted: bash 5.2 reads & in it as the match
+fi
 say "run: ${line% }"
 
 if [ "${DRY_RUN:-0}" = 1 ]; then exit 0; fi
 if [ "$got_stop" = 1 ]; then say "stop signal before the start: not starting"; exit 143; fi
 
 # ---- 4. run and wait ----------------------------------------------------------
+if [ "$multinode" = 1 ]; then rm -f "$pidfile"; fi   # a requeued job has the same id
 "${cmd[@]}" &
 child=$!
 if [ "$pending_usr1" = 1 ]; then pass_usr1; fi
@@ -260,6 +361,7 @@ if [ "$pending_usr1" = 1 ]; then pass_usr1; fi
 # keeps the status of an exited child, so the last `wait` returns it.
 while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
 rc=0; wait "$child" || rc=$?
+if [ "$multinode" = 1 ]; then rm -f "$pidfile"; fi
 
 # ---- 5. requeue or not ------------------------------------------------------
 if [ "$got_stop" = 1 ]; then
@@ -276,7 +378,9 @@ if [ "$got_usr1" = 1 ]; then
         exit "$rc"
     fi
     if [ "$rc" != 0 ] && [ "$rc" != 138 ]; then
-        say "trainer exited with status $rc after USR1: not requeueing"
+        why=""                  # torchrun exits 1 for any failed worker, exit 3 included
+        if [ "${cmd[0]}" != python ]; then why=" (a worker failed, or stopped before its first step)"; fi
+        say "trainer exited with status $rc after USR1$why: not requeueing"
         exit "$rc"
     fi
     if [ -z "${SLURM_JOB_ID:-}" ]; then say "checkpoint saved; not under SLURM, nothing to requeue"; exit 0; fi

@@ -10,7 +10,8 @@ Skipped only where `sbatch` is absent. Where it exists the cluster must be up: t
 runs tools/slurm/slurm-local-up.sh (as root), a no-op when the cluster is already up (.ci/run starts and
 stops it), and fails with its message otherwise; a cluster it started keeps running after pytest
 (stop it with tools/slurm/slurm-local-down.sh). The tests without SLURM (the command line, torchrun and
-USR1) always run.
+USR1) always run, and so does the launch on more than one node, with a stand-in srun that starts each
+"node" on this machine.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_state, launch_ddp, load
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBMIT = ROOT / "submit.sh"
@@ -51,8 +54,8 @@ def slurm():
         pytest.skip("sbatch not found: SLURM is not installed (bash tools/slurm/slurm-local-up.sh installs and "
                     "starts a one-node cluster, as root on Debian)")
     if os.geteuid() == 0:   # idempotent: 0.1 s when the cluster is up already
-        up = subprocess.run(["bash", str(ROOT / "tools" / "slurm-local-up.sh")], capture_output=True, text=True,
-                            timeout=300)
+        up = subprocess.run(["bash", str(ROOT / "tools" / "slurm" / "slurm-local-up.sh")], capture_output=True,
+                            text=True, timeout=300)
         if up.returncode != 0:
             pytest.fail(f"sbatch exists but tools/slurm/slurm-local-up.sh could not bring the cluster up:\n{up.stderr}",
                         pytrace=False)
@@ -65,10 +68,11 @@ def slurm():
 class Job:
     """A job submitted with `sbatch submit.sh ...` from ``folder``; cancelled on exit from a `with`."""
 
-    def __init__(self, folder: Path, *args: str, sbatch_opts: tuple = (), wrap: str | None = None):
+    def __init__(self, folder: Path, *args: str, sbatch_opts: tuple = (), wrap: str | None = None,
+                 env: dict | None = None):
         (folder / "logs").mkdir(exist_ok=True)   # Slurm cannot create the log folder itself
         what = ["--wrap", wrap] if wrap else [str(SUBMIT), *args]
-        proc = subprocess.run(["sbatch", "--parsable", *sbatch_opts, *what], cwd=folder, env=ENV,
+        proc = subprocess.run(["sbatch", "--parsable", *sbatch_opts, *what], cwd=folder, env={**ENV, **(env or {})},
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
         self.id = proc.stdout.strip().split(";")[0]
@@ -350,3 +354,171 @@ def test_usr1_before_any_progress_is_not_requeued(tmp_path):
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 3 and "made no progress in this job" in out and "requeueing job" not in out, out
+
+
+# ----------------------------------------------------------------------------------------------
+# more than one node: srun, one torchrun per node, the c10d rendezvous on the first
+# ----------------------------------------------------------------------------------------------
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# Stand-in for srun --nodes=N --ntasks-per-node=1 --kill-on-bad-exit=1 CMD: N copies of CMD on this machine,
+# SLURM_PROCID=0..N-1 (task 0 is on the "first node", where the batch shell runs); the first task to exit
+# non-zero ends the others (SIGTERM); exits with the highest status.
+echo "srun $*" >> "$FAKE_SLURM_LOG"
+n=1
+while [[ $1 == -* ]]; do case $1 in --nodes=*) n=${1#--nodes=} ;; esac; shift; done
+for ((i = 0; i < n; i++)); do SLURM_PROCID=$i SLURM_NODEID=$i SLURM_LOCALID=0 "$@" & done
+rc=0
+for ((i = 0; i < n; i++)); do
+    s=0; wait -n || s=$?
+    if [ "$s" != 0 ] && [ "$rc" = 0 ]; then kill -TERM $(jobs -p) 2>/dev/null; fi
+    if [ "$s" -gt "$rc" ]; then rc=$s; fi
+done
+exit "$rc"
+"""
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+echo "scontrol $*" >> "$FAKE_SLURM_LOG"
+case $1 in
+    show) printf '%s\n' $FAKE_HOSTS ;;     # scontrol show hostnames LIST
+    requeue) ;;
+    *) exit 1 ;;
+esac
+"""
+
+
+def fake_slurm(tmp_path: Path, hosts: str = "127.0.0.1 127.0.0.1", **env) -> dict:
+    """The environment of a batch shell on the first of the job's nodes, with a stand-in srun and scontrol
+    (their calls logged to tmp_path/slurm.log) first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {**ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(tmp_path / "slurm.log"),
+            "FAKE_HOSTS": hosts, "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[01-02]",
+            "TMPDIR": str(tmp_path), **env}
+
+
+def test_multinode_command_line(tmp_path):
+    """sbatch --nodes=2: srun runs one torchrun per node, the rendezvous on the first node; DRY_RUN prints it."""
+    repo = fake_repo(tmp_path)
+    env = fake_slurm(tmp_path, hosts="n01 n02", GPUS="4", SLURM_CPUS_PER_TASK="16", REPO_DIR=str(repo), DRY_RUN="1")
+    env.pop("OMP_NUM_THREADS")
+    proc = subprocess.run(["bash", str(SUBMIT), "ddpm", "--steps", "10"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nodes: 2 (n[01-02]), 4 process(es) each; rendezvous on n01:24242" in proc.stdout, proc.stdout
+    assert "OMP_NUM_THREADS=4" in proc.stdout, proc.stdout    # the node's CPUs shared by its 4 processes
+    per_node = """'trap "" USR1; if [ "$SLURM_PROCID" = 0 ]; then echo $$ > "$1.tmp" && mv -f "$1.tmp" "$1"; fi; """ \
+               """shift; exec "$@"'"""
+    assert (f"run: srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL "
+            f"--cpus-per-task=16 bash -c {per_node} submit.sh-node {tmp_path}/submit.sh-4242.pid "
+            f"torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=n01:24242 "
+            f"--rdzv_id=4242 {repo}/ddpm.py --resume --steps 10\n") in proc.stdout, proc.stdout
+    assert "srun" not in (tmp_path / "slurm.log").read_text()      # a dry run runs nothing
+    # RDZV_PORT; GPUS=1 is one process per node, still DDP; a script without DDP is refused
+    proc = subprocess.run(["bash", str(SUBMIT), "ddpm"], cwd=repo, env={**env, "RDZV_PORT": "29400", "GPUS": "1"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--nproc_per_node=1 --rdzv_backend=c10d --rdzv_endpoint=n01:29400" in proc.stdout
+    proc = subprocess.run(["bash", str(SUBMIT), "gan"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "gan.py does not support DDP" in proc.stderr, proc.stderr
+    # MULTINODE=1 outside a job: refused; on one node it is the same launch (the SLURM test below)
+    proc = submit_locally(repo, "ddpm", DRY_RUN="1", MULTINODE="1")
+    assert proc.returncode == 2 and "needs a Slurm job" in proc.stderr, proc.stderr
+
+
+def test_two_nodes_on_localhost_stop_together_and_resume_exactly(tmp_path):
+    """submit.sh's own multi-node launch, with a stand-in srun that starts both "nodes" on this machine: two
+    torchrun agents (--nnodes=2 --nproc_per_node=1) meet in the c10d rendezvous on 127.0.0.1. USR1 to the
+    batch shell, as Slurm sends it, goes to the first node's worker only; the ranks' agreement stops both
+    nodes at the same step, rank 0 writes the one checkpoint, everything exits 0 and the job is requeued.
+    The resumed two-node run then equals an uninterrupted two-process run, bit for bit."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = fake_slurm(tmp_path, RDZV_PORT=str(port))
+    small = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "16", "--ngf", "4", "--ndf", "4",
+             "--device", "cpu", "--sample-every", "100000", "--ckpt-every", "100000"]
+    out = tmp_path / "run"
+    log = tmp_path / "job.out"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["bash", str(SUBMIT), "dcgan", *small, "--steps", "1000000", "--log-every", "1",
+                                 "--out", str(out)], cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not re.search(r"^step 2/", log.read_text(), re.M):
+            assert time.time() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)            # what --signal=B:USR1@300 does
+        assert proc.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    saved = re.findall(r"^checkpoint saved at step (\d+)", text, re.M)
+    assert len(saved) == 1, text                     # rank 0 alone writes and prints
+    stopped = int(saved[0])
+    ckpt = load(out / "ckpt.pt")
+    # every rank's RNG state, gathered at the step the checkpoint names: both nodes stopped there
+    assert ckpt["step"] == stopped and ckpt["world"] == 2 and len(ckpt["rng"]) == 2
+    assert "checkpoint saved (status 0); requeueing job 4242" in text, text
+    calls = (tmp_path / "slurm.log").read_text()
+    assert "--rdzv_endpoint=127.0.0.1:" in calls and "scontrol requeue 4242" in calls, calls
+    assert not (tmp_path / "submit.sh-4242.pid").exists()
+    # the requeued job: the same two nodes resume
+    resumed = subprocess.run(["bash", str(SUBMIT), "dcgan", "--steps", str(stopped + 3), "--out", str(out)],
+                             cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
+                             timeout=180)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"training from step {stopped} (resumed)" in resumed.stdout, resumed.stdout
+    straight = launch_ddp("dcgan", *small, "--steps", stopped + 3, "--out", tmp_path / "straight", cwd=tmp_path)
+    text = straight.communicate(timeout=120)[0]
+    assert straight.returncode == 0, text
+    assert_same_state(load(tmp_path / "straight" / "ckpt.pt"), load(out / "ckpt.pt"))
+
+
+MULTI_STUB = '''"""Stand-in DDP trainer. Usage: torchrun --nproc_per_node=2 ddpm.py"""
+import os, signal, sys, time
+got = []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda s, f: got.append(s))
+restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+print(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} ready in run {restart}", flush=True)
+deadline = time.time() + 60
+while not got and time.time() < deadline:
+    time.sleep(0.02)
+time.sleep(0.5)        # a checkpoint takes a while: torchrun and srun must wait for it
+print(f"rank {os.environ['RANK']} checkpoint saved on {signal.Signals(got[0]).name if got else 'nothing'} "
+      f"in run {restart}", flush=True)
+'''
+
+
+def test_multinode_launch_on_slurm(slurm, tmp_path):
+    """The multi-node launch (MULTINODE=1 on the one local node: srun, torchrun with the c10d rendezvous, two
+    stand-in workers). USR1 (the time limit) comes as srun starts, before torchrun has started its workers:
+    submit.sh finds torchrun through the pid file of srun's task, waits for its workers and their handlers,
+    and signals them; they exit 0, and so do torchrun and srun: the job requeues itself. In the second run,
+    scancel's SIGTERM (as preemption's) reaches every process from Slurm; the workers save and the job is
+    CANCELLED, not requeued."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "ddpm.py").write_text(MULTI_STUB)
+    # --gres=none: the cluster's one (fake) GPU could not hold GPUS=2
+    with Job(tmp_path, "ddpm", "--steps", "5", sbatch_opts=("--gres=none", "-J", "ddpm"),
+             env={"REPO_DIR": str(repo), "MULTINODE": "1", "GPUS": "2"}) as job:
+        job.wait_for("srun to start", lambda: "run: srun" in job.log(), 60)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=30)
+        job.wait_for("the second run's workers", lambda: job.log().count("ready in run 1") == 2, 90)
+        log = job.log()
+        assert log.index("got USR1") < log.index("ready in run 0"), log    # before torchrun's workers
+        for rank in (0, 1):
+            assert f"rank {rank} checkpoint saved on SIGUSR1 in run 0" in log, log
+        assert f"checkpoint saved (status 0); requeueing job {job.id}" in log, log
+        assert re.search(r"run: srun .*--kill-on-bad-exit=1 .* torchrun --nnodes=1 --nproc_per_node=2 "
+                         r"--rdzv_backend=c10d --rdzv_endpoint=\S+:\d+ --rdzv_id=" + job.id, log), log
+        subprocess.run(["scancel", job.id], check=True, timeout=30)
+        info = job.wait_end(timeout=60)
+        log = job.log()
+        assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "1"), log
+        for rank in (0, 1):
+            assert f"rank {rank} checkpoint saved on SIGTERM in run 1" in log, log
+        assert log.count("requeueing job") == 1 and "got SIGTERM" in log, log
