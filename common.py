@@ -1,38 +1,21 @@
-"""Data and plumbing shared by every model script: no model, no loss, nothing a reader of a paper needs.
+"""Data and small run helpers shared by the model scripts: no model, no loss, no training loop.
 
-What lives here, in the order a training script calls it:
+Each script's train(cfg) calls these, in its own visible loop (dcgan.py shows the whole pattern):
+    ddp = common.Processes(cfg.device)           # torchrun's processes, or this one: rank, world, device
+    run = common.resolve_run(cfg, "dcgan", ddp)  # --out, --resume/--init, the config; refused before any write
+    stop = common.Stop(ddp)                      # SIGTERM/USR1/Ctrl-C: exit 3 during the set-up, then between steps
+    saved = dict(models=..., optimizers=..., data=..., state=...)   # the script names what a checkpoint holds
+    step = common.restore(run, **saved); common.open_run_folder(run); log = common.Log(run, step)
+    ...the loop: train_step, log.add / log.write, common.save_run(run, step, log, **saved)...
+    common.finish(run, step, log, stop, **saved)
+Each helper states its invariant in its docstring; none decides when anything happens. The user's version of
+the rules (resume, run folder, --sample) is docs/run-contract.md.
 
-    cfg = common.parse_config(Config)        # dataclass -> argparse; bad values refused in one line
-    run = common.Run(cfg, "dcgan")           # resolves --out/--resume/--init and the config; writes nothing
-    G, D = build(cfg, run.device)            # the script's own checks (e.g. --image-size) come before...
-    images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)   # ...and data errors too
-    batches = common.Batches(images, cfg.batch_size, cfg.seed, run.device)  # seeded epochs, resumable
-    # (translation: load_pairs / load_domains, and Batches(..., crop=, hflip=) for the random jitter)
-    run.track(models={...}, optimizers={...}, state={...}, data={"train": batches}, sample=fn)
-    step = run.start()                       # folder, lock, args.json, then the checkpoint (or --init)
-    while step < cfg.steps and not run.stop_requested:
-        ...one training step...; step += 1
-        run.end_step(step, losses)           # averages, metrics.csv, sample grid, checkpoint
-    run.finish(step)
-
-Resume semantics (README.md, "Resume and run folders", is the user's version):
-- ``--resume`` continues ``--out``'s checkpoint, or starts a new run there if it has none (so a requeued
-  job needs no edits). ``--resume PATH`` starts ``--out`` from PATH once; once ``--out`` has its own
-  checkpoint of the same run, that one is continued. A folder holding another run's checkpoint is never
-  written. Without ``--out``, ``--resume PATH`` uses PATH's folder as ``--out``.
-- Every config field not typed comes from the checkpoint. Typed fields marked ``run=True`` (where to
-  write, how often to log, how many steps) may differ; any other typed field that differs is refused.
-  Fields marked ``command=True`` (--resume, --init, --sample, --device...) belong to one command only.
-  A field the checkpoint lacks (written by an older script) takes its default, and says so.
-- ``--init PATH`` starts a new run whose model weights come from PATH; the fields not typed come from
-  PATH's config, the typed ones may differ (fine-tune on other data, lower the lr after a divergence).
-
-Checkpoint format 2 (one dict, loaded with ``weights_only=True``): ``script``, ``format``, ``run`` (an id
-kept across resumes), ``step``, ``time_s`` (training time so far), ``config``, ``models`` (plain
-state_dicts, without DDP's ``module.`` or torch.compile's ``_orig_mod.``), ``optimizers``, ``state``
-(registered tensors and objects with state_dict: schedulers, EMA, GradScaler, image pools; ``PerProcess`` for
-state that differs between torchrun processes), ``data``
-(epoch and index of every data stream) and ``rng`` (python, numpy, torch CPU and the run device's).
+Checkpoint format 2 (one dict, loaded with ``weights_only=True``): ``script``, ``format``, ``run`` (an id kept
+across resumes), ``step``, ``time_s`` (training time so far), ``world``, ``best_fid``, ``config``, ``models``
+(plain state_dicts, without DDP's ``module.`` or torch.compile's ``_orig_mod.``), ``optimizers``, ``state``
+(tensors and objects with state_dict: EMA, GradScaler, image pools...), ``data`` (epoch and index of every data
+stream) and ``rng`` (python, numpy, torch CPU and the run device's; a list, one per process, under torchrun).
 """
 from __future__ import annotations
 
@@ -232,6 +215,983 @@ def parse_config(cls, argv: list[str] | None = None):
     cfg = cls(**given)
     cfg.given = set(given)
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: small helpers that each script's train(cfg) calls in its visible loop, each holding one invariant
+# ----------------------------------------------------------------------------------------------
+EVAL_METRICS = ("fid", "kid", "prc")   # what --eval-metrics may name
+
+
+class Processes:
+    """The processes of a torchrun launch (WORLD_SIZE > 1), or the one process of `python script.py`, and the
+    device of this one. Rank 0 alone writes files; small flags and RNG states travel through a gloo group on
+    the CPU, so that agreeing on a stop costs one tiny message and never waits for the GPU."""
+
+    def __init__(self, device: str, connect: bool = True):
+        """``connect=False``: rank, world and device only, no process group (processes that work apart, such as
+        the shards of a --sample)."""
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.device, self.group, self.connected = pick_device(device), None, False
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            elif self.device.type != "cpu":
+                raise UserError(f"--device {device}: several processes need cuda (one GPU each) or cpu")
+            if connect:   # a long evaluation on rank 0 keeps the others waiting in their next collective
+                import datetime
+                import torch.distributed as dist
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                        timeout=datetime.timedelta(hours=1))
+                self.group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
+                self.connected = True
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True   # fixed shapes: cuDNN picks its fastest kernels once
+
+    @property
+    def device_ids(self) -> list[int] | None:
+        """DistributedDataParallel's device_ids: this process's GPU, or None on the CPU."""
+        return [self.device.index] if self.device.type == "cuda" else None
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any."""
+        if not self.connected:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+    def from_main(self, obj):
+        """Rank 0's ``obj``, on every rank."""
+        if not self.connected:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.connected:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The average of ``x`` over the ranks (on its device: NCCL for CUDA tensors)."""
+        if not self.connected:
+            return x
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)   # SUM: gloo has no AVG
+        return x / self.world
+
+    def close(self) -> None:
+        if self.connected:
+            import torch.distributed as dist
+            dist.barrier()   # a rank that leaves while another still talks aborts gloo
+            dist.destroy_process_group()
+            self.connected = False
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """Where a run lives and what it continues (``resolve_run``), and the facts its checkpoints carry from one
+    session to the next. Plain data: the script decides what happens to it, and when."""
+    cfg: object
+    script: str
+    ddp: Processes
+    out: Path
+    command: str | None = None       # the no-training command being run (--sample, --vlb...), None: training
+    ckpt: dict | None = None          # the checkpoint to continue (or sample from), until restore() has read it
+    init: dict | None = None          # --init's checkpoint, whose model weights start a new run
+    run_id: str = ""                  # the run's id, kept across resumes and folders
+    elapsed: float = 0.0              # training time of the earlier sessions, in seconds
+    best_fid: float = math.inf
+    start_step: int = 0               # the step this session started from
+    saved_step: int | None = None     # the step of the last checkpoint written (None: none yet in --out)
+    last_good: tuple | None = None    # (path, step) of the last checkpoint known to be finite
+    started: float = 0.0              # time.time() when this session's training began
+    seen: tuple | None = None         # (size, mtime) of ckpt.pt when resolved: did another process write it?
+    lock: object = None
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "ckpt.pt"
+
+    @property
+    def is_main(self) -> bool:
+        return self.ddp.rank == 0
+
+    def say(self, *args) -> None:
+        """print, on rank 0 only."""
+        if self.is_main:
+            print(*args, flush=True)
+
+    def time_s(self) -> float:
+        """Training time of the run so far, across resumes."""
+        return self.elapsed + time.time() - self.started
+
+
+def resolve_run(cfg, script: str, ddp: Processes, command: str | None = None) -> RunFolder:
+    """Decide, writing nothing, which run this is (README: "Resume and run folders"): --out (default
+    runs/<script>-<dataset>), the checkpoint it continues (or samples from) and the config, every field not
+    typed taken from that checkpoint and a typed one that changes what is computed refused, naming it.
+    ``command``: the flag of a no-training command (--sample...), which needs a checkpoint and never writes
+    the run folder. A folder that another process has locked is refused now, before any data is loaded."""
+    if command and cfg.sample and command != "--sample":
+        raise UserError(f"--sample and {command} are two commands: give one")
+    if command and command != "--sample" and ddp.world > 1:
+        raise UserError(f"{command} runs in one process: start it with python, not torchrun")
+    unknown = set(cfg.eval_metrics.split(",")) - set(EVAL_METRICS)
+    if unknown:
+        raise UserError(f"--eval-metrics {cfg.eval_metrics}: choose among {', '.join(EVAL_METRICS)}")
+    given = cfg.given
+    path = cfg.resume if cfg.resume not in (None, "auto") else None
+    if cfg.init and (path or command):
+        raise UserError(f"--init PATH starts a new run: it goes with neither --resume PATH nor {command or '--resume'}")
+    src = load_checkpoint(path, script) if path else None
+    init = load_checkpoint(cfg.init, script) if cfg.init else None
+    if init is not None:
+        _merge(cfg, init["config"], script, command, refuse=False, say=ddp.rank == 0)
+    if "out" not in given:   # PATH's run goes on in PATH's folder
+        cfg.out = str(Path(path).parent) if src else f"runs/{script}-{cfg.dataset}"
+    run = RunFolder(cfg, script, ddp, Path(cfg.out), command)
+    own = None
+    run.seen = _signature(run.ckpt_path)   # open_run_folder checks that no other process wrote it meanwhile
+    if run.ckpt_path.is_file():
+        same = path and Path(path).resolve() == run.ckpt_path.resolve()
+        own = src if same else load_checkpoint(run.ckpt_path, script)
+    if command:
+        run.ckpt = src or own
+        if run.ckpt is None:
+            raise UserError(f"{command} needs a checkpoint: none at {run.ckpt_path}; train first, or pass --resume "
+                            f"PATH or --out")
+    elif own is None:
+        run.ckpt, run.init = src, init
+        if cfg.resume == "auto":
+            run.say(f"no checkpoint in {cfg.out}: starting a new run")
+        elif src is not None:
+            run.say(f"starting {cfg.out} from {path} (step {src['step']})")
+    elif cfg.resume is None:
+        raise UserError(f"{run.ckpt_path} exists: pass --resume to continue it, or another --out")
+    elif src is not None and own is not src and own["run"] != src["run"]:
+        raise UserError(f"{run.ckpt_path} holds another run (step {own['step']}), which is never overwritten: pass "
+                        f"--out a new folder to start from {path}")
+    else:
+        run.ckpt = own
+        if src is not None and own is not src:
+            run.say(f"continuing {run.ckpt_path} (step {own['step']}), this run's own checkpoint: --resume {path} "
+                    f"only starts a folder that has none")
+        if init is not None:
+            run.say(f"continuing {run.ckpt_path}: --init applies only when a run starts")
+    if run.ckpt is not None:
+        _merge(cfg, run.ckpt["config"], script, command, refuse=True, say=ddp.rank == 0)
+    if not command and run.out.is_dir() and run.is_main:
+        _lock_folder(run)   # a busy folder is refused now, not after loading the data
+    return run
+
+
+def _merge(cfg, saved: dict, script: str, command: str | None, refuse: bool, say: bool) -> None:
+    """Take every field not typed from ``saved`` (a checkpoint's config); with ``refuse``, a typed field that
+    changes what is computed and differs from ``saved`` is an error. A command's --seed picks its samples."""
+    given = cfg.given
+    run_fields, command_fields = field_kinds(cfg)
+    free = run_fields | ({"seed"} if command else set())
+    clashes, predates = [], []
+    for f in dataclasses.fields(cfg):
+        name = f.name
+        if name in command_fields or name == "out":
+            continue
+        if name not in saved:
+            if name not in given:
+                if f.metadata.get("predates") is not None:
+                    setattr(cfg, name, f.metadata["predates"])
+                predates.append(f"--{name.replace('_', '-')} ({getattr(cfg, name)!r})")
+        elif name not in given:
+            setattr(cfg, name, saved[name])
+        elif refuse and name not in free and getattr(cfg, name) != saved[name]:
+            clashes.append(f"{name} {saved[name]!r} -> {getattr(cfg, name)!r}")
+    if clashes:
+        raise UserError(f"the checkpoint was trained with another config ({', '.join(clashes)}); drop those "
+                        f"flags to continue it, or start a new run with --init and another --out")
+    gone = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
+    if say and predates:
+        print(f"the checkpoint predates {', '.join(predates)}: using these values", flush=True)
+    if say and gone:
+        print(f"ignoring the checkpoint's {', '.join(gone)}: no longer a flag of {script}.py", flush=True)
+
+
+def _lock_folder(run: RunFolder) -> None:
+    """Hold an exclusive flock on <out>/.lock for this process's life: two jobs never write one folder."""
+    try:
+        run.lock = open(run.out / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to the run folder {run.out} ({e.strerror}); pass --out a writable "
+                        f"folder") from None
+    try:
+        fcntl.flock(run.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        run.lock.seek(0)
+        owner = run.lock.read().strip() or "?"
+        raise UserError(f"run folder {run.out} is in use by another process (pid {owner}); wait for it to end or "
+                        f"use another --out") from None
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise UserError(f"cannot lock the run folder {run.out}: its file system does not support flock "
+                            f"({e.strerror}; e.g. Lustre mounted without -o flock); put --out on a file system "
+                            f"that does (local disk, NFS, Lustre with flock)") from None
+        raise UserError(f"cannot lock the run folder {run.out} ({e.strerror})") from None
+    run.lock.seek(0)
+    run.lock.truncate()
+    run.lock.write(str(os.getpid()))
+    run.lock.flush()
+
+
+def open_run_folder(run: RunFolder) -> None:
+    """Create and lock --out (rank 0), refusing it if another process wrote its checkpoint since resolve_run,
+    remove what a killed save left, write args.json and say where training starts. Called once the
+    checkpoint has loaded: a run that fails before writes nothing."""
+    if run.is_main:
+        try:
+            (run.out / "samples").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write to the run folder {run.out} ({e.strerror}); pass --out a writable "
+                            f"folder") from None
+        if run.lock is None:
+            _lock_folder(run)
+        if _signature(run.ckpt_path) != run.seen:
+            raise UserError(f"{run.ckpt_path} was written by another process while this one was starting; nothing "
+                            f"was written: run the command again (with --resume to continue it)")
+        for partial in run.out.glob(".*.tmp[0-9]*"):   # what a SIGKILL mid-save left behind
+            partial.unlink()
+            run.say(f"removed {partial.name}, a partial file left by a killed process")
+        config = dataclasses.asdict(run.cfg)
+        (run.out / "args.json").write_text(json.dumps(config, indent=2) + "\n")
+        run.say(f"{run.script}: " + " ".join(f"{k}={v}" for k, v in config.items()))
+    if run.start_step >= run.cfg.steps:
+        run.say(f"already done at step {run.start_step} (--steps {run.cfg.steps})")
+    else:
+        run.say(f"training from step {run.start_step}" + (" (resumed)" if run.start_step else ""))
+
+
+class Stop:
+    """SIGTERM, SIGUSR1 (SLURM's time limit, preemption) and SIGINT ask the run to stop. During the set-up they
+    stop it at once (Stopped: nothing new to save, exit 3, which submit.sh does not requeue); after ``begin``
+    they set ``requested`` and the loop stops after its step, when ``agreed``: under torchrun every rank at
+    the same step. A second Ctrl-C kills."""
+    SYNC = 10   # steps between two agreements of the ranks on a stop
+
+    def __init__(self, ddp: Processes):
+        self.ddp, self.requested, self.signal, self.started = ddp, False, "", False
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        if not self.started:
+            raise Stopped(self.signal)   # loading data or state: nothing to save, stop at once
+        self.requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)   # a second Ctrl-C kills, even inside a long C call
+
+    def begin(self) -> None:
+        """From here a signal asks for a stop between steps. One that came during the set-up stops now, even if
+        its Stopped was lost: Python prints and drops an exception raised while a __del__ or a weakref callback
+        runs (seen with SIGUSR1 landing in an import's module-lock callback)."""
+        self.started = True
+        if self.signal and not self.requested:
+            raise Stopped(self.signal)
+
+    def agreed(self, step: int) -> bool:
+        """Whether the loop stops before this step: at once in one process; under torchrun, every SYNC steps,
+        the same answer on every rank (a signal reaches the ranks at different moments)."""
+        if self.ddp.world == 1:
+            return self.requested
+        return step % self.SYNC == 0 and self.ddp.agree(self.requested)
+
+
+def restore(run: RunFolder, models: dict, optimizers: dict, state: dict, data: dict) -> int:
+    """Load the checkpoint that resolve_run chose into what the script's ``saved`` names (or only --init's
+    model weights into ``models``) and return the step to start from (0 for a new run). Nothing is written."""
+    run.run_id, run.started = uuid.uuid4().hex, time.time()
+    ck, step = run.ckpt, 0
+    if ck is not None:
+        label = str(run.cfg.resume if run.cfg.resume not in (None, "auto") else run.ckpt_path)
+        load_models(run, **models)
+        try:
+            for name, opt in optimizers.items():
+                opt.load_state_dict(ck["optimizers"][name])
+            for name, stream in data.items():
+                stream.load_state_dict(ck["data"][name])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{label} does not match {run.script}.py's optimizers or data streams "
+                            f"({type(e).__name__}: {e}); nothing was written") from None
+        for name, obj in state.items():
+            _load_state(run, label, name, obj, ck["state"])
+        world = int(ck.get("world", 1))
+        if world != run.ddp.world:
+            run.say(f"the checkpoint was written by {world} process(es), this run has {run.ddp.world}: the global "
+                    f"batch and the data order are the same, the per-process noise and batch statistics are not, so "
+                    f"training goes on but not bit-identically to an uninterrupted run")
+        rng = ck["rng"]
+        set_rng_state(rng[min(run.ddp.rank, len(rng) - 1)] if isinstance(rng, list) else rng, run.ddp.device)
+        step, run.run_id = int(ck["step"]), ck["run"]
+        run.elapsed, run.best_fid = float(ck.get("time_s", 0.0)), float(ck.get("best_fid", math.inf))
+        run.last_good = (Path(label), step)
+    elif run.init is not None:
+        load_models(run, **models)
+        run.say(f"model weights from {run.cfg.init} (step {run.init['step']}), a new run")
+    # a run started from --resume PATH has no checkpoint of its own yet: finish() writes one
+    run.saved_step = None if step > 0 and not run.ckpt_path.is_file() else step
+    run.start_step, run.ckpt, run.init = step, None, None   # the CPU copies are freed
+    return step
+
+
+def _load_state(run: RunFolder, label: str, name: str, obj, saved: dict) -> None:
+    if name not in saved:
+        warn(f"the checkpoint has no {name} (an older version of {run.script}.py): it starts afresh")
+    elif isinstance(obj, torch.Tensor):
+        obj.copy_(saved[name])
+    elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() and not saved[name]:
+        run.say(f"the checkpoint ran without fp16 (its GradScaler was off): the loss scale starts at "
+                f"{obj.get_scale():g}")   # --amp may change on resume: bf16 or none -> fp16
+    else:
+        try:
+            obj.load_state_dict(saved[name])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{label}: its {name} does not fit {run.script}.py's ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}); nothing was written") from None
+
+
+def load_models(run: RunFolder, **models: torch.nn.Module) -> None:
+    """The weights of the checkpoint (or of --init's) into ``models``, by name; one that does not fit the config
+    is one line naming the config fields that differ."""
+    ck = run.ckpt if run.ckpt is not None else run.init
+    label = f"--init {run.cfg.init}" if ck is run.init else str(
+        run.cfg.resume if run.cfg.resume not in (None, "auto") else run.ckpt_path)
+    for name, model in models.items():
+        if name not in ck["models"]:
+            raise UserError(f"{label} has no model {name}; nothing was loaded")
+        try:
+            unwrap(model).load_state_dict(ck["models"][name])
+        except RuntimeError as e:
+            detail = str(e).strip().splitlines()[-1].strip()
+            _, command = field_kinds(run.cfg)
+            diff = [f"{k}={v!r} (now {getattr(run.cfg, k)!r})" for k, v in ck["config"].items()
+                    if k not in command and hasattr(run.cfg, k) and getattr(run.cfg, k) != v]
+            raise UserError(f"{label}: its {name} does not fit this config ({detail}); it was trained with "
+                            f"{', '.join(diff[:4]) or 'another version of the network'}") from None
+
+
+def save_run(run: RunFolder, step: int, log: Log | None, models: dict, optimizers: dict, state: dict, data: dict,
+             best: bool = False) -> None:
+    """Write ckpt.pt atomically (rank 0) with what the script's ``saved`` names, after checking that no loss
+    logged since the last write and no floating tensor of it (weights, buffers, optimizer moments, EMA...) is
+    NaN/inf: a diverged run never overwrites the last good checkpoint. Also best.pt (``best``), ckpt-<step>.pt
+    (--keep-every) and curves.png. Every rank calls it: their RNG states are gathered into it."""
+    rng = run.ddp.gather(rng_state(run.ddp.device))
+    ckpt = {"script": run.script, "format": CHECKPOINT_FORMAT, "run": run.run_id, "step": step,
+            "time_s": run.time_s(), "world": run.ddp.world, "best_fid": run.best_fid,
+            "config": dataclasses.asdict(run.cfg),
+            "models": {k: unwrap(m).state_dict() for k, m in models.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "state": {k: v if isinstance(v, torch.Tensor) else v.state_dict() for k, v in state.items()},
+            "data": {k: d.state_dict() for k, d in data.items()},
+            "rng": rng if run.ddp.world > 1 else rng[0]}
+    bad = nonfinite({"loss": log.pending() if log else {}, "models": ckpt["models"],
+                     "optimizers": ckpt["optimizers"], "state": ckpt["state"]}) if run.is_main else []
+    bad = run.ddp.from_main(bad)
+    if bad:
+        diverged(run, bad, step)
+    if run.is_main:
+        try:
+            save_checkpoint(ckpt, run.ckpt_path)
+        except OSError as e:
+            kept = f"the previous one (step {run.saved_step}) is intact" if run.saved_step is not None else "none was"
+            raise UserError(f"cannot write {run.ckpt_path} ({e.strerror}); {kept}: free space, then --resume") from None
+        if best:
+            _link_or_copy(run.ckpt_path, run.out / "best.pt")
+        if run.cfg.keep_every and step % run.cfg.keep_every == 0:
+            _link_or_copy(run.ckpt_path, run.out / f"ckpt-{step}.pt")
+        log.plot() if log else None
+    run.saved_step, run.last_good = step, (run.ckpt_path, step)
+
+
+def diverged(run: RunFolder, names: list[str], step: int) -> None:
+    """Stop a run whose losses or state became NaN/inf, with advice that works (the last good checkpoint is kept)."""
+    if run.last_good is not None:
+        path, good = run.last_good
+        advice = (f"the last good checkpoint, {path} (step {good}), is kept: continue from it with a lower learning "
+                  f"rate in a new run, e.g. --init {path} --lr <lower> --out <new folder>")
+    else:
+        advice = "no checkpoint was written yet: start again with a lower --lr or another --seed"
+    raise UserError(f"{', '.join(names[:3])} became NaN or inf by step {step}: training diverged; {advice}")
+
+
+def finish(run: RunFolder, step: int, log: Log, stop: Stop, models: dict, optimizers: dict, state: dict,
+           data: dict) -> None:
+    """After the loop: log and save the last step if the loop did not (the run ended, or a signal stopped it),
+    let the processes go, and say how the run ended. A stop before any new step raises Stopped (exit 3)."""
+    log.write(step)   # the losses since the last row (nothing when there are none)
+    if step != run.saved_step:
+        save_run(run, step, log, models, optimizers, state, data)
+    run.ddp.close()
+    if step >= run.cfg.steps:
+        if step > run.start_step:
+            run.say(f"done at step {step}: {run.ckpt_path}")
+    elif step > run.start_step:
+        run.say(f"checkpoint saved at step {step} ({stop.signal}); continue with --resume")
+    else:
+        raise Stopped(stop.signal)
+
+
+class Log:
+    """The losses of the steps since the last write, summed on the device (no host sync per step); ``write``
+    averages each over its steps and over the processes, stops a run whose losses became NaN/inf, prints a
+    line with the ETA and, on rank 0, appends a row to metrics.csv (stable columns: MetricsFile), whose rows
+    after the resumed step are dropped first. images/s counts training time only (``pause``)."""
+
+    def __init__(self, run: RunFolder, step: int):
+        self.run, self.sums, self.counts = run, {}, {}
+        self.metrics = MetricsFile(run.out / "metrics.csv")
+        if run.is_main:
+            self.metrics.rewind(step)
+        self.t_last, self.step_last = time.time(), step
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for k, v in losses.items():   # a key may come at some steps only: each has its own count
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pending(self) -> dict[str, torch.Tensor]:
+        """The averages not yet written (the checkpoint's NaN check covers them)."""
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+    def write(self, step: int) -> None:
+        if not self.sums:
+            return
+        names = list(self.sums)
+        means = self.run.ddp.mean(torch.stack([self.sums[k] / self.counts[k] for k in names]))
+        means = dict(zip(names, means.tolist()))
+        self.sums, self.counts = {}, {}
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            diverged(self.run, bad, step)
+        cfg, now = self.run.cfg, time.time()
+        rate = (step - self.step_last) * cfg.batch_size / max(now - self.t_last, 1e-9)
+        eta = (cfg.steps - step) * (now - self.t_last) / max(step - self.step_last, 1)
+        self.t_last, self.step_last = now, step
+        row = {"step": step, "time_s": round(self.run.time_s(), 2), "images_per_s": round(rate, 1),
+               **{k: f"{v:.6g}" for k, v in means.items()}}
+        if self.run.is_main:
+            self.metrics.write(row)
+        self.run.say(f"step {step}/{cfg.steps} | {duration(self.run.time_s())} | ETA {duration(eta)} | "
+                     + " | ".join(f"{k} {v}" for k, v in list(row.items())[2:]))
+
+    def scores(self, step: int, scores: dict[str, float], seconds: float) -> None:
+        """An evaluation's scores: a row of metrics.csv (rank 0) and a printed line; its time is not training's."""
+        self.pause(seconds)
+        if scores:
+            if self.run.is_main:
+                self.metrics.write({"step": step, "time_s": round(self.run.time_s(), 2),
+                                    **{k: f"{v:.6g}" for k, v in scores.items()}})
+            self.run.say(f"step {step}/{self.run.cfg.steps} | evaluation in {duration(seconds)} | "
+                         + " | ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
+    def pause(self, seconds: float) -> None:
+        """``seconds`` spent on something else than training: left out of images/s."""
+        self.t_last += seconds
+
+    def plot(self) -> None:
+        try:
+            self.metrics.plot(self.run.out / "curves.png")
+        except ImportError:
+            if not getattr(self, "_told", False):
+                warn("no curves.png: pip install matplotlib")
+                self._told = True
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module):
+    """``models`` in eval mode and no gradient, then back to their modes: drawing a sample grid or an evaluation
+    changes nothing (no batch-norm statistics, no dropout)."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.csv and curves.png
+# ----------------------------------------------------------------------------------------------
+class MetricsFile:
+    """metrics.csv with stable, named columns: the union of every key logged so far, in order of first
+    appearance. A new key (FID every N steps, a test NLL) adds a column and rewrites the file once;
+    a row without a key leaves its cell empty. ``rewind(step)`` drops the rows after a resumed step."""
+
+    def __init__(self, path: Path):
+        self.path, self.columns = path, []
+
+    def _read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            self.columns = list(reader.fieldnames or [])
+        return rows
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def rewind(self, step: int) -> None:
+        rows = self._read()
+        kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        if len(kept) != len(rows):
+            self._rewrite(kept)
+
+    def write(self, row: dict) -> None:
+        new = [k for k in row if k not in self.columns]
+        if new or not self.path.is_file():
+            rows = self._read()
+            self.columns += [k for k in row if k not in self.columns]
+            self._rewrite(rows + [row])
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(row)
+
+    def plot(self, path: Path) -> None:
+        """curves.png: one panel per logged quantity against the step (matplotlib, drawn off-screen)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        rows = self._read()
+        names = [c for c in self.columns if c not in ("step", "time_s")]
+        if not rows or not names:
+            return
+        cols = min(3, len(names))
+        fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(names) / cols)),
+                                 squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            points = [(int(r["step"]), float(r[name])) for r in rows if r.get(name) not in ("", None)]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in axes.flat[len(names):]:
+            ax.axis("off")
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        fig.savefig(tmp, dpi=80, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: atomic save, safe load, plain model keys, RNG states
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(state, path: str | Path) -> None:
+    """Write ``state`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    ``os.replace`` is atomic on POSIX: a crash at any moment leaves either the old file or the new one
+    (and, after a SIGKILL mid-write, a ``.<name>.tmp<pid>`` file that the next Run removes).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path, script: str) -> dict:
+    """Load a checkpoint as data (``weights_only=True``), refusing corrupt files and other scripts' ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is corrupt or truncated, or not a checkpoint ({type(e).__name__}); "
+                        f"nothing was loaded") from None
+    if not isinstance(ckpt, dict) or "script" not in ckpt or "models" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project; nothing was loaded")
+    if ckpt.get("format", 1) < CHECKPOINT_FORMAT:
+        raise UserError(f"{path} was written by an older version of this project (checkpoint format "
+                        f"{ckpt.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}): continue it with that version")
+    missing = [k for k in ("step", "config", "optimizers", "data", "rng", "run") if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path} is incomplete (no {', '.join(missing) or 'config'}); nothing was loaded")
+    if ckpt["script"] != script:
+        raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py: use it with "
+                        f"{ckpt['script']}.py, or use another --out")
+    return ckpt
+
+
+def load_config(cls, path: str | Path, script: str):
+    """(config, checkpoint) of a checkpoint: its saved fields, and the defaults of fields it predates.
+    For using a trained model from Python (each script's ``load``)."""
+    ckpt = load_checkpoint(path, script)
+    fields = {f.name: f.metadata.get("predates") for f in dataclasses.fields(cls)}
+    config = {k: v for k, v in fields.items() if v is not None} | ckpt["config"]
+    return cls(**{k: v for k, v in config.items() if k in fields}), ckpt
+
+
+def _signature(path: Path):
+    """(size, mtime) of a file, None if it does not exist: tells whether it changed in between."""
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP / DataParallel and torch.compile wrappers (their state_dict keys carry
+    ``module.`` and ``_orig_mod.`` prefixes that a plain model would not load)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _floating_tensors(tree, name: str = ""):
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            yield name, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _floating_tensors(v, f"{name}/{k}" if name else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _floating_tensors(v, f"{name}/{i}")
+
+
+def nonfinite(tree) -> list[str]:
+    """Names of the floating tensors in a nested dict/list that hold a NaN or an inf (one host sync per
+    device, not one per tensor)."""
+    by_device: dict = {}
+    for name, t in _floating_tensors(tree):
+        names, flags = by_device.setdefault(t.device, ([], []))
+        names.append(name)
+        flags.append(torch.isfinite(t.detach()).all())
+    bad = []
+    for names, flags in by_device.values():
+        ok = torch.stack(flags).cpu()
+        bad += [n for n, good in zip(names, ok.tolist()) if not good]
+    return bad
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """Python, numpy and torch CPU generators, and the run device's (CUDA or MPS) generator."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "gauss": gauss}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device is not None and device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    kind = device.type if device is not None else "cpu"
+    saved = "cuda" if "cuda" in state else "mps" if "mps" in state else "cpu"
+    if saved != kind:
+        warn(f"the checkpoint was written on {saved} and this run is on {kind}: its {kind if kind != 'cpu' else saved} "
+             f"random generator is not restored, so the noise differs from an uninterrupted run")
+    elif kind == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif kind == "mps":
+        torch.mps.set_rng_state(state["mps"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not mps:
+        raise UserError(f"--device {name} asked for, but MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def amp_dtype(amp, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --amp: None (off), bf16 (no loss scaling needed) or fp16 (with a GradScaler);
+    auto is bf16 where the device has it. A checkpoint written before --amp took a value holds True or False."""
+    amp = {True: "auto", False: "off"}.get(amp, amp)
+    bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if amp == "bf16" and not bf16:
+        raise UserError(f"--amp bf16: {device.type} has no bf16 here; use --amp fp16 (or --amp alone)")
+    if amp == "auto":
+        amp = "bf16" if bf16 else "fp16"
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` (a hard link where the file system allows: no extra space),
+    replaced atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images out: sample grids and --sample output
+# ----------------------------------------------------------------------------------------------
+def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """Float images in ``value_range`` -> uint8 N x C x H x W on the CPU."""
+    low, high = value_range
+    x = (images.detach().float().cpu() - low) * (255.0 / (high - low))
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
+              value_range: tuple[float, float] = (-1.0, 1.0), padding: int = 2) -> None:
+    """Write a batch as one PNG grid (``nrow`` images a row, square by default)."""
+    from PIL import Image
+    x = to_uint8(images, value_range)
+    n, c, h, w = x.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros(c, rows * (h + padding) + padding, nrow * (w + padding) + padding, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + k * (w + padding)
+        grid[:, top:top + h, left:left + w] = x[i]
+    array = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
+
+
+SAMPLE_MARK = ".written-by-sample"  # in every --sample folder: only such a folder is ever emptied
+
+
+def prepare_output(path: str | Path, key: str | None = None) -> Path:
+    """Check, before anything is generated, that ``path`` (a .npz file or a folder of PNGs) can be written.
+
+    A folder must be new, empty, or an earlier --sample's output (it holds SAMPLE_MARK and numbered
+    PNGs, or class_<k>/ folders of them), which is emptied: fid.py reads every image of a folder, so stale
+    or foreign images would be mixed in. Any other folder is refused, never emptied. With ``key`` (what the
+    images are drawn from), a folder whose mark holds the same key is kept as it is: an interrupted --sample
+    continues it. Several
+    processes may prepare one folder at once (a lock on the folder makes one of them empty it, once).
+    """
+    path = Path(path)
+    flag = f"--sample-out {path}"
+    npz = path.suffix.lower() == ".npz"
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"{flag}: give a folder (one PNG per image) or a .npz file, not an image name")
+    folder = path.parent if npz else path
+    if npz and path.is_dir():
+        raise UserError(f"{flag} is a folder; give a .npz file name or a folder without the .npz suffix")
+    if not npz and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} is an existing file; give a folder or a .npz file")
+    make_writable(folder, flag)
+    if npz:
+        return path
+    lock = os.open(path, os.O_RDONLY)   # flock on the folder itself: no file of ours in a foreign folder
+    try:
+        with contextlib.suppress(OSError):   # no flock on this file system: shards started at once may race
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = list(path.iterdir())
+        numbered = lambda e: e.suffix in (".png", ".part") and e.name.split(".")[0].isdigit()   # noqa: E731
+        ours = (path / SAMPLE_MARK).is_file() and all(
+            e.name == SAMPLE_MARK or numbered(e) or (e.is_dir() and e.name.startswith("class_")
+                                                     and all(numbered(f) for f in e.iterdir())) for e in entries)
+        if entries and not ours:
+            names = sorted(e.name for e in entries)
+            raise UserError(f"{flag} holds files that an earlier --sample did not write ({', '.join(names[:3])}); "
+                            f"fid.py would mix them with the samples: choose a new or empty folder")
+        mark = f"written by --sample: the next --sample into this folder replaces it\n{key or ''}\n"
+        if key is None or not ours or (path / SAMPLE_MARK).read_text() != mark:
+            for e in entries:
+                shutil.rmtree(e) if e.is_dir() else e.unlink()
+            (path / SAMPLE_MARK).write_text(mark)
+    finally:
+        os.close(lock)
+    return path
+
+
+def save_images(batches, path: str | Path, value_range: tuple[float, float] = (-1.0, 1.0)) -> int:
+    """Write generated images, batch by batch: one PNG each in a folder, or one .npz (key ``images``,
+    uint8 N x H x W x C) when ``path`` ends in .npz. The destination is checked (``prepare_output``)
+    before the first batch is drawn. Returns how many were written."""
+    from PIL import Image
+    path = prepare_output(path)
+    npz = path.suffix.lower() == ".npz"
+    kept, n = [], 0
+    for batch in batches:
+        x = to_uint8(batch, value_range).permute(0, 2, 3, 1).numpy()
+        if npz:
+            kept.append(x)
+            continue
+        for image in x:
+            Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path / f"{n:06d}.png")
+            n += 1
+    if npz:
+        n = save_npz(np.concatenate(kept), path)
+    return n
+
+
+def save_npz(images: np.ndarray, path: Path, **arrays) -> int:
+    """uint8 N x H x W x C images as ``path`` (key ``images``; ``arrays`` beside them: labels, the subset they
+    come from), written atomically; returns N."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(images)
+
+
+def write_images(run: RunFolder, batches, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
+    """--sample in one process: the batches to --sample-out (default <out>/generated), checked before the first
+    one is drawn (prepare_output)."""
+    if run.ddp.world > 1:
+        raise UserError(f"--sample of {run.script}.py runs in one process: start it with python, not torchrun")
+    out = Path(run.cfg.sample_out or run.out / "generated")
+    n = save_images(batches, out, value_range)
+    run.say(f"wrote {n} images to {out}")
+    return out
+
+
+def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict, stop: Stop,
+                  value_range: tuple[float, float] = (-1.0, 1.0), classes: int = 0) -> bool:
+    """--sample N in fixed batches, split among processes and resumable. Batch j (images j * batch ...) is
+    ``draw(size, generator)`` with a generator seeded from (--seed, j) (numpy's SeedSequence: a 32-bit seed,
+    since the CPU generator keeps 32 bits of any seed), so image i is the same whatever the split and however
+    often the command was stopped. Shard s of k (torchrun's rank and the SLURM array task: ``torchrun
+    --nproc_per_node=4`` or ``sbatch --array=0-9``, or both) draws the batches j = s mod k whose PNGs are not
+    all in the folder yet. A stop signal ends it after the current batch (exit 0: the same command continues;
+    submit.sh requeues it). ``key`` (what else fixes the images: sampler settings) goes into the folder's mark
+    with the checkpoint, N, the batch and --seed: a folder drawn from anything else is replaced, never mixed.
+    A .npz is written whole by one process. A conditional model (``classes`` K): image i is of class i mod K (or
+    --class c), ``draw(size, generator, labels)``, N/K per class, PNGs under class_<k>/, and a ``labels`` array
+    in the .npz, which also records the --per-class subset the model was trained on. Returns whether this
+    process drew all of its share (False: a signal stopped it)."""
+    cfg, ddp = run.cfg, run.ddp
+    one = getattr(cfg, "class_", -1) if getattr(cfg, "class_", -1) >= 0 else None
+    if classes and one is None and n % classes:
+        raise UserError(f"--sample {n}: a conditional model writes N/K images of each of its {classes} classes; "
+                        f"give a multiple of {classes} (or --class c)")
+    label = lambda i: one if one is not None else i % max(classes, 1)   # noqa: E731
+    out = Path(cfg.sample_out or run.out / "generated")
+    array = os.environ.get("SLURM_ARRAY_TASK_ID")
+    task = (int(array) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
+        os.environ.get("SLURM_ARRAY_TASK_STEP", 1)) if array else 0
+    shard, shards = task * ddp.world + ddp.rank, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) * ddp.world
+    npz = out.suffix.lower() == ".npz"
+    if npz and shards > 1:
+        raise UserError(f"--sample-out {out}: a .npz is written by one process; give a folder to split --sample "
+                        f"among {shards} processes or array tasks")
+    key = {"checkpoint": f"{run.ckpt['run']}@{run.ckpt['step']}", "n": n, "batch": batch, "seed": cfg.seed,
+           "class": one, **key}
+    prepare_output(out, key=None if npz else json.dumps(key, sort_keys=True))
+    indices = lambda j: range(j * batch, min(n, (j + 1) * batch))   # noqa: E731
+    names = lambda j: [out / (f"class_{label(i)}" if classes else "") / f"{i:06d}.png" for i in indices(j)]  # noqa
+    mine = range(shard, math.ceil(n / batch), shards)
+    todo = [j for j in mine if npz or not all(p.is_file() for p in names(j))]
+    total = sum(len(names(j)) for j in todo)
+    where = f" (shard {shard + 1} of {shards})" if shards > 1 else ""
+    stop.begin()
+    done, kept, t0 = 0, [], time.time()
+    print(f"--sample {n}{where}: {total} images to draw" + (f", {sum(len(names(j)) for j in mine) - total} "
+          f"already in {out}" if len(todo) < len(mine) else ""), flush=True)
+    with torch.no_grad():
+        for j in todo:
+            seed = int(np.random.SeedSequence([cfg.seed, j]).generate_state(1)[0])
+            g = torch.Generator(ddp.device).manual_seed(seed)
+            y = torch.tensor([label(i) for i in indices(j)], device=ddp.device)
+            images = draw(len(y), g, y) if classes else draw(len(y), g)
+            images = to_uint8(images, value_range).permute(0, 2, 3, 1).numpy()
+            if npz:
+                kept.append(images)
+            for path, image in zip([] if npz else names(j), images):
+                path.parent.mkdir(exist_ok=True)
+                write_png(image, path, path.with_name(path.name + ".part"))   # prepare_output knows .part
+            done += len(images)
+            elapsed = time.time() - t0
+            print(f"--sample{where}: {done}/{total} | {duration(elapsed)} | "
+                  f"ETA {duration(elapsed * (total - done) / done)}", flush=True)
+            if stop.requested:   # checked after the batch: one that has begun is always written
+                break
+    if stop.requested and done < total:
+        if npz:
+            raise Stopped(stop.signal)   # nothing written: a .npz is all or nothing
+        print(f"stopped by {stop.signal} after {done} images: the same command continues", flush=True)
+        return False
+    if npz:
+        subset = {k: getattr(cfg, k) for k in ("per_class", "subset_seed") if getattr(cfg, k, 0)}
+        save_npz(np.concatenate(kept), out, **({"labels": np.array([label(i) for i in range(n)])} if classes else {}),
+                 **subset)
+        print(f"wrote {n} images to {out}", flush=True)
+        return True
+    present = sum(p.is_file() for j in range(math.ceil(n / batch)) for p in names(j))
+    print(f"wrote {done} images to {out}" + ("" if present == n else
+          f"; {present}/{n} are there: the other shards write the rest"), flush=True)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,1685 +1712,3 @@ class Batches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
-
-
-# ----------------------------------------------------------------------------------------------
-# Images out: sample grids and --sample output
-# ----------------------------------------------------------------------------------------------
-def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
-    """Float images in ``value_range`` -> uint8 N x C x H x W on the CPU."""
-    low, high = value_range
-    x = (images.detach().float().cpu() - low) * (255.0 / (high - low))
-    return x.round().clamp(0, 255).to(torch.uint8)
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
-              value_range: tuple[float, float] = (-1.0, 1.0), padding: int = 2) -> None:
-    """Write a batch as one PNG grid (``nrow`` images a row, square by default)."""
-    from PIL import Image
-    x = to_uint8(images, value_range)
-    n, c, h, w = x.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = torch.zeros(c, rows * (h + padding) + padding, nrow * (w + padding) + padding, dtype=torch.uint8)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + k * (w + padding)
-        grid[:, top:top + h, left:left + w] = x[i]
-    array = grid.permute(1, 2, 0).numpy()
-    Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
-
-
-SAMPLE_MARK = ".written-by-sample"  # in every --sample folder: only such a folder is ever emptied
-
-
-def prepare_output(path: str | Path, key: str | None = None) -> Path:
-    """Check, before anything is generated, that ``path`` (a .npz file or a folder of PNGs) can be written.
-
-    A folder must be new, empty, or an earlier --sample's output (it holds SAMPLE_MARK and numbered
-    PNGs, or class_<k>/ folders of them), which is emptied: fid.py reads every image of a folder, so stale
-    or foreign images would be mixed in. Any other folder is refused, never emptied. With ``key`` (what the
-    images are drawn from), a folder whose mark holds the same key is kept as it is: an interrupted --sample
-    continues it. Several
-    processes may prepare one folder at once (a lock on the folder makes one of them empty it, once).
-    """
-    path = Path(path)
-    flag = f"--sample-out {path}"
-    npz = path.suffix.lower() == ".npz"
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        raise UserError(f"{flag}: give a folder (one PNG per image) or a .npz file, not an image name")
-    folder = path.parent if npz else path
-    if npz and path.is_dir():
-        raise UserError(f"{flag} is a folder; give a .npz file name or a folder without the .npz suffix")
-    if not npz and path.exists() and not path.is_dir():
-        raise UserError(f"{flag} is an existing file; give a folder or a .npz file")
-    make_writable(folder, flag)
-    if npz:
-        return path
-    lock = os.open(path, os.O_RDONLY)   # flock on the folder itself: no file of ours in a foreign folder
-    try:
-        with contextlib.suppress(OSError):   # no flock on this file system: shards started at once may race
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        entries = list(path.iterdir())
-        numbered = lambda e: e.suffix in (".png", ".part") and e.name.split(".")[0].isdigit()   # noqa: E731
-        ours = (path / SAMPLE_MARK).is_file() and all(
-            e.name == SAMPLE_MARK or numbered(e) or (e.is_dir() and e.name.startswith("class_")
-                                                     and all(numbered(f) for f in e.iterdir())) for e in entries)
-        if entries and not ours:
-            names = sorted(e.name for e in entries)
-            raise UserError(f"{flag} holds files that an earlier --sample did not write ({', '.join(names[:3])}); "
-                            f"fid.py would mix them with the samples: choose a new or empty folder")
-        mark = f"written by --sample: the next --sample into this folder replaces it\n{key or ''}\n"
-        if key is None or not ours or (path / SAMPLE_MARK).read_text() != mark:
-            for e in entries:
-                shutil.rmtree(e) if e.is_dir() else e.unlink()
-            (path / SAMPLE_MARK).write_text(mark)
-    finally:
-        os.close(lock)
-    return path
-
-
-def save_images(batches, path: str | Path, value_range: tuple[float, float] = (-1.0, 1.0)) -> int:
-    """Write generated images, batch by batch: one PNG each in a folder, or one .npz (key ``images``,
-    uint8 N x H x W x C) when ``path`` ends in .npz. The destination is checked (``prepare_output``)
-    before the first batch is drawn. Returns how many were written."""
-    from PIL import Image
-    path = prepare_output(path)
-    npz = path.suffix.lower() == ".npz"
-    kept, n = [], 0
-    for batch in batches:
-        x = to_uint8(batch, value_range).permute(0, 2, 3, 1).numpy()
-        if npz:
-            kept.append(x)
-            continue
-        for image in x:
-            Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path / f"{n:06d}.png")
-            n += 1
-    if npz:
-        n = save_npz(np.concatenate(kept), path)
-    return n
-
-
-def save_npz(images: np.ndarray, path: Path, **arrays) -> int:
-    """uint8 N x H x W x C images as ``path`` (key ``images``; ``arrays`` beside them: labels, the subset they
-    come from), written atomically; returns N."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, images=images, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return len(images)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: atomic save, safe load, plain model keys, RNG states
-# ----------------------------------------------------------------------------------------------
-def save_checkpoint(state, path: str | Path) -> None:
-    """Write ``state`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    ``os.replace`` is atomic on POSIX: a crash at any moment leaves either the old file or the new one
-    (and, after a SIGKILL mid-write, a ``.<name>.tmp<pid>`` file that the next Run removes).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: str | Path, script: str) -> dict:
-    """Load a checkpoint as data (``weights_only=True``), refusing corrupt files and other scripts' ones."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is corrupt or truncated, or not a checkpoint ({type(e).__name__}); "
-                        f"nothing was loaded") from None
-    if not isinstance(ckpt, dict) or "script" not in ckpt or "models" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this project; nothing was loaded")
-    missing = [k for k in ("step", "config", "optimizers", "data", "rng") if k not in ckpt]
-    if missing or not isinstance(ckpt["config"], dict):
-        raise UserError(f"{path} is incomplete (no {', '.join(missing) or 'config'}); nothing was loaded")
-    if ckpt["script"] != script:
-        raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py: use it with "
-                        f"{ckpt['script']}.py, or use another --out")
-    return ckpt
-
-
-def load_config(cls, path: str | Path, script: str):
-    """(config, checkpoint) of a checkpoint: its saved fields, and the defaults of fields it predates.
-    For using a trained model from Python (each script's ``load``)."""
-    ckpt = load_checkpoint(path, script)
-    fields = {f.name: f.metadata.get("predates") for f in dataclasses.fields(cls)}
-    config = {k: v for k, v in fields.items() if v is not None} | ckpt["config"]
-    return cls(**{k: v for k, v in config.items() if k in fields}), ckpt
-
-
-def run_id(ckpt: dict) -> str:
-    """The id a run keeps across resumes and folders. Format-1 checkpoints had none: theirs is derived from
-    the config fields that fix what is computed, so the same legacy run is recognised as itself."""
-    if ckpt.get("run"):
-        return ckpt["run"]
-    fixed = {k: v for k, v in ckpt["config"].items()
-             if k not in ("out", "resume", "steps", "data_root", "device", "sample", "sample_out", "log_every",
-                          "sample_every", "ckpt_every")}
-    return "legacy-" + hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _signature(path: Path):
-    """(size, mtime) of a file, None if it does not exist: tells whether it changed in between."""
-    try:
-        st = path.stat()
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return None
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP / DataParallel and torch.compile wrappers (their state_dict keys carry
-    ``module.`` and ``_orig_mod.`` prefixes that a plain model would not load)."""
-    while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _floating_tensors(tree, name: str = ""):
-    if isinstance(tree, torch.Tensor):
-        if tree.is_floating_point() or tree.is_complex():
-            yield name, tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _floating_tensors(v, f"{name}/{k}" if name else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _floating_tensors(v, f"{name}/{i}")
-
-
-def nonfinite(tree) -> list[str]:
-    """Names of the floating tensors in a nested dict/list that hold a NaN or an inf (one host sync per
-    device, not one per tensor)."""
-    by_device: dict = {}
-    for name, t in _floating_tensors(tree):
-        names, flags = by_device.setdefault(t.device, ([], []))
-        names.append(name)
-        flags.append(torch.isfinite(t.detach()).all())
-    bad = []
-    for names, flags in by_device.values():
-        ok = torch.stack(flags).cpu()
-        bad += [n for n, good in zip(names, ok.tolist()) if not good]
-    return bad
-
-
-def rng_state(device: torch.device | None = None) -> dict:
-    """Python, numpy and torch CPU generators, and the run device's (CUDA or MPS) generator."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                      "has_gauss": has_gauss, "gauss": gauss}
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    elif device is not None and device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    kind = device.type if device is not None else "cpu"
-    saved = "cuda" if "cuda" in state else "mps" if "mps" in state else "cpu"
-    if kind == "cpu" and isinstance(state.get("cuda"), (list, tuple)):
-        return  # format 1 saved every CUDA generator whenever CUDA existed, even for a CPU run
-    if saved != kind:
-        warn(f"the checkpoint was written on {saved} and this run is on {kind}: its {kind if kind != 'cpu' else saved} "
-             f"random generator is not restored, so the noise differs from an uninterrupted run")
-    elif kind == "cuda":
-        cuda = state["cuda"]
-        if isinstance(cuda, (list, tuple)):  # format 1 saved every device's generator
-            cuda = cuda[device.index or 0]
-        torch.cuda.set_rng_state(cuda, device)
-    elif kind == "mps":
-        torch.mps.set_rng_state(state["mps"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but this machine has no CUDA device; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not mps:
-        raise UserError(f"--device {name} asked for, but MPS is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {name} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def amp_dtype(amp, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of --amp: None (off), bf16 (no loss scaling needed) or fp16 (with a GradScaler);
-    auto is bf16 where the device has it. A checkpoint written before --amp took a value holds True or False."""
-    amp = {True: "auto", False: "off"}.get(amp, amp)
-    bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if amp == "bf16" and not bf16:
-        raise UserError(f"--amp bf16: {device.type} has no bf16 here; use --amp fp16 (or --amp alone)")
-    if amp == "auto":
-        amp = "bf16" if bf16 else "fp16"
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------------------------
-# Several processes (torchrun): who writes, agreeing on a stop, averaging what is logged
-# ----------------------------------------------------------------------------------------------
-class Distributed:
-    """The process group of a torchrun launch (WORLD_SIZE > 1), or a stand-in for one process.
-
-    Rank 0 alone writes files; every rank trains on its share of each global batch with its own noise.
-    Small flags and RNG states travel through a gloo group on the CPU, so that agreeing on a stop every
-    ``STOP_SYNC`` steps costs one tiny message and never waits for the GPU.
-    """
-    STOP_SYNC = 10  # steps between two agreements on a stop request: all ranks stop at the same step
-
-    def __init__(self, device: torch.device, connect: bool = True):
-        """``connect=False``: the rank, world and device of the launch only, no process group (processes that
-        work apart, such as the shards of a --sample)."""
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank, self.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        self.is_main, self.device, self.group, self.connected = self.rank == 0, device, None, False
-        if self.world == 1:
-            return
-        import datetime
-        import torch.distributed as dist
-        if device.type == "cuda":
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
-        elif device.type != "cpu":
-            raise UserError(f"--device {device}: several processes need cuda (one GPU each) or cpu")
-        if not connect:
-            return
-        # a long evaluation on rank 0 keeps the others waiting in their next collective
-        self.connected = True
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
-        self.group = dist.new_group(backend="gloo") if device.type == "cuda" else None
-
-    def agree(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is True on any."""
-        if self.world == 1:
-            return flag
-        import torch.distributed as dist
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
-
-    def from_main(self, obj):
-        """Rank 0's ``obj`` on every rank."""
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def gather(self, obj) -> list:
-        """Every rank's ``obj``, in rank order, on every rank."""
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-        out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        """The average of ``x`` over the ranks (on its device: NCCL for CUDA tensors)."""
-        if self.world == 1:
-            return x
-        import torch.distributed as dist
-        x = x.clone()
-        dist.all_reduce(x)  # SUM: gloo has no AVG
-        return x / self.world
-
-    def close(self) -> None:
-        if self.world > 1 and self.connected:
-            import torch.distributed as dist
-            dist.barrier()  # a rank that leaves while another still talks aborts gloo
-            dist.destroy_process_group()
-
-
-class PerProcess:
-    """Registered state that differs from process to process under torchrun (CycleGAN's pools of past fakes,
-    each filled by its own process's generator): the checkpoint holds every process's ``state_dict``, in rank
-    order (gathered through the CPU side channel, tensors moved to the CPU), and each process restores its
-    own. With another number of processes, process r takes entry r mod the number saved (Run already says
-    that such a resume is not bit-identical)."""
-
-    def __init__(self, obj, dist: Distributed):
-        self.obj, self.dist = obj, dist
-
-    def state_dict(self) -> dict:
-        return {"processes": self.dist.gather(_to_cpu(self.obj.state_dict()))}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = state["processes"]
-        self.obj.load_state_dict(saved[self.dist.rank % len(saved)])
-
-
-def _to_cpu(tree):
-    if isinstance(tree, torch.Tensor):
-        return tree.cpu()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return tree
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics.csv and curves.png
-# ----------------------------------------------------------------------------------------------
-class MetricsFile:
-    """metrics.csv with stable, named columns: the union of every key logged so far, in order of first
-    appearance. A new key (FID every N steps, a test NLL) adds a column and rewrites the file once;
-    a row without a key leaves its cell empty. ``rewind(step)`` drops the rows after a resumed step."""
-
-    def __init__(self, path: Path):
-        self.path, self.columns = path, []
-
-    def _read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        with open(self.path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            self.columns = list(reader.fieldnames or [])
-        return rows
-
-    def _rewrite(self, rows: list[dict]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
-
-    def rewind(self, step: int) -> None:
-        rows = self._read()
-        kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        if len(kept) != len(rows):
-            self._rewrite(kept)
-
-    def write(self, row: dict) -> None:
-        new = [k for k in row if k not in self.columns]
-        if new or not self.path.is_file():
-            rows = self._read()
-            self.columns += [k for k in row if k not in self.columns]
-            self._rewrite(rows + [row])
-            return
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(row)
-
-    def plot(self, path: Path) -> None:
-        """curves.png: one panel per logged quantity against the step (matplotlib, drawn off-screen)."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        rows = self._read()
-        names = [c for c in self.columns if c not in ("step", "time_s")]
-        if not rows or not names:
-            return
-        cols = min(3, len(names))
-        fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(names) / cols)),
-                                 squeeze=False)
-        for ax, name in zip(axes.flat, names):
-            points = [(int(r["step"]), float(r[name])) for r in rows if r.get(name) not in ("", None)]
-            if points:
-                ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
-            ax.set_title(name, fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-            ax.tick_params(labelsize=7)
-        for ax in axes.flat[len(names):]:
-            ax.axis("off")
-        fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        fig.savefig(tmp, dpi=80, format="png")
-        plt.close(fig)
-        os.replace(tmp, path)
-
-
-def duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation during training (--eval-every)
-# ----------------------------------------------------------------------------------------------
-EVAL_METRICS = ("fid", "kid", "prc")
-
-
-class _Interrupted(Exception):
-    """Raised from inside fid.evaluate's sample function when a stop is requested."""
-
-
-class Evaluation:
-    """FID (and KID, precision/recall) of ``n`` generated images against the training images, every
-    --eval-every steps, with fid.py. Feature space (--eval-features auto): the dataset's own classifier
-    for fashion-mnist and mnist (fid.py --train-features makes it; not comparable to Inception FID),
-    Inception elsewhere. The reference statistics are computed once and cached by content
-    (``~/.cache/gen-models``); samples come from their own seeded generator, so the training noise is
-    untouched and exact resume holds; a stop request interrupts it between two batches (SLURM gives
-    five minutes after USR1). A missing network (offline: no Inception weights, no classifier) turns
-    evaluation off with one line saying how to get it: the run goes on."""
-
-    def __init__(self, cfg, real: torch.Tensor, generate: Callable, value_range, device, should_stop: Callable):
-        self.metrics = cfg.eval_metrics.split(",")
-        self.features = cfg.eval_features
-        if self.features == "auto":
-            self.features = cfg.dataset if cfg.dataset in ("fashion-mnist", "mnist") else \
-                "fashion-mnist" if cfg.dataset in ("edges2fashion", "sneaker2boot") else "inception"
-        self.n, self.seed, self.real, self.generate = cfg.eval_n, cfg.seed + 1, real, generate
-        self.value_range, self.device, self.should_stop = value_range, device, should_stop
-        key = cfg.dataset if cfg.dataset != "folder" else \
-            "folder-" + hashlib.sha256(str(Path(cfg.data_root).resolve()).encode()).hexdigest()[:8]
-        self.ref_path = cache_dir() / f"ref-{key}-{real.shape[-1]}px-{self.features}.npz"
-        self.ref, self.off = None, False
-
-    def _batch(self, n: int, generator) -> torch.Tensor:
-        if self.should_stop():
-            raise _Interrupted
-        return self.generate(n, generator)
-
-    def __call__(self) -> dict | None:
-        """The scores, or None when interrupted or off."""
-        import fid
-        if self.off:
-            return None
-        try:
-            if self.ref is None:
-                self.ref_path.parent.mkdir(parents=True, exist_ok=True)
-                self.ref = fid.reference_stats(self.ref_path, self.real, device=self.device, features=self.features)
-            g = torch.Generator(self.device).manual_seed(self.seed)  # the same noise at every evaluation
-            return fid.evaluate(lambda n: self._batch(n, g), self.ref, n=self.n, metrics=self.metrics,
-                                device=self.device, value_range=self.value_range, features=self.features)
-        except _Interrupted:
-            print("evaluation interrupted by the stop request: skipped", flush=True)
-        except UserError as e:
-            self.off = True
-            print(f"evaluation off for this run: {e}", flush=True)
-        return None
-
-
-# ----------------------------------------------------------------------------------------------
-# The run's helpers. Each script's train(cfg) calls them in its visible loop; each holds one invariant.
-# ----------------------------------------------------------------------------------------------
-class Processes:
-    """The processes of a torchrun launch (WORLD_SIZE > 1), or the one process of `python script.py`, and the
-    device of this one. Rank 0 alone writes files; small flags and RNG states travel through a gloo group on
-    the CPU, so that agreeing on a stop costs one tiny message and never waits for the GPU."""
-
-    def __init__(self, device: str, connect: bool = True):
-        """``connect=False``: rank, world and device only, no process group (processes that work apart, such as
-        the shards of a --sample)."""
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        self.device, self.group, self.connected = pick_device(device), None, False
-        if self.world > 1:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            elif self.device.type != "cpu":
-                raise UserError(f"--device {device}: several processes need cuda (one GPU each) or cpu")
-            if connect:   # a long evaluation on rank 0 keeps the others waiting in their next collective
-                import datetime
-                import torch.distributed as dist
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                        timeout=datetime.timedelta(hours=1))
-                self.group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
-                self.connected = True
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True   # fixed shapes: cuDNN picks its fastest kernels once
-
-    @property
-    def device_ids(self) -> list[int] | None:
-        """DistributedDataParallel's device_ids: this process's GPU, or None on the CPU."""
-        return [self.device.index] if self.device.type == "cuda" else None
-
-    def agree(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is True on any."""
-        if not self.connected:
-            return flag
-        import torch.distributed as dist
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
-
-    def from_main(self, obj):
-        """Rank 0's ``obj``, on every rank."""
-        if not self.connected:
-            return obj
-        import torch.distributed as dist
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def gather(self, obj) -> list:
-        """Every rank's ``obj``, in rank order, on every rank."""
-        if not self.connected:
-            return [obj]
-        import torch.distributed as dist
-        out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        """The average of ``x`` over the ranks (on its device: NCCL for CUDA tensors)."""
-        if not self.connected:
-            return x
-        import torch.distributed as dist
-        x = x.clone()
-        dist.all_reduce(x)   # SUM: gloo has no AVG
-        return x / self.world
-
-    def close(self) -> None:
-        if self.connected:
-            import torch.distributed as dist
-            dist.barrier()   # a rank that leaves while another still talks aborts gloo
-            dist.destroy_process_group()
-            self.connected = False
-
-
-@dataclasses.dataclass
-class RunFolder:
-    """Where a run lives and what it continues (``resolve_run``), and the facts its checkpoints carry from one
-    session to the next. Plain data: the script decides what happens to it, and when."""
-    cfg: object
-    script: str
-    ddp: Processes
-    out: Path
-    command: str | None = None       # the no-training command being run (--sample, --vlb...), None: training
-    ckpt: dict | None = None          # the checkpoint to continue (or sample from), until restore() has read it
-    init: dict | None = None          # --init's checkpoint, whose model weights start a new run
-    run_id: str = ""                  # the run's id, kept across resumes and folders
-    elapsed: float = 0.0              # training time of the earlier sessions, in seconds
-    best_fid: float = math.inf
-    start_step: int = 0               # the step this session started from
-    saved_step: int | None = None     # the step of the last checkpoint written (None: none yet in --out)
-    last_good: tuple | None = None    # (path, step) of the last checkpoint known to be finite
-    started: float = 0.0              # time.time() when this session's training began
-    seen: tuple | None = None         # (size, mtime) of ckpt.pt when resolved: did another process write it?
-    lock: object = None
-
-    @property
-    def ckpt_path(self) -> Path:
-        return self.out / "ckpt.pt"
-
-    @property
-    def is_main(self) -> bool:
-        return self.ddp.rank == 0
-
-    def say(self, *args) -> None:
-        """print, on rank 0 only."""
-        if self.is_main:
-            print(*args, flush=True)
-
-    def time_s(self) -> float:
-        """Training time of the run so far, across resumes."""
-        return self.elapsed + time.time() - self.started
-
-
-def resolve_run(cfg, script: str, ddp: Processes, command: str | None = None) -> RunFolder:
-    """Decide, writing nothing, which run this is (README: "Resume and run folders"): --out (default
-    runs/<script>-<dataset>), the checkpoint it continues (or samples from) and the config, every field not
-    typed taken from that checkpoint and a typed one that changes what is computed refused, naming it.
-    ``command``: the flag of a no-training command (--sample...), which needs a checkpoint and never writes
-    the run folder. A folder that another process has locked is refused now, before any data is loaded."""
-    if command and cfg.sample and command != "--sample":
-        raise UserError(f"--sample and {command} are two commands: give one")
-    if command and command != "--sample" and ddp.world > 1:
-        raise UserError(f"{command} runs in one process: start it with python, not torchrun")
-    unknown = set(cfg.eval_metrics.split(",")) - set(EVAL_METRICS)
-    if unknown:
-        raise UserError(f"--eval-metrics {cfg.eval_metrics}: choose among {', '.join(EVAL_METRICS)}")
-    given = cfg.given
-    path = cfg.resume if cfg.resume not in (None, "auto") else None
-    if cfg.init and (path or command):
-        raise UserError(f"--init PATH starts a new run: it goes with neither --resume PATH nor {command or '--resume'}")
-    src = load_checkpoint(path, script) if path else None
-    init = load_checkpoint(cfg.init, script) if cfg.init else None
-    if init is not None:
-        _merge(cfg, init["config"], script, command, refuse=False, say=ddp.rank == 0)
-    if "out" not in given:   # PATH's run goes on in PATH's folder
-        cfg.out = str(Path(path).parent) if src else f"runs/{script}-{cfg.dataset}"
-    run = RunFolder(cfg, script, ddp, Path(cfg.out), command)
-    own = None
-    run.seen = _signature(run.ckpt_path)   # open_run_folder checks that no other process wrote it meanwhile
-    if run.ckpt_path.is_file():
-        same = path and Path(path).resolve() == run.ckpt_path.resolve()
-        own = src if same else load_checkpoint(run.ckpt_path, script)
-    if command:
-        run.ckpt = src or own
-        if run.ckpt is None:
-            raise UserError(f"{command} needs a checkpoint: none at {run.ckpt_path}; train first, or pass --resume "
-                            f"PATH or --out")
-    elif own is None:
-        run.ckpt, run.init = src, init
-        if cfg.resume == "auto":
-            run.say(f"no checkpoint in {cfg.out}: starting a new run")
-        elif src is not None:
-            run.say(f"starting {cfg.out} from {path} (step {src['step']})")
-    elif cfg.resume is None:
-        raise UserError(f"{run.ckpt_path} exists: pass --resume to continue it, or another --out")
-    elif src is not None and own is not src and run_id(own) != run_id(src):
-        raise UserError(f"{run.ckpt_path} holds another run (step {own['step']}), which is never overwritten: pass "
-                        f"--out a new folder to start from {path}")
-    else:
-        run.ckpt = own
-        if src is not None and own is not src:
-            run.say(f"continuing {run.ckpt_path} (step {own['step']}), this run's own checkpoint: --resume {path} "
-                    f"only starts a folder that has none")
-        if init is not None:
-            run.say(f"continuing {run.ckpt_path}: --init applies only when a run starts")
-    if run.ckpt is not None:
-        _merge(cfg, run.ckpt["config"], script, command, refuse=True, say=ddp.rank == 0)
-    if not command and run.out.is_dir() and run.is_main:
-        _lock_folder(run)   # a busy folder is refused now, not after loading the data
-    return run
-
-
-def _merge(cfg, saved: dict, script: str, command: str | None, refuse: bool, say: bool) -> None:
-    """Take every field not typed from ``saved`` (a checkpoint's config); with ``refuse``, a typed field that
-    changes what is computed and differs from ``saved`` is an error. A command's --seed picks its samples."""
-    given = cfg.given
-    run_fields, command_fields = field_kinds(cfg)
-    free = run_fields | ({"seed"} if command else set())
-    clashes, predates = [], []
-    for f in dataclasses.fields(cfg):
-        name = f.name
-        if name in command_fields or name == "out":
-            continue
-        if name not in saved:
-            if name not in given:
-                if f.metadata.get("predates") is not None:
-                    setattr(cfg, name, f.metadata["predates"])
-                predates.append(f"--{name.replace('_', '-')} ({getattr(cfg, name)!r})")
-        elif name not in given:
-            setattr(cfg, name, saved[name])
-        elif refuse and name not in free and getattr(cfg, name) != saved[name]:
-            clashes.append(f"{name} {saved[name]!r} -> {getattr(cfg, name)!r}")
-    if clashes:
-        raise UserError(f"the checkpoint was trained with another config ({', '.join(clashes)}); drop those "
-                        f"flags to continue it, or start a new run with --init and another --out")
-    gone = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
-    if say and predates:
-        print(f"the checkpoint predates {', '.join(predates)}: using these values", flush=True)
-    if say and gone:
-        print(f"ignoring the checkpoint's {', '.join(gone)}: no longer a flag of {script}.py", flush=True)
-
-
-def _lock_folder(run: RunFolder) -> None:
-    """Hold an exclusive flock on <out>/.lock for this process's life: two jobs never write one folder."""
-    try:
-        run.lock = open(run.out / ".lock", "a+")
-    except OSError as e:
-        raise UserError(f"cannot write to the run folder {run.out} ({e.strerror}); pass --out a writable "
-                        f"folder") from None
-    try:
-        fcntl.flock(run.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        run.lock.seek(0)
-        owner = run.lock.read().strip() or "?"
-        raise UserError(f"run folder {run.out} is in use by another process (pid {owner}); wait for it to end or "
-                        f"use another --out") from None
-    except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise UserError(f"cannot lock the run folder {run.out}: its file system does not support flock "
-                            f"({e.strerror}; e.g. Lustre mounted without -o flock); put --out on a file system "
-                            f"that does (local disk, NFS, Lustre with flock)") from None
-        raise UserError(f"cannot lock the run folder {run.out} ({e.strerror})") from None
-    run.lock.seek(0)
-    run.lock.truncate()
-    run.lock.write(str(os.getpid()))
-    run.lock.flush()
-
-
-def open_run_folder(run: RunFolder) -> None:
-    """Create and lock --out (rank 0), refusing it if another process wrote its checkpoint since resolve_run,
-    remove what a killed save left, write args.json and say where training starts. Called once the
-    checkpoint has loaded: a run that fails before writes nothing."""
-    if run.is_main:
-        try:
-            (run.out / "samples").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot write to the run folder {run.out} ({e.strerror}); pass --out a writable "
-                            f"folder") from None
-        if run.lock is None:
-            _lock_folder(run)
-        if _signature(run.ckpt_path) != run.seen:
-            raise UserError(f"{run.ckpt_path} was written by another process while this one was starting; nothing "
-                            f"was written: run the command again (with --resume to continue it)")
-        for partial in run.out.glob(".*.tmp[0-9]*"):   # what a SIGKILL mid-save left behind
-            partial.unlink()
-            run.say(f"removed {partial.name}, a partial file left by a killed process")
-        config = dataclasses.asdict(run.cfg)
-        (run.out / "args.json").write_text(json.dumps(config, indent=2) + "\n")
-        run.say(f"{run.script}: " + " ".join(f"{k}={v}" for k, v in config.items()))
-    if run.start_step >= run.cfg.steps:
-        run.say(f"already done at step {run.start_step} (--steps {run.cfg.steps})")
-    else:
-        run.say(f"training from step {run.start_step}" + (" (resumed)" if run.start_step else ""))
-
-
-class Stop:
-    """SIGTERM, SIGUSR1 (SLURM's time limit, preemption) and SIGINT ask the run to stop. During the set-up they
-    stop it at once (Stopped: nothing new to save, exit 3, which submit.sh does not requeue); after ``begin``
-    they set ``requested`` and the loop stops after its step, when ``agreed``: under torchrun every rank at
-    the same step. A second Ctrl-C kills."""
-    SYNC = 10   # steps between two agreements of the ranks on a stop
-
-    def __init__(self, ddp: Processes):
-        self.ddp, self.requested, self.signal, self.started = ddp, False, "", False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
-        if not self.started:
-            raise Stopped(self.signal)   # loading data or state: nothing to save, stop at once
-        self.requested = True
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)   # a second Ctrl-C kills, even inside a long C call
-
-    def begin(self) -> None:
-        """From here a signal asks for a stop between steps. One that came during the set-up stops now, even if
-        its Stopped was lost: Python prints and drops an exception raised while a __del__ or a weakref callback
-        runs (seen with SIGUSR1 landing in an import's module-lock callback)."""
-        self.started = True
-        if self.signal and not self.requested:
-            raise Stopped(self.signal)
-
-    def agreed(self, step: int) -> bool:
-        """Whether the loop stops before this step: at once in one process; under torchrun, every SYNC steps,
-        the same answer on every rank (a signal reaches the ranks at different moments)."""
-        if self.ddp.world == 1:
-            return self.requested
-        return step % self.SYNC == 0 and self.ddp.agree(self.requested)
-
-
-def restore(run: RunFolder, models: dict, optimizers: dict, state: dict, data: dict) -> int:
-    """Load the checkpoint that resolve_run chose into what the script's ``saved`` names (or only --init's
-    model weights into ``models``) and return the step to start from (0 for a new run). Nothing is written."""
-    run.run_id, run.started = uuid.uuid4().hex, time.time()
-    ck, step = run.ckpt, 0
-    if ck is not None:
-        label = str(run.cfg.resume if run.cfg.resume not in (None, "auto") else run.ckpt_path)
-        load_models(run, **models)
-        try:
-            for name, opt in optimizers.items():
-                opt.load_state_dict(ck["optimizers"][name])
-            for name, stream in data.items():
-                stream.load_state_dict(ck["data"][name])
-        except (KeyError, ValueError) as e:
-            raise UserError(f"{label} does not match {run.script}.py's optimizers or data streams "
-                            f"({type(e).__name__}: {e}); nothing was written") from None
-        for name, obj in state.items():
-            _load_state(run, label, name, obj, ck["state"])
-        world = int(ck.get("world", 1))
-        if world != run.ddp.world:
-            run.say(f"the checkpoint was written by {world} process(es), this run has {run.ddp.world}: the global "
-                    f"batch and the data order are the same, the per-process noise and batch statistics are not, so "
-                    f"training goes on but not bit-identically to an uninterrupted run")
-        rng = ck["rng"]
-        set_rng_state(rng[min(run.ddp.rank, len(rng) - 1)] if isinstance(rng, list) else rng, run.ddp.device)
-        step, run.run_id = int(ck["step"]), run_id(ck)
-        run.elapsed, run.best_fid = float(ck.get("time_s", 0.0)), float(ck.get("best_fid", math.inf))
-        run.last_good = (Path(label), step)
-    elif run.init is not None:
-        load_models(run, **models)
-        run.say(f"model weights from {run.cfg.init} (step {run.init['step']}), a new run")
-    # a run started from --resume PATH has no checkpoint of its own yet: finish() writes one
-    run.saved_step = None if step > 0 and not run.ckpt_path.is_file() else step
-    run.start_step, run.ckpt, run.init = step, None, None   # the CPU copies are freed
-    return step
-
-
-def _load_state(run: RunFolder, label: str, name: str, obj, saved: dict) -> None:
-    if name not in saved:
-        warn(f"the checkpoint has no {name} (an older version of {run.script}.py): it starts afresh")
-    elif isinstance(obj, torch.Tensor):
-        obj.copy_(saved[name])
-    elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() and not saved[name]:
-        run.say(f"the checkpoint ran without fp16 (its GradScaler was off): the loss scale starts at "
-                f"{obj.get_scale():g}")   # --amp may change on resume: bf16 or none -> fp16
-    else:
-        try:
-            obj.load_state_dict(saved[name])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise UserError(f"{label}: its {name} does not fit {run.script}.py's ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0]}); nothing was written") from None
-
-
-def load_models(run: RunFolder, **models: torch.nn.Module) -> None:
-    """The weights of the checkpoint (or of --init's) into ``models``, by name; one that does not fit the config
-    is one line naming the config fields that differ."""
-    ck = run.ckpt if run.ckpt is not None else run.init
-    label = f"--init {run.cfg.init}" if ck is run.init else str(
-        run.cfg.resume if run.cfg.resume not in (None, "auto") else run.ckpt_path)
-    for name, model in models.items():
-        if name not in ck["models"]:
-            raise UserError(f"{label} has no model {name}; nothing was loaded")
-        try:
-            unwrap(model).load_state_dict(ck["models"][name])
-        except RuntimeError as e:
-            detail = str(e).strip().splitlines()[-1].strip()
-            _, command = field_kinds(run.cfg)
-            diff = [f"{k}={v!r} (now {getattr(run.cfg, k)!r})" for k, v in ck["config"].items()
-                    if k not in command and hasattr(run.cfg, k) and getattr(run.cfg, k) != v]
-            raise UserError(f"{label}: its {name} does not fit this config ({detail}); it was trained with "
-                            f"{', '.join(diff[:4]) or 'another version of the network'}") from None
-
-
-def save_run(run: RunFolder, step: int, log: Log | None, models: dict, optimizers: dict, state: dict, data: dict,
-             best: bool = False) -> None:
-    """Write ckpt.pt atomically (rank 0) with what the script's ``saved`` names, after checking that no loss
-    logged since the last write and no floating tensor of it (weights, buffers, optimizer moments, EMA...) is
-    NaN/inf: a diverged run never overwrites the last good checkpoint. Also best.pt (``best``), ckpt-<step>.pt
-    (--keep-every) and curves.png. Every rank calls it: their RNG states are gathered into it."""
-    rng = run.ddp.gather(rng_state(run.ddp.device))
-    ckpt = {"script": run.script, "format": CHECKPOINT_FORMAT, "run": run.run_id, "step": step,
-            "time_s": run.time_s(), "world": run.ddp.world, "best_fid": run.best_fid,
-            "config": dataclasses.asdict(run.cfg),
-            "models": {k: unwrap(m).state_dict() for k, m in models.items()},
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "state": {k: v if isinstance(v, torch.Tensor) else v.state_dict() for k, v in state.items()},
-            "data": {k: d.state_dict() for k, d in data.items()},
-            "rng": rng if run.ddp.world > 1 else rng[0]}
-    bad = nonfinite({"loss": log.pending() if log else {}, "models": ckpt["models"],
-                     "optimizers": ckpt["optimizers"], "state": ckpt["state"]}) if run.is_main else []
-    bad = run.ddp.from_main(bad)
-    if bad:
-        diverged(run, bad, step)
-    if run.is_main:
-        try:
-            save_checkpoint(ckpt, run.ckpt_path)
-        except OSError as e:
-            kept = f"the previous one (step {run.saved_step}) is intact" if run.saved_step is not None else "none was"
-            raise UserError(f"cannot write {run.ckpt_path} ({e.strerror}); {kept}: free space, then --resume") from None
-        if best:
-            _link_or_copy(run.ckpt_path, run.out / "best.pt")
-        if run.cfg.keep_every and step % run.cfg.keep_every == 0:
-            _link_or_copy(run.ckpt_path, run.out / f"ckpt-{step}.pt")
-        log.plot() if log else None
-    run.saved_step, run.last_good = step, (run.ckpt_path, step)
-
-
-def diverged(run: RunFolder, names: list[str], step: int) -> None:
-    """Stop a run whose losses or state became NaN/inf, with advice that works (the last good checkpoint is kept)."""
-    if run.last_good is not None:
-        path, good = run.last_good
-        advice = (f"the last good checkpoint, {path} (step {good}), is kept: continue from it with a lower learning "
-                  f"rate in a new run, e.g. --init {path} --lr <lower> --out <new folder>")
-    else:
-        advice = "no checkpoint was written yet: start again with a lower --lr or another --seed"
-    raise UserError(f"{', '.join(names[:3])} became NaN or inf by step {step}: training diverged; {advice}")
-
-
-def finish(run: RunFolder, step: int, log: Log, stop: Stop, models: dict, optimizers: dict, state: dict,
-           data: dict) -> None:
-    """After the loop: log and save the last step if the loop did not (the run ended, or a signal stopped it),
-    let the processes go, and say how the run ended. A stop before any new step raises Stopped (exit 3)."""
-    log.write(step)   # the losses since the last row (nothing when there are none)
-    if step != run.saved_step:
-        save_run(run, step, log, models, optimizers, state, data)
-    run.ddp.close()
-    if step >= run.cfg.steps:
-        if step > run.start_step:
-            run.say(f"done at step {step}: {run.ckpt_path}")
-    elif step > run.start_step:
-        run.say(f"checkpoint saved at step {step} ({stop.signal}); continue with --resume")
-    else:
-        raise Stopped(stop.signal)
-
-
-class Log:
-    """The losses of the steps since the last write, summed on the device (no host sync per step); ``write``
-    averages each over its steps and over the processes, stops a run whose losses became NaN/inf, prints a
-    line with the ETA and, on rank 0, appends a row to metrics.csv (stable columns: MetricsFile), whose rows
-    after the resumed step are dropped first. images/s counts training time only (``pause``)."""
-
-    def __init__(self, run: RunFolder, step: int):
-        self.run, self.sums, self.counts = run, {}, {}
-        self.metrics = MetricsFile(run.out / "metrics.csv")
-        if run.is_main:
-            self.metrics.rewind(step)
-        self.t_last, self.step_last = time.time(), step
-
-    def add(self, losses: dict[str, torch.Tensor]) -> None:
-        for k, v in losses.items():   # a key may come at some steps only: each has its own count
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-            self.counts[k] = self.counts.get(k, 0) + 1
-
-    def pending(self) -> dict[str, torch.Tensor]:
-        """The averages not yet written (the checkpoint's NaN check covers them)."""
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
-
-    def write(self, step: int) -> None:
-        if not self.sums:
-            return
-        names = list(self.sums)
-        means = self.run.ddp.mean(torch.stack([self.sums[k] / self.counts[k] for k in names]))
-        means = dict(zip(names, means.tolist()))
-        self.sums, self.counts = {}, {}
-        bad = [k for k, v in means.items() if not math.isfinite(v)]
-        if bad:
-            diverged(self.run, bad, step)
-        cfg, now = self.run.cfg, time.time()
-        rate = (step - self.step_last) * cfg.batch_size / max(now - self.t_last, 1e-9)
-        eta = (cfg.steps - step) * (now - self.t_last) / max(step - self.step_last, 1)
-        self.t_last, self.step_last = now, step
-        row = {"step": step, "time_s": round(self.run.time_s(), 2), "images_per_s": round(rate, 1),
-               **{k: f"{v:.6g}" for k, v in means.items()}}
-        if self.run.is_main:
-            self.metrics.write(row)
-        self.run.say(f"step {step}/{cfg.steps} | {duration(self.run.time_s())} | ETA {duration(eta)} | "
-                     + " | ".join(f"{k} {v}" for k, v in list(row.items())[2:]))
-
-    def scores(self, step: int, scores: dict[str, float], seconds: float) -> None:
-        """An evaluation's scores: a row of metrics.csv (rank 0) and a printed line; its time is not training's."""
-        self.pause(seconds)
-        if scores:
-            if self.run.is_main:
-                self.metrics.write({"step": step, "time_s": round(self.run.time_s(), 2),
-                                    **{k: f"{v:.6g}" for k, v in scores.items()}})
-            self.run.say(f"step {step}/{self.run.cfg.steps} | evaluation in {duration(seconds)} | "
-                         + " | ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-
-    def pause(self, seconds: float) -> None:
-        """``seconds`` spent on something else than training: left out of images/s."""
-        self.t_last += seconds
-
-    def plot(self) -> None:
-        try:
-            self.metrics.plot(self.run.out / "curves.png")
-        except ImportError:
-            if not getattr(self, "_told", False):
-                warn("no curves.png: pip install matplotlib")
-                self._told = True
-
-
-@contextlib.contextmanager
-def eval_mode(*models: torch.nn.Module):
-    """``models`` in eval mode and no gradient, then back to their modes: drawing a sample grid or an evaluation
-    changes nothing (no batch-norm statistics, no dropout)."""
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-
-
-def write_images(run: RunFolder, batches, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
-    """--sample in one process: the batches to --sample-out (default <out>/generated), checked before the first
-    one is drawn (prepare_output)."""
-    if run.ddp.world > 1:
-        raise UserError(f"--sample of {run.script}.py runs in one process: start it with python, not torchrun")
-    out = Path(run.cfg.sample_out or run.out / "generated")
-    n = save_images(batches, out, value_range)
-    run.say(f"wrote {n} images to {out}")
-    return out
-
-
-def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict, stop: Stop,
-                  value_range: tuple[float, float] = (-1.0, 1.0), classes: int = 0) -> bool:
-    """--sample N in fixed batches, split among processes and resumable. Batch j (images j * batch ...) is
-    ``draw(size, generator)`` with a generator seeded from (--seed, j) (numpy's SeedSequence: a 32-bit seed,
-    since the CPU generator keeps 32 bits of any seed), so image i is the same whatever the split and however
-    often the command was stopped. Shard s of k (torchrun's rank and the SLURM array task: ``torchrun
-    --nproc_per_node=4`` or ``sbatch --array=0-9``, or both) draws the batches j = s mod k whose PNGs are not
-    all in the folder yet. A stop signal ends it after the current batch (exit 0: the same command continues;
-    submit.sh requeues it). ``key`` (what else fixes the images: sampler settings) goes into the folder's mark
-    with the checkpoint, N, the batch and --seed: a folder drawn from anything else is replaced, never mixed.
-    A .npz is written whole by one process. A conditional model (``classes`` K): image i is of class i mod K (or
-    --class c), ``draw(size, generator, labels)``, N/K per class, PNGs under class_<k>/, and a ``labels`` array
-    in the .npz, which also records the --per-class subset the model was trained on. Returns whether this
-    process drew all of its share (False: a signal stopped it)."""
-    cfg, ddp = run.cfg, run.ddp
-    one = getattr(cfg, "class_", -1) if getattr(cfg, "class_", -1) >= 0 else None
-    if classes and one is None and n % classes:
-        raise UserError(f"--sample {n}: a conditional model writes N/K images of each of its {classes} classes; "
-                        f"give a multiple of {classes} (or --class c)")
-    label = lambda i: one if one is not None else i % max(classes, 1)   # noqa: E731
-    out = Path(cfg.sample_out or run.out / "generated")
-    array = os.environ.get("SLURM_ARRAY_TASK_ID")
-    task = (int(array) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
-        os.environ.get("SLURM_ARRAY_TASK_STEP", 1)) if array else 0
-    shard, shards = task * ddp.world + ddp.rank, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) * ddp.world
-    npz = out.suffix.lower() == ".npz"
-    if npz and shards > 1:
-        raise UserError(f"--sample-out {out}: a .npz is written by one process; give a folder to split --sample "
-                        f"among {shards} processes or array tasks")
-    key = {"checkpoint": f"{run_id(run.ckpt)}@{run.ckpt['step']}", "n": n, "batch": batch, "seed": cfg.seed,
-           "class": one, **key}
-    prepare_output(out, key=None if npz else json.dumps(key, sort_keys=True))
-    indices = lambda j: range(j * batch, min(n, (j + 1) * batch))   # noqa: E731
-    names = lambda j: [out / (f"class_{label(i)}" if classes else "") / f"{i:06d}.png" for i in indices(j)]  # noqa
-    mine = range(shard, math.ceil(n / batch), shards)
-    todo = [j for j in mine if npz or not all(p.is_file() for p in names(j))]
-    total = sum(len(names(j)) for j in todo)
-    where = f" (shard {shard + 1} of {shards})" if shards > 1 else ""
-    stop.begin()
-    done, kept, t0 = 0, [], time.time()
-    print(f"--sample {n}{where}: {total} images to draw" + (f", {sum(len(names(j)) for j in mine) - total} "
-          f"already in {out}" if len(todo) < len(mine) else ""), flush=True)
-    with torch.no_grad():
-        for j in todo:
-            seed = int(np.random.SeedSequence([cfg.seed, j]).generate_state(1)[0])
-            g = torch.Generator(ddp.device).manual_seed(seed)
-            y = torch.tensor([label(i) for i in indices(j)], device=ddp.device)
-            images = draw(len(y), g, y) if classes else draw(len(y), g)
-            images = to_uint8(images, value_range).permute(0, 2, 3, 1).numpy()
-            if npz:
-                kept.append(images)
-            for path, image in zip([] if npz else names(j), images):
-                path.parent.mkdir(exist_ok=True)
-                write_png(image, path, path.with_name(path.name + ".part"))   # prepare_output knows .part
-            done += len(images)
-            elapsed = time.time() - t0
-            print(f"--sample{where}: {done}/{total} | {duration(elapsed)} | "
-                  f"ETA {duration(elapsed * (total - done) / done)}", flush=True)
-            if stop.requested:   # checked after the batch: one that has begun is always written
-                break
-    if stop.requested and done < total:
-        if npz:
-            raise Stopped(stop.signal)   # nothing written: a .npz is all or nothing
-        print(f"stopped by {stop.signal} after {done} images: the same command continues", flush=True)
-        return False
-    if npz:
-        subset = {k: getattr(cfg, k) for k in ("per_class", "subset_seed") if getattr(cfg, k, 0)}
-        save_npz(np.concatenate(kept), out, **({"labels": np.array([label(i) for i in range(n)])} if classes else {}),
-                 **subset)
-        print(f"wrote {n} images to {out}", flush=True)
-        return True
-    present = sum(p.is_file() for j in range(math.ceil(n / batch)) for p in names(j))
-    print(f"wrote {done} images to {out}" + ("" if present == n else
-          f"; {present}/{n} are there: the other shards write the rest"), flush=True)
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
-# The run: config resolution, folder and lock, signals, logging, sampling and checkpoint cadence
-# ----------------------------------------------------------------------------------------------
-class Run:
-    """Everything around the training step.
-
-    ``Run(cfg, script)`` resolves the run and writes nothing: ``--out`` (default
-    ``runs/<script>-<dataset>``), which checkpoint to continue (module docstring: resume semantics), the
-    config (fields not typed come from that checkpoint), the device and, under torchrun, the process
-    group; it refuses a folder that another process has locked. For training it makes SIGTERM, SIGUSR1
-    and SIGINT stop the run: during set-up at once (nothing to save), later after the current step,
-    with a checkpoint; a second Ctrl-C kills.
-
-    ``run.track(...)`` names what a checkpoint holds; ``run.start()`` creates and locks the folder, writes
-    args.json and loads the checkpoint (or --init's weights); ``end_step`` and ``finish`` do the rest.
-    Under torchrun only rank 0 writes; the pieces it uses are Distributed, MetricsFile and Evaluation.
-    """
-
-    def __init__(self, cfg, script: str, command: str | None = None, shards: bool = False,
-                 datasets: tuple = DATASET_NAMES):
-        """``command``: the flag of another no-training command of the script (ddpm's --vlb) when it is given:
-        like --sample, it reads a checkpoint and writes nothing in the run folder. ``shards``: the script's
-        --sample may be split among torchrun processes and SLURM array tasks (``write_sharded``).
-        ``datasets``: the --dataset names the script reads (the translation scripts have their own)."""
-        self.cfg, self.script = cfg, script
-        if cfg.sample and command:
-            raise UserError(f"--sample and {command} are two commands: give one")
-        self.sampling = cfg.sample > 0 or command is not None
-        self.command = command or "--sample"
-        self.is_main = os.environ.get("RANK", "0") == "0"
-        self.ckpt, self.init = self._resolve()
-        check_dataset(cfg.dataset, datasets)
-        unknown = set(cfg.eval_metrics.split(",")) - set(EVAL_METRICS)
-        if unknown:
-            raise UserError(f"--eval-metrics {cfg.eval_metrics}: choose among {', '.join(EVAL_METRICS)}")
-        if self.sampling and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (shards and cfg.sample):
-            raise UserError(f"{self.command} runs in one process: start it with python, not torchrun")
-        self.dist = Distributed(pick_device(cfg.device), connect=not self.sampling)
-        self.device, self.rank, self.world = self.dist.device, self.dist.rank, self.dist.world
-        seed_everything(cfg.seed + self.rank)  # each rank its own noise; DDP copies rank 0's initial weights
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-        self.amp = amp_dtype(cfg.amp, self.device)
-        self.out = Path(cfg.out)
-        self.ckpt_path = self.out / "ckpt.pt"
-        self.metrics = MetricsFile(self.out / "metrics.csv")
-        self.models, self.optimizers, self.state, self.data = {}, {}, {}, {}
-        self.sample_fn: Callable[[], torch.Tensor] | None = None
-        self.extra_evaluation: Callable | None = None
-        self.sample_range, self.evaluation, self.best_fid = (-1.0, 1.0), None, math.inf
-        self.stop_requested, self._stop_local, self.stop_signal = False, False, ""
-        self._started, self._lock = False, None
-        if not self.sampling and self.out.is_dir() and self.is_main:
-            self._lock_folder()  # a busy folder is refused now, not after loading the data
-        if not self.sampling or (shards and cfg.sample):  # a split --sample stops between two batches
-            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-                signal.signal(sig, self._on_signal)
-
-    def say(self, *args, **kwargs) -> None:
-        """print, on rank 0 only."""
-        if self.is_main:
-            print(*args, **{"flush": True, **kwargs})
-
-    # -- which checkpoint, which config ----------------------------------------------------------
-    def _resolve(self) -> tuple[dict | None, dict | None]:
-        """(checkpoint to continue or sample from, checkpoint whose weights --init loads)."""
-        cfg, given = self.cfg, self.cfg.given
-        path = cfg.resume if cfg.resume not in (None, "auto") else None
-        if cfg.init and (path or self.sampling):
-            raise UserError(f"--init PATH starts a new run: it goes with neither --resume PATH nor {self.command}")
-        src = load_checkpoint(path, self.script) if path else None
-        init = load_checkpoint(cfg.init, self.script) if cfg.init else None
-        if init is not None:
-            self._merge(init["config"], refuse=False)
-        if "out" not in given:  # PATH's run goes on in PATH's folder
-            cfg.out = str(Path(path).parent) if src else f"runs/{self.script}-{cfg.dataset}"
-        own_path = Path(cfg.out) / "ckpt.pt"
-        own = None
-        self._own_seen = _signature(own_path)  # start() checks that no other process wrote it since
-        if own_path.is_file():
-            own = src if path and Path(path).resolve() == own_path.resolve() else load_checkpoint(own_path, self.script)
-        if self.sampling:
-            ckpt = src or own
-            if ckpt is None:
-                raise UserError(f"{self.command} needs a checkpoint: none at {own_path}; train first, or pass "
-                                f"--resume PATH or --out")
-        elif own is None:
-            ckpt = src
-            if cfg.resume == "auto":
-                self.say(f"no checkpoint in {cfg.out}: starting a new run")
-            elif src is not None:
-                self.say(f"starting {cfg.out} from {path} (step {src['step']})")
-        elif cfg.resume is None:
-            raise UserError(f"{own_path} exists: pass --resume to continue it, or another --out")
-        elif src is not None and own is not src and run_id(own) != run_id(src):
-            raise UserError(f"{own_path} holds another run (step {own['step']}), which is never overwritten: pass "
-                            f"--out a new folder to start from {path}")
-        else:
-            ckpt = own
-            if src is not None and own is not src:
-                self.say(f"continuing {own_path} (step {own['step']}), this run's own checkpoint: --resume {path} "
-                      f"only starts a folder that has none")
-            if init is not None:
-                self.say(f"continuing {own_path}: --init applies only when a run starts")
-            init = None
-        if ckpt is not None:
-            self._merge(ckpt["config"], refuse=True)
-        return ckpt, init
-
-    def _merge(self, saved: dict, refuse: bool) -> None:
-        """Take every field not typed from ``saved``; with ``refuse``, a typed field that changes what is
-        computed and differs from ``saved`` is an error. --sample's --seed picks the samples."""
-        cfg, given = self.cfg, self.cfg.given
-        run_fields, command_fields = field_kinds(cfg)
-        free = run_fields | ({"seed"} if self.sampling else set())
-        clashes, predates = [], []
-        fields = [f for f in dataclasses.fields(cfg) if f.name not in command_fields and f.name != "out"]
-        for f in fields:
-            name = f.name
-            if name not in saved:
-                if name not in given:
-                    if f.metadata.get("predates") is not None:
-                        setattr(cfg, name, f.metadata["predates"])
-                    predates.append(f"--{name.replace('_', '-')} ({getattr(cfg, name)!r})")
-            elif name not in given:
-                setattr(cfg, name, saved[name])
-            elif refuse and name not in free and getattr(cfg, name) != saved[name]:
-                clashes.append(f"{name} {saved[name]!r} -> {getattr(cfg, name)!r}")
-        if clashes:
-            raise UserError(f"the checkpoint was trained with another config ({', '.join(clashes)}); drop those "
-                            f"flags to continue it, or start a new run with --init and another --out")
-        if predates:
-            self.say(f"the checkpoint predates {', '.join(predates)}: using these values")
-        gone = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
-        if gone:
-            self.say(f"ignoring the checkpoint's {', '.join(gone)}: no longer a flag of {self.script}.py")
-
-    # -- folder, lock, signals -------------------------------------------------------------------
-    def _lock_folder(self) -> None:
-        try:
-            self._lock = open(self.out / ".lock", "a+")
-        except OSError as e:
-            raise UserError(f"cannot write to the run folder {self.out} ({e.strerror}); pass --out a "
-                            f"writable folder") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.seek(0)
-            owner = self._lock.read().strip() or "?"
-            raise UserError(f"run folder {self.out} is in use by another process (pid {owner}); wait for it "
-                            f"to end or use another --out") from None
-        except OSError as e:
-            if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise UserError(f"cannot lock the run folder {self.out}: its file system does not support flock "
-                                f"({e.strerror}; e.g. Lustre mounted without -o flock); put --out on a file system "
-                                f"that does (local disk, NFS, Lustre with flock)") from None
-            raise UserError(f"cannot lock the run folder {self.out} ({e.strerror})") from None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(str(os.getpid()))
-        self._lock.flush()
-
-    def _open_folder(self) -> None:
-        if not self.is_main:
-            return
-        try:
-            (self.out / "samples").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot write to the run folder {self.out} ({e.strerror}); pass --out a "
-                            f"writable folder") from None
-        if self._lock is None:
-            self._lock_folder()
-        if _signature(self.ckpt_path) != self._own_seen:
-            raise UserError(f"{self.ckpt_path} was written by another process while this one was starting; "
-                            f"nothing was written: run the command again (with --resume to continue it)")
-        for partial in self.out.glob(".*.tmp[0-9]*"):  # what a SIGKILL mid-save left behind
-            partial.unlink()
-            self.say(f"removed {partial.name}, a partial file left by a killed process")
-        config = dataclasses.asdict(self.cfg)
-        (self.out / "args.json").write_text(json.dumps(config, indent=2) + "\n")
-        self.say(f"{self.script}: " + " ".join(f"{k}={v}" for k, v in config.items()))
-
-    def _on_signal(self, signum, frame) -> None:
-        self.stop_signal = signal.Signals(signum).name
-        if not self._started:
-            raise Stopped(self.stop_signal)  # loading data or state: nothing to save, stop at once
-        self._stop_local = True
-        self.stop_requested = self.world == 1  # under torchrun the ranks agree first (end_step)
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills, even inside a long C call
-
-    def _begin(self) -> None:
-        """From here a signal asks for a stop between steps (or batches). One that came during the set-up
-        stops now, even if its Stopped was lost: Python prints and drops an exception raised while a
-        __del__ or a weakref callback runs (seen with SIGUSR1 landing in an import's module-lock callback)."""
-        self._started = True
-        if self.stop_signal and not self._stop_local:
-            raise Stopped(self.stop_signal)
-
-    # -- state -----------------------------------------------------------------------------------
-    def track(self, models: dict, optimizers: dict | None = None, state: dict | None = None,
-              data: dict | None = None, sample: Callable[[], torch.Tensor] | None = None,
-              sample_range: tuple[float, float] = (-1.0, 1.0), generate: Callable | None = None,
-              real: torch.Tensor | None = None, evaluate: Callable | None = None) -> None:
-        """Name what a checkpoint holds: ``models`` (saved with plain keys, checked for NaN/inf, in eval mode
-        for sample grids), ``optimizers``, ``state`` (tensors, or any object with state_dict and
-        load_state_dict: LR schedulers, GradScaler, EMA, image pools), ``data`` (Batches streams), and
-        ``sample``, which draws the fixed-noise grid in ``sample_range``. For --eval-every: ``generate(n,
-        generator)`` draws n images with a torch.Generator, ``real`` are the uint8 training images, and
-        ``evaluate(should_stop)`` returns more metrics (a dict; None when ``should_stop()`` cut it short)."""
-        self.models, self.optimizers = models, optimizers or {}
-        self.extra_evaluation = evaluate if self.cfg.eval_every and self.is_main else None
-        self.state, self.data = state or {}, data or {}
-        self.sample_fn, self.sample_range = sample, sample_range
-        if self.cfg.eval_every and self.is_main and generate is not None:
-            self.evaluation = Evaluation(self.cfg, real, generate, sample_range, self.device,
-                                         should_stop=lambda: self._stop_local)
-
-    def start(self) -> int:
-        """Training: load the checkpoint (or --init's model weights) into what ``track`` named, then create
-        and lock the folder (refusing it if another process wrote its checkpoint meanwhile), write
-        args.json and rewind metrics.csv; returns the step to start from. Nothing is written before the
-        checkpoint has loaded. Sampling: load the models' weights only."""
-        label = str(self.cfg.resume if self.cfg.resume not in (None, "auto") else self.ckpt_path)
-        if self.sampling:
-            self._load_models(self.ckpt, label)
-            return int(self.ckpt["step"])
-        step, self.elapsed, self.run_id, self.last_good = 0, 0.0, uuid.uuid4().hex, None
-        if self.ckpt is not None:
-            step = self._restore(self.ckpt, label)
-        elif self.init is not None:
-            self._load_models(self.init, f"--init {self.cfg.init}")
-            self.say(f"model weights from {self.cfg.init} (step {self.init['step']}), a new run")
-        self._open_folder()
-        self.ckpt = self.init = None  # free the CPU copies
-        if self.is_main:
-            self.metrics.rewind(step)
-        self.t0 = self.t_last = time.time()
-        self.step_last = self.start_step = step
-        # a run started from --resume PATH has no checkpoint of its own yet: finish() writes one
-        self.saved_step = None if step > 0 and not self.ckpt_path.is_file() else step
-        self.sums, self.counts = {}, {}
-        if step >= self.cfg.steps:
-            self.say(f"already done at step {step} (--steps {self.cfg.steps})")
-        else:
-            self.say(f"training from step {step}" + (" (resumed)" if step else ""))
-        self._begin()
-        return step
-
-    def _load_models(self, ckpt: dict, label: str) -> None:
-        for name, model in self.models.items():
-            if name not in ckpt["models"]:
-                raise UserError(f"{label} has no model {name}; nothing was loaded")
-            try:
-                unwrap(model).load_state_dict(ckpt["models"][name])
-            except RuntimeError as e:
-                detail = str(e).strip().splitlines()[-1].strip()
-                _, command = field_kinds(self.cfg)
-                diff = [f"{k}={v!r} (now {getattr(self.cfg, k)!r})" for k, v in ckpt["config"].items()
-                        if k not in command and hasattr(self.cfg, k) and getattr(self.cfg, k) != v]
-                raise UserError(f"{label}: its {name} does not fit this config ({detail}); it was trained with "
-                                f"{', '.join(diff[:4]) or 'another version of the network'}") from None
-
-    def _restore(self, ck: dict, label: str) -> int:
-        self._load_models(ck, label)
-        try:
-            for name, opt in self.optimizers.items():
-                opt.load_state_dict(ck["optimizers"][name])
-            data = ck["data"]
-            if "epoch" in data:  # format 1: a single stream
-                data = {name: data for name in self.data}
-            for name, stream in self.data.items():
-                stream.load_state_dict(data[name])
-        except (KeyError, ValueError) as e:
-            raise UserError(f"{label} does not match {self.script}.py's optimizers or data streams ({type(e).__name__}: "
-                            f"{e}); nothing was written") from None
-        saved = ck.get("state", ck.get("extra", {}))  # format 1 called the registered tensors "extra"
-        for name, obj in self.state.items():
-            if name not in saved:
-                warn(f"the checkpoint has no {name} (an older version of {self.script}.py): it starts afresh")
-            elif isinstance(obj, torch.Tensor):
-                obj.copy_(saved[name])
-            elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() and not saved[name]:
-                self.say("the checkpoint ran without fp16 (its GradScaler was off): the loss scale starts at "
-                         f"{obj.get_scale():g}")   # --amp may change on resume: bf16 or none -> fp16
-            else:
-                try:
-                    obj.load_state_dict(saved[name])
-                except (RuntimeError, KeyError, ValueError, TypeError) as e:
-                    raise UserError(f"{label}: its {name} does not fit {self.script}.py's ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0]}); nothing was written") from None
-        rng, world = ck["rng"], int(ck.get("world", 1))
-        if world != self.world:
-            self.say(f"the checkpoint was written by {world} process(es), this run has {self.world}: the global "
-                     f"batch and the data order are the same, the per-process noise and batch statistics are "
-                     f"not, so training goes on but not bit-identically to an uninterrupted run")
-        set_rng_state(rng[min(self.rank, len(rng) - 1)] if isinstance(rng, list) else rng, self.device)
-        self.best_fid = float(ck.get("best_fid", math.inf))
-        self.run_id = run_id(ck)
-        self.elapsed = float(ck.get("time_s", 0.0))
-        self.last_good = (Path(label), int(ck["step"]))
-        return int(ck["step"])
-
-    # -- the loop --------------------------------------------------------------------------------
-    def end_step(self, step: int, losses: dict[str, torch.Tensor]) -> None:
-        """After optimizer step ``step``: accumulate the losses (on the device, no host sync), and on
-        schedule log their averages, draw the sample grid, evaluate and write the checkpoint."""
-        for k, v in losses.items():  # a key may come at some steps only (a metric): each has its count
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-            self.counts[k] = self.counts.get(k, 0) + 1
-        cfg = self.cfg
-        if self.world > 1 and step % Distributed.STOP_SYNC == 0:
-            self.stop_requested = self.dist.agree(self._stop_local)  # every rank stops at this same step
-        last = step >= cfg.steps or self.stop_requested
-        if step % cfg.log_every == 0 or last:
-            self._log(step)
-        if self.sample_fn is not None and step % cfg.sample_every == 0 and self.is_main:
-            self.save_samples(step)
-        best = False
-        if cfg.eval_every and step % cfg.eval_every == 0 and not self.stop_requested:
-            best = self._evaluate(step)
-        if step % cfg.ckpt_every == 0 or last or best or (cfg.keep_every and step % cfg.keep_every == 0):
-            self.checkpoint(step, best=best)
-
-    def time_s(self) -> float:
-        """Training time of this run so far, across resumes."""
-        return self.elapsed + time.time() - self.t0
-
-    def _log(self, step: int) -> None:
-        if not self.sums:
-            return
-        names = list(self.sums)
-        means = self.dist.mean(torch.stack([self.sums[k] / self.counts[k] for k in names])).tolist()
-        means = dict(zip(names, means))
-        self.sums, self.counts = {}, {}
-        bad = [k for k, v in means.items() if not math.isfinite(v)]
-        if bad:
-            self._diverged(bad, step)
-        now = time.time()
-        rate = (step - self.step_last) * self.cfg.batch_size / max(now - self.t_last, 1e-9)
-        eta = (self.cfg.steps - step) * (now - self.t_last) / max(step - self.step_last, 1)
-        self.t_last, self.step_last = now, step
-        row = {"step": step, "time_s": round(self.time_s(), 2), "images_per_s": round(rate, 1),
-               **{k: f"{v:.6g}" for k, v in means.items()}}
-        if self.is_main:
-            self.metrics.write(row)
-        self.say(f"step {step}/{self.cfg.steps} | {duration(self.time_s())} | ETA {duration(eta)} | "
-                 + " | ".join(f"{k} {v}" for k, v in list(row.items())[2:]))
-
-    def write_metrics(self, row: dict) -> None:
-        """Add a row to metrics.csv (rank 0); a new key adds a column (MetricsFile)."""
-        if self.is_main:
-            self.metrics.write(row)
-
-    def _evaluate(self, step: int) -> bool:
-        """--eval-every on rank 0, the models in eval mode; True if the FID is the best so far."""
-        best = False
-        if self.evaluation is not None or self.extra_evaluation is not None:
-            t, rng, scores = time.time(), rng_state(self.device), {}
-            with self._eval_mode():
-                if self.evaluation is not None:
-                    scores.update(self.evaluation() or {})
-                if self.extra_evaluation is not None and not self._stop_local:
-                    scores.update(self.extra_evaluation(lambda: self._stop_local) or {})
-            set_rng_state(rng, self.device)  # building a network draws from the global generators
-            if scores:
-                self.metrics.write({"step": step, "time_s": round(self.time_s(), 2),
-                                    **{k: f"{v:.6g}" for k, v in scores.items()}})
-                self.say(f"step {step}/{self.cfg.steps} | evaluation in {duration(time.time() - t)} | "
-                         + " | ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-                best = scores.get("fid", math.inf) < self.best_fid
-                if best:
-                    self.best_fid = scores["fid"]
-            self.t_last += time.time() - t  # images/s counts training only
-        return self.dist.from_main(best)
-
-    def _diverged(self, names: list[str], step: int) -> None:
-        if self.last_good is not None:
-            path, good = self.last_good
-            advice = (f"the last good checkpoint, {path} (step {good}), is kept: continue from it with a lower "
-                      f"learning rate in a new run, e.g. --init {path} --lr <lower> --out <new folder>")
-        else:
-            advice = "no checkpoint was written yet: start again with a lower --lr or another --seed"
-        raise UserError(f"{', '.join(names[:3])} became NaN or inf by step {step}: training diverged; {advice}")
-
-    @contextlib.contextmanager
-    def _eval_mode(self):
-        """Every model in eval mode and no gradient, then back: drawing samples changes nothing (no
-        BatchNorm statistics, no dropout, no RNG draw from the training streams)."""
-        modes = {name: m.training for name, m in self.models.items()}
-        for m in self.models.values():
-            m.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for name, m in self.models.items():
-                m.train(modes[name])
-
-    def save_samples(self, step: int) -> None:
-        """The fixed-noise grid, drawn in eval mode (``_eval_mode``)."""
-        with self._eval_mode():
-            images = self.sample_fn()
-        save_grid(images, self.out / "samples" / f"{step:06d}.png", value_range=self.sample_range)
-
-    def write_generated(self, batches, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
-        """--sample: write the generated batches to --sample-out (default <out>/generated), checked first."""
-        out = Path(self.cfg.sample_out or self.out / "generated")
-        n = save_images(batches, out, value_range)
-        self.say(f"wrote {n} images to {out}")
-        return out
-
-    def write_sharded(self, draw: Callable, n: int, batch: int, key: dict,
-                      value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
-        """--sample N in fixed batches, split among processes and resumable. Batch j (images j * batch ...)
-        is ``draw(size, generator)`` with a generator seeded from (--seed, j) (numpy's SeedSequence: a 32-bit seed,
-        since the CPU generator keeps 32 bits of any seed), so image i is the same whatever
-        the split and however often the command was stopped. Shard s of k (torchrun's rank and the SLURM array
-        task: ``torchrun --nproc_per_node=4`` or ``sbatch --array=0-9``, or both) draws the batches j = s mod k
-        whose PNGs are not all in the folder yet. A stop signal ends it after the current batch (exit 0: the
-        same command continues; submit.sh requeues it). ``key`` (what else fixes the images: sampler
-        settings) goes into the folder's mark with the checkpoint, N, the batch and --seed: a folder drawn
-        from anything else is replaced, never mixed. A .npz is written whole by one process."""
-        cfg = self.cfg
-        out = Path(cfg.sample_out or self.out / "generated")
-        array = os.environ.get("SLURM_ARRAY_TASK_ID")
-        task = (int(array) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
-            os.environ.get("SLURM_ARRAY_TASK_STEP", 1)) if array else 0
-        shard, shards = task * self.world + self.rank, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) * self.world
-        npz = out.suffix.lower() == ".npz"
-        if npz and shards > 1:
-            raise UserError(f"--sample-out {out}: a .npz is written by one process; give a folder to split --sample "
-                            f"among {shards} processes or array tasks")
-        key = {"checkpoint": f"{run_id(self.ckpt)}@{self.ckpt['step']}", "n": n, "batch": batch, "seed": cfg.seed,
-               **key}
-        prepare_output(out, key=None if npz else json.dumps(key, sort_keys=True))
-        names = lambda j: [out / f"{i:06d}.png" for i in range(j * batch, min(n, (j + 1) * batch))]  # noqa: E731
-        mine = range(shard, math.ceil(n / batch), shards)
-        todo = [j for j in mine if npz or not all(p.is_file() for p in names(j))]
-        total = sum(len(names(j)) for j in todo)
-        where = f" (shard {shard + 1} of {shards})" if shards > 1 else ""
-        self._begin()
-        done, kept, t0 = 0, [], time.time()
-        print(f"--sample {n}{where}: {total} images to draw" + (f", {sum(len(names(j)) for j in mine) - total} "
-              f"already in {out}" if len(todo) < len(mine) else ""), flush=True)
-        with self._eval_mode():
-            for j in todo:
-                seed = int(np.random.SeedSequence([cfg.seed, j]).generate_state(1)[0])
-                g = torch.Generator(self.device).manual_seed(seed)
-                images = to_uint8(draw(len(names(j)), g), value_range).permute(0, 2, 3, 1).numpy()
-                if npz:
-                    kept.append(images)
-                for path, image in zip([] if npz else names(j), images):
-                    write_png(image, path, path.with_name(path.name + ".part"))   # prepare_output knows .part
-                done += len(images)
-                elapsed = time.time() - t0
-                print(f"--sample{where}: {done}/{total} | {duration(elapsed)} | "
-                      f"ETA {duration(elapsed * (total - done) / done)}", flush=True)
-                if self._stop_local:   # checked after the batch: one that has begun is always written
-                    break
-        if self._stop_local and done < total:
-            if npz:
-                raise Stopped(self.stop_signal)   # nothing written: a .npz is all or nothing
-            print(f"stopped by {self.stop_signal} after {done} images: the same command continues", flush=True)
-            return
-        if npz:
-            save_npz(np.concatenate(kept), out)
-            print(f"wrote {n} images to {out}", flush=True)
-            return
-        present = sum(p.is_file() for j in range(math.ceil(n / batch)) for p in names(j))
-        print(f"wrote {done} images to {out}" + ("" if present == n else
-              f"; {present}/{n} are there: the other shards write the rest"), flush=True)
-
-    def checkpoint(self, step: int, best: bool = False) -> None:
-        """Write ckpt.pt atomically (rank 0), after checking that no loss since the last log and no floating
-        tensor of the state (weights, buffers, optimizer moments, EMA...) is NaN/inf: a diverged run never
-        overwrites the last good checkpoint. Also best.pt (``best``), ckpt-<step>.pt (--keep-every) and
-        curves.png. Every rank calls it: their RNG states are gathered into it."""
-        rng = self.dist.gather(rng_state(self.device))
-        state = {
-            "script": self.script, "format": CHECKPOINT_FORMAT, "run": self.run_id, "step": step,
-            "time_s": self.time_s(), "world": self.world, "best_fid": self.best_fid,
-            "config": dataclasses.asdict(self.cfg),
-            "models": {k: unwrap(m).state_dict() for k, m in self.models.items()},
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "state": {k: v if isinstance(v, torch.Tensor) else v.state_dict() for k, v in self.state.items()},
-            "data": {k: d.state_dict() for k, d in self.data.items()},
-            "rng": rng if self.world > 1 else rng[0],
-        }
-        losses = {k: v / self.counts[k] for k, v in self.sums.items()}
-        bad = nonfinite({"loss": losses, "models": state["models"], "optimizers": state["optimizers"],
-                         "state": state["state"]}) if self.is_main else []
-        bad = self.dist.from_main(bad)
-        if bad:
-            self._diverged(bad, step)
-        if self.is_main:
-            try:
-                save_checkpoint(state, self.ckpt_path)
-            except OSError as e:
-                kept = f"the previous one (step {self.saved_step}) is intact" if self.saved_step is not None else "none was"
-                raise UserError(f"cannot write {self.ckpt_path} ({e.strerror}); {kept}: free space, then --resume") from None
-            if best:
-                _link_or_copy(self.ckpt_path, self.out / "best.pt")
-            if self.cfg.keep_every and step % self.cfg.keep_every == 0:
-                _link_or_copy(self.ckpt_path, self.out / f"ckpt-{step}.pt")
-            self._plot()
-        self.saved_step, self.last_good = step, (self.ckpt_path, step)
-
-    def _plot(self) -> None:
-        try:
-            self.metrics.plot(self.out / "curves.png")
-        except ImportError:
-            if not getattr(self, "_told_plot", False):
-                warn("no curves.png: pip install matplotlib")
-                self._told_plot = True
-
-    def finish(self, step: int) -> None:
-        """After the loop: save the last step (a signal may land after end_step's check) and say how the
-        run ended. A stop before any new step raises Stopped: run_main exits with EXIT_NO_PROGRESS."""
-        if step != self.saved_step:
-            self.checkpoint(step)
-        self.dist.close()
-        if step >= self.cfg.steps:
-            if step > self.start_step:
-                self.say(f"done at step {step}: {self.ckpt_path}")
-        elif step > self.start_step:
-            self.say(f"checkpoint saved at step {step} ({self.stop_signal}); continue with --resume")
-        else:
-            raise Stopped(self.stop_signal)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes a copy of ``src`` (a hard link where the file system allows: no extra space),
-    replaced atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
