@@ -85,7 +85,7 @@ TEST_SEED = 0   # the one binarization (or dequantization) of the test set, what
 
 
 @dataclass
-class Config(common.RunConfig):
+class Config(common.ImageConfig):
     steps: int = arg(1_000_000, "optimizer steps (Figure 2 runs to 10^8 training samples: 10^6 steps of M = 100)",
                      run=True, min=0)
     nll: int = arg(0, "no training: the test negative ELBO and IWAE's -L_k (a bound on -log p(x)), in nats, on the "
@@ -97,6 +97,10 @@ class Config(common.RunConfig):
                  min=1)
     figures: bool = arg(False, "with --sample: also write reconstructions.png, interpolation.png and, when --nz is 2, "
                         "manifold.png (Figure 4) to --out", sampling=True)
+    class_: int = arg(-1, "with --sample of a --conditional model: this class only (-1: N/K of each)", sampling=True,
+                      min=-1, flag="--class")
+    conditional: bool = arg(False, "the generative model M2 of Kingma, Rezende, Mohamed, Welling 2014 "
+                            "(arXiv:1406.5298): q(z | x, y) and p(x | y, z) given the one-hot class y")
     # The paper's hyper-parameters (section 5, appendix C)
     arch: str = arg("mlp", "mlp (appendix C: one hidden layer) | conv (ours: stride-2 convolutions, for RGB)",
                     choices=("mlp", "conv"))
@@ -124,17 +128,22 @@ class Config(common.RunConfig):
 PARAMS_PER_PIXEL = {"bernoulli": 1, "gaussian": 2, "logistic": 1}   # decoder outputs per pixel value
 
 
+def joined(h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """[h, y]: a layer's input with the one-hot class y of M2 beside it (h alone without a class)."""
+    return h if y is None else torch.cat([h, y.to(h.dtype)], dim=1)
+
+
 class MLPEncoder(nn.Module):
     """q_phi(z | x), the Gaussian MLP of appendix C.2: h = tanh(W3 x + b3), mu = W4 h + b4,
     log sigma^2 = W5 h + b5 (W4 and W5 as one matrix product)."""
 
-    def __init__(self, D: int, hidden: int, nz: int):
+    def __init__(self, D: int, hidden: int, nz: int, classes: int = 0):
         super().__init__()
-        self.hidden = nn.Linear(D, hidden)       # W3, b3
-        self.out = nn.Linear(hidden, 2 * nz)     # [W4; W5], [b4; b5]
+        self.hidden = nn.Linear(D + classes, hidden)   # W3, b3 (M2: of [x, y])
+        self.out = nn.Linear(hidden, 2 * nz)           # [W4; W5], [b4; b5]
 
-    def forward(self, x):
-        h = torch.tanh(self.hidden(x.flatten(1)))                  # B x hidden
+    def forward(self, x, y=None):
+        h = torch.tanh(self.hidden(joined(x.flatten(1), y)))      # B x hidden
         mu, logvar = self.out(h).chunk(2, dim=1)                  # B x nz each
         return mu, logvar
 
@@ -143,14 +152,14 @@ class MLPDecoder(nn.Module):
     """p_theta(x | z), appendix C.1: the parameters W2 tanh(W1 z + b1) + b2 of p(x | z) for each pixel
     (for Bernoulli, the logits of y)."""
 
-    def __init__(self, nz: int, hidden: int, shape: tuple, per_pixel: int):
+    def __init__(self, nz: int, hidden: int, shape: tuple, per_pixel: int, classes: int = 0):
         super().__init__()
         self.shape = (per_pixel * shape[0], *shape[1:])
-        self.hidden = nn.Linear(nz, hidden)                      # W1, b1
+        self.hidden = nn.Linear(nz + classes, hidden)            # W1, b1 (M2: of [z, y])
         self.out = nn.Linear(hidden, math.prod(self.shape))      # W2, b2
 
-    def forward(self, z):
-        h = torch.tanh(self.hidden(z))                           # B x hidden
+    def forward(self, z, y=None):
+        h = torch.tanh(self.hidden(joined(z, y)))                # B x hidden
         return self.out(h).view(-1, *self.shape)                 # B x (per_pixel C) x H x W
 
 
@@ -168,7 +177,7 @@ class ConvEncoder(nn.Module):
     """q_phi(z | x) through stride-2 convolutions (DCGAN's discriminator ladder, ReLU, no batch norm). At 64 x 64
     RGB, nf 64:  3 x 64 x 64 -> 64 x 32 x 32 -> 128 x 16 x 16 -> 256 x 8 x 8 -> 512 x 4 x 4 -> 2 nz"""
 
-    def __init__(self, channels: int, image_size: int, nf: int, nz: int):
+    def __init__(self, channels: int, image_size: int, nf: int, nz: int, classes: int = 0):
         super().__init__()
         base, n = ladder(image_size)
         layers, ch = [], channels
@@ -176,10 +185,10 @@ class ConvEncoder(nn.Module):
             layers += [nn.Conv2d(ch, nf * 2 ** i, 4, 2, 1), nn.ReLU(True)]     # nf 2^i x H/2 x W/2
             ch = nf * 2 ** i
         self.net = nn.Sequential(*layers)
-        self.out = nn.Linear(ch * base * base, 2 * nz)                       # mu and log sigma^2
+        self.out = nn.Linear(ch * base * base + classes, 2 * nz)             # mu and log sigma^2 (M2: and y)
 
-    def forward(self, x):
-        mu, logvar = self.out(self.net(x).flatten(1)).chunk(2, dim=1)      # B x nz each
+    def forward(self, x, y=None):
+        mu, logvar = self.out(joined(self.net(x).flatten(1), y)).chunk(2, dim=1)   # B x nz each
         return mu, logvar
 
 
@@ -187,11 +196,11 @@ class ConvDecoder(nn.Module):
     """p_theta(x | z), the encoder's mirror image. At 64 x 64 RGB, nf 64 (logistic: 3 output channels):
         z -> 512 x 4 x 4 -> 256 x 8 x 8 -> 128 x 16 x 16 -> 64 x 32 x 32 -> 3 x 64 x 64"""
 
-    def __init__(self, nz: int, channels: int, image_size: int, nf: int, per_pixel: int):
+    def __init__(self, nz: int, channels: int, image_size: int, nf: int, per_pixel: int, classes: int = 0):
         super().__init__()
         self.base, n = ladder(image_size)
         self.ch = nf * 2 ** (n - 1)
-        self.inp = nn.Linear(nz, self.ch * self.base * self.base)
+        self.inp = nn.Linear(nz + classes, self.ch * self.base * self.base)
         layers, ch = [], self.ch
         for _ in range(n - 1):
             layers += [nn.ReLU(True), nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1)]  # ch/2 x 2H x 2W
@@ -199,34 +208,40 @@ class ConvDecoder(nn.Module):
         layers += [nn.ReLU(True), nn.ConvTranspose2d(ch, per_pixel * channels, 4, 2, 1)]   # per_pixel C x size x size
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z):
-        return self.net(self.inp(z).view(-1, self.ch, self.base, self.base))
+    def forward(self, z, y=None):
+        return self.net(self.inp(joined(z, y)).view(-1, self.ch, self.base, self.base))
 
 
 class VAE(nn.Module):
     """The encoder q_phi(z | x), the decoder p_theta(x | z) and its likelihood; ``forward`` gives the two terms of
-    the bound for one reparameterized sample per image."""
+    the bound for one reparameterized sample per image. With ``classes`` K (--conditional, M2): q_phi(z | x, y) and
+    p_theta(x | y, z), each given the class y (a tensor of class indices) one-hot beside its input."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, nz: int, likelihood: str):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, nz: int, likelihood: str, classes: int = 0):
         super().__init__()
         self.encoder, self.decoder, self.nz, self.likelihood = encoder, decoder, nz, likelihood
+        self.classes = classes
         if likelihood == "logistic":
             self.log_scale = nn.Parameter(torch.zeros(()))     # log s of the logistic, shared by all pixels (IAF)
 
-    def encode(self, x):
-        """(mu, log sigma^2) of q_phi(z | x), B x nz each."""
-        return self.encoder(x)
+    def one_hot(self, y):
+        return None if y is None else F.one_hot(y, self.classes)
 
-    def decode(self, z):
-        """The parameters of p_theta(x | z): B x (per_pixel C) x H x W."""
-        return self.decoder(z)
+    def encode(self, x, y=None):
+        """(mu, log sigma^2) of q_phi(z | x) (or q_phi(z | x, y)), B x nz each."""
+        return self.encoder(x, self.one_hot(y))
 
-    def forward(self, x):
-        """(log p(x | z), KL(q(z | x) || p(z))) of each image, z = mu + sigma * eps: the two terms of eq. 10, L = 1."""
-        mu, logvar = self.encode(x)
+    def decode(self, z, y=None):
+        """The parameters of p_theta(x | z) (or p_theta(x | y, z)): B x (per_pixel C) x H x W."""
+        return self.decoder(z, self.one_hot(y))
+
+    def forward(self, x, y=None):
+        """(log p(x | z), KL(q(z | x) || p(z))) of each image, z = mu + sigma * eps: the two terms of eq. 10, L = 1
+        (M2: log p(x | y, z) and KL(q(z | x, y) || p(z)), the bound on log p(x | y))."""
+        mu, logvar = self.encode(x, y)
         mu, logvar = mu.float(), logvar.float()                           # eps and z in float32 under --amp too
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=mu.device)   # the reparameterization trick
-        return self.log_px(x, self.decode(z)), kl_divergence(mu, logvar)
+        return self.log_px(x, self.decode(z, y)), kl_divergence(mu, logvar)
 
     def log_px(self, x, out):
         """log p_theta(x | z) of each image (summed over its pixels), in nats. ``out`` may carry extra leading
@@ -264,16 +279,24 @@ def image_size(cfg: Config) -> int:
     return cfg.image_size or common.DATASETS.get(cfg.dataset, (3, 64))[1]
 
 
+def classes_of(cfg: Config) -> int:
+    """K of --conditional (0 without it): the dataset's classes."""
+    if cfg.conditional and cfg.dataset not in common.CLASSES:
+        raise common.UserError(f"--conditional: --dataset {cfg.dataset} has no labels; use a labelled dataset "
+                               f"({', '.join(common.CLASSES)})")
+    return common.CLASSES[cfg.dataset] if cfg.conditional else 0
+
+
 def build(cfg: Config, device) -> VAE:
-    C, S = common.dataset_channels(cfg.dataset), image_size(cfg)
+    C, S, K = common.dataset_channels(cfg.dataset), image_size(cfg), classes_of(cfg)
     per_pixel = PARAMS_PER_PIXEL[cfg.likelihood]
     if cfg.arch == "mlp":
-        model = VAE(MLPEncoder(C * S * S, cfg.hidden, cfg.nz), MLPDecoder(cfg.nz, cfg.hidden, (C, S, S), per_pixel),
-                    cfg.nz, cfg.likelihood)
+        model = VAE(MLPEncoder(C * S * S, cfg.hidden, cfg.nz, K), MLPDecoder(cfg.nz, cfg.hidden, (C, S, S), per_pixel,
+                                                                             K), cfg.nz, cfg.likelihood, K)
         init_weights(model, cfg.init_std)
     else:
-        model = VAE(ConvEncoder(C, S, cfg.nf, cfg.nz), ConvDecoder(cfg.nz, C, S, cfg.nf, per_pixel), cfg.nz,
-                    cfg.likelihood)
+        model = VAE(ConvEncoder(C, S, cfg.nf, cfg.nz, K), ConvDecoder(cfg.nz, C, S, cfg.nf, per_pixel, K), cfg.nz,
+                    cfg.likelihood, K)
     return model.to(device)
 
 
@@ -309,29 +332,30 @@ def observe(x, likelihood: str, generator=None):
     return x
 
 
-def test_images(cfg: Config, n: int | None = None) -> torch.Tensor:
+def test_images(cfg: Config, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n test images as the model sees them, observed once with TEST_SEED (on the CPU: the same
-    binary images on every machine)."""
-    images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:n]
-    return observe(images.float() / 255, cfg.likelihood, torch.Generator().manual_seed(TEST_SEED))
+    binary images on every machine), and their labels."""
+    images, labels = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test", labels=True)
+    return observe(images[:n].float() / 255, cfg.likelihood, torch.Generator().manual_seed(TEST_SEED)), labels[:n]
 
 
 @torch.no_grad()
-def bounds(model: VAE, x, k: int, generator=None, values: int = 2 ** 24):
-    """(negative ELBO, IWAE's -L_k) of each image of x, in nats: two bounds on -log p(x), -L_k the tighter (in
-    expectation). With z_i = mu + sigma eps_i,
+def bounds(model: VAE, x, k: int, generator=None, values: int = 2 ** 24, y=None):
+    """(negative ELBO, IWAE's -L_k) of each image of x, in nats: two bounds on -log p(x) (M2, given the classes y:
+    on -log p(x | y)), -L_k the tighter (in expectation). With z_i = mu + sigma eps_i,
     i = 1..k, and log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x):
         -L_k = -log 1/k sum_i w_i = -(logsumexp_i log w_i - log k)    (IWAE, section 3)
         -ELBO = KL(q || p(z)) - 1/k sum_i log p(x | z_i)               (eq. 10, averaged over the k samples)
     The k samples go through the decoder about ``values`` pixel values at a time (memory bounded at any size)."""
-    mu, logvar = model.encode(x)                                           # B x nz
+    mu, logvar = model.encode(x, y)                                        # B x nz
     sigma = torch.exp(0.5 * logvar)
     chunk = max(1, values // x.numel())
     log_w, sum_log_px = [], 0.0
     for i in range(0, k, chunk):
         eps = torch.randn((min(chunk, k - i), *mu.shape), device=mu.device, generator=generator)   # n x B x nz
         z = mu + sigma * eps
-        log_px = model.log_px(x, model.decode(z.flatten(0, 1)).unflatten(0, eps.shape[:2]))          # n x B
+        ys = None if y is None else y.repeat(len(eps))                                              # n B labels
+        log_px = model.log_px(x, model.decode(z.flatten(0, 1), ys).unflatten(0, eps.shape[:2]))      # n x B
         log_pz = -0.5 * (z ** 2 + math.log(2 * math.pi)).sum(-1)
         log_qz = -0.5 * (eps ** 2 + math.log(2 * math.pi) + logvar).sum(-1)
         log_w.append(log_px + log_pz - log_qz)
@@ -342,32 +366,46 @@ def bounds(model: VAE, x, k: int, generator=None, values: int = 2 ** 24):
 
 
 @torch.no_grad()
-def test_nll(model: VAE, x, k: int, batch: int = 100, seed: int = 0, should_stop=None, progress=None):
-    """{"test_neg_elbo", "test_nll"}: the means of ``bounds`` over the observed test images x, in nats per image;
-    None if ``should_stop()`` cut it short. The same seed gives the same samples (comparable across steps)."""
+def test_nll(model: VAE, x, k: int, batch: int = 100, seed: int = 0, should_stop=None, progress=None, y=None):
+    """{"test_neg_elbo", "test_nll"}: the means of ``bounds`` over the observed test images x (M2: given their
+    classes y), in nats per image; None if ``should_stop()`` cut it short. The same seed gives the same samples
+    (comparable across steps)."""
     g = torch.Generator(x.device).manual_seed(seed)
     neg_elbo, nll, t0 = 0.0, 0.0, time.time()
     for i in range(0, len(x), batch):
         if should_stop is not None and should_stop():
             return None
-        a, b = bounds(model, x[i:i + batch], k, g)
+        a, b = bounds(model, x[i:i + batch], k, g, y=None if y is None else y[i:i + batch])
         neg_elbo, nll = neg_elbo + a.sum().item(), nll + b.sum().item()
         if progress:
             progress(min(i + batch, len(x)), len(x), time.time() - t0)
     return {"test_neg_elbo": neg_elbo / len(x), "test_nll": nll / len(x)}
 
 
+@torch.no_grad()
+def class_nll(model: VAE, x, k: int, seed: int = 0, batch: int = 100) -> torch.Tensor:
+    """M2 as a classifier: IWAE's -L_k of -log p(x | y) for every class y, B x K (with a uniform p(y), the most
+    probable class is the argmin). The same noise for every class."""
+    out = []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        out.append(torch.stack([bounds(model, xb, k, torch.Generator(x.device).manual_seed(seed),
+                                       y=torch.full((len(xb),), c, device=x.device))[1]
+                                for c in range(model.classes)], dim=1))
+    return torch.cat(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training: Algorithm 1
 # ----------------------------------------------------------------------------------------------
 def train_step(model, opt, x, cfg: Config, amp: torch.dtype | None = None,
-               scaler=torch.amp.GradScaler("cpu", enabled=False)) -> dict[str, torch.Tensor]:
-    """One update of Algorithm 1 on a minibatch x of images in [0, 1]."""
+               scaler=torch.amp.GradScaler("cpu", enabled=False), y=None) -> dict[str, torch.Tensor]:
+    """One update of Algorithm 1 on a minibatch x of images in [0, 1] (M2: of classes y, the bound on log p(x | y))."""
     # X^M <- the minibatch, as p(x | z) sees it: a fresh binarization (or dequantization) at every step
     x = observe(x, cfg.likelihood)
     # eps ~ N(0, I) (inside the model) and the minibatch estimator of the bound (eq. 8, 10)
     with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-        log_px, kl = model(x)
+        log_px, kl = model(x, y)
     neg_elbo = (kl - log_px).mean()
     # g <- its gradient; theta, phi <- Adagrad step (the prior p(theta) is the optimizer's weight decay)
     opt.zero_grad(set_to_none=True)
@@ -391,10 +429,10 @@ def make_optimizer(model: nn.Module, cfg: Config, n_train: int, device) -> torch
 # Sampling and figures
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample(model: VAE, n: int, generator=None) -> torch.Tensor:
-    """n images: z ~ p(z) = N(0, I), then the mean of p(x | z), in [0, 1]."""
+def sample(model: VAE, n: int, generator=None, y=None) -> torch.Tensor:
+    """n images: z ~ p(z) = N(0, I), then the mean of p(x | z) (M2: of p(x | y, z), y the n classes), in [0, 1]."""
     z = torch.randn(n, model.nz, device=next(model.parameters()).device, generator=generator)
-    return model.mean(model.decode(z))
+    return model.mean(model.decode(z, y))
 
 
 @torch.no_grad()
@@ -432,7 +470,7 @@ def write_figures(model: VAE, cfg: Config, out, device) -> None:
     """--figures: reconstructions.png, interpolation.png and (nz = 2) manifold.png in ``out``."""
     model.eval()
     try:
-        x = test_images(cfg, 40).to(device)
+        x = test_images(cfg, 40)[0].to(device)
     except common.UserError:   # --dataset folder has no test split: its first training images
         x = observe(common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))[:40].float().to(device) / 255,
                     cfg.likelihood, torch.Generator(device).manual_seed(TEST_SEED))
@@ -473,18 +511,21 @@ def train(cfg: Config) -> None:
                     "--likelihood logistic models the 8-bit image")
     run.say(f"VAE ({cfg.arch}, {cfg.likelihood}): encoder {common.count_parameters(model.encoder):,} + decoder "
             f"{common.count_parameters(model.decoder):,} = {common.count_parameters(model):,} parameters")
-    images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
+    images, labels = common.training_set(cfg)      # --per-class N: the subset augment.py draws
     try:
-        test = test_images(cfg, cfg.eval_nll).to(device) if cfg.eval_every and cfg.eval_nll else None
+        test, test_y = [t.to(device) for t in test_images(cfg, cfg.eval_nll)] if cfg.eval_every and cfg.eval_nll \
+            else (None, None)
     except common.UserError as e:   # --dataset folder: no test split
         raise common.UserError(f"{e}, or --eval-nll 0 (FID alone)") from None
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 1.0), rank=ddp.rank,
-                             world=ddp.world, memory_format=memory_format)
+                             world=ddp.world, memory_format=memory_format, labels=labels if model.classes else None)
     model = model.to(memory_format=memory_format)
     opt = make_optimizer(model, cfg, len(images), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    fixed_z = torch.randn(64, cfg.nz, device=device)   # the same z for every sample grid of the run
+    classes = model.classes                         # M2: a grid row of 8 per class
+    fixed_y = torch.arange(classes, device=device).repeat_interleave(8) if classes else None
+    fixed_z = torch.randn(64 if fixed_y is None else len(fixed_y), cfg.nz, device=device)   # the same for every grid
     saved = dict(models={"vae": model}, optimizers={"vae": opt}, data={"train": batches},
                  state={"fixed_z": fixed_z, "scaler": scaler})   # what a checkpoint holds
     # ---- run plumbing: restore, folder, processes, log ---------------------------------------------------------
@@ -498,20 +539,24 @@ def train(cfg: Config) -> None:
     log = common.Log(run, step)
     evaluate = fid.Evaluator(run, images, value_range=(0, 1)) if cfg.eval_every else None
     extra = None if test is None else (             # --eval-nll: the test -ELBO and -L_k beside the FID
-        lambda should_stop: test_nll(vae, test, cfg.k, seed=cfg.seed, should_stop=should_stop))
+        lambda should_stop: test_nll(vae, test, cfg.k, seed=cfg.seed, should_stop=should_stop,
+                                     y=test_y if classes else None))
 
     def save_samples(step: int) -> None:            # the fixed-z grid, in eval mode: drawing changes nothing
         with common.eval_mode(vae):
-            common.save_grid(vae.mean(vae.decode(fixed_z)), run.out / "samples" / f"{step:06d}.png", value_range=(0, 1))
+            common.save_grid(vae.mean(vae.decode(fixed_z, fixed_y)), run.out / "samples" / f"{step:06d}.png",
+                             nrow=8 if classes else None, value_range=(0, 1))
 
-    def draw(n: int, generator) -> torch.Tensor:    # --eval-every's samples
+    def draw(n: int, generator) -> torch.Tensor:    # --eval-every's samples (M2: classes uniform)
         with common.eval_mode(vae):
-            return sample(vae, n, generator)
+            y = torch.randint(classes, (n,), device=device, generator=generator) if classes else None
+            return sample(vae, n, generator, y)
 
     stop.begin()
     # ---- the loop ------------------------------------------------------------------------------------------------
     while step < cfg.steps and not stop.agreed(step):
-        losses = train_step(model, opt, batches.next(), cfg, amp, scaler)
+        x, y = batches.next() if classes else (batches.next(), None)
+        losses = train_step(model, opt, x, cfg, amp, scaler, y)
         step += 1
         log.add(losses)
         if step % cfg.log_every == 0:
@@ -533,8 +578,15 @@ def sample_command(cfg: Config) -> None:
     run = common.resolve_run(cfg, "vae", ddp, command="--sample")
     stop = common.Stop(ddp)
     model = build(cfg, ddp.device).eval()
+    if cfg.figures and model.classes:
+        raise common.UserError("--figures draws an unconditional model's reconstructions and walks; for a "
+                               "--conditional one, --sample N --class c draws each class")
+    if cfg.class_ >= max(model.classes, 1):
+        raise common.UserError(f"--class {cfg.class_}: give it with a --conditional model's classes, 0 to "
+                               f"{model.classes - 1}" if model.classes else "--class goes with a --conditional model")
     common.load_models(run, vae=model)
-    done = common.write_sharded(run, lambda n, g: sample(model, n, g), cfg.sample, 500, {}, stop, value_range=(0, 1))
+    done = common.write_sharded(run, lambda n, g, *y: sample(model, n, g, *y), cfg.sample, 500, {}, stop,
+                                value_range=(0, 1), classes=model.classes)
     if done and cfg.figures and ddp.rank == 0:
         write_figures(model, cfg, run.out, ddp.device)
 
@@ -545,11 +597,15 @@ def nll_command(cfg: Config) -> None:
     run = common.resolve_run(cfg, "vae", ddp, command="--nll")
     model = build(cfg, ddp.device).eval()
     common.load_models(run, vae=model)
-    x = test_images(cfg, cfg.nll).to(ddp.device)
-    scores = test_nll(model, x, cfg.k, seed=cfg.seed, progress=lambda i, n, s: run.say(
+    x, y = (t.to(ddp.device) for t in test_images(cfg, cfg.nll))
+    scores = test_nll(model, x, cfg.k, seed=cfg.seed, y=y if model.classes else None, progress=lambda i, n, s: run.say(
         f"--nll: {i}/{n} test images | {common.duration(s)} | ETA {common.duration(s * (n - i) / i)}"))
     print(f"test_neg_elbo: {scores['test_neg_elbo']:.4f}  test_nll: {scores['test_nll']:.4f}  (nats per "
-          f"image on {len(x)} test images; test_nll is IWAE's -L_{cfg.k}, an upper bound on -log p(x))")
+          f"image on {len(x)} test images; test_nll is IWAE's -L_{cfg.k}, an upper bound on -log p(x"
+          + (" | y), y the true class)" if model.classes else "))"))
+    if model.classes:   # M2 as a classifier: argmax_y p(x | y), a uniform p(y)
+        accuracy = (class_nll(model, x, cfg.k, seed=cfg.seed).argmin(1) == y).float().mean().item()
+        print(f"test_accuracy: {accuracy:.4f}  (argmax_y of -L_{cfg.k}'s p(x | y): M2 as a classifier)")
 
 
 def main():
