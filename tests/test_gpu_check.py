@@ -116,3 +116,30 @@ def test_quick_with_benchmark_and_fid(tmp_path):
     fid = checks["fid"]["details"]
     assert fid["relative_difference"] < 1e-4 and fid["time_ratio"] > 0, fid
     assert "## Speed beside the peers" in md and "fid.py beside pytorch-fid" in md
+
+
+def test_resume_verdict_on_cuda(tmp_path):
+    """compare_runs and beyond_noise, the CUDA path of the resume check (not bit-identical there): kernel noise
+    passes, a jump at the resume that the rows before it do not show fails."""
+    import torch
+
+    def run(name, losses, weight):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [f"{step},{step / 10},100.0,{loss},{-loss / 1000}" for step, loss in enumerate(losses, 1)]
+        (d / "metrics.csv").write_text("step,time_s,images_per_s,loss,W\n" + "\n".join(rows) + "\n")
+        torch.save({"step": len(losses), "data": {"epoch": 0}, "models": {"G": {"w": torch.full((3,), weight)}},
+                    "optimizers": {}, "state": {}}, d / "ckpt.pt")
+        return d
+
+    straight = run("straight", [1.0, 0.9, 0.8, 0.7], 0.5)
+    noise = run("noise", [1.0, 0.9000001, 0.800001, 0.700002], 0.5000001)
+    jump = run("jump", [1.0, 0.9000001, 0.81, 0.71], 0.51)
+    same = run("same", [1.0, 0.9, 0.8, 0.7], 0.5)
+    c = gpu_check.compare_runs(noise, straight, 2)
+    assert not c["identical"] and not c["losses_equal"] and not gpu_check.beyond_noise(c)
+    assert 0 < c["weights_max_abs_diff"] < 1e-6 and "before the signal" in gpu_check.describe_resume(c)
+    c = gpu_check.compare_runs(jump, straight, 2)
+    assert "at step 3" in gpu_check.beyond_noise(c) and "1.0e-02 of its scale" in gpu_check.beyond_noise(c), c
+    c = gpu_check.compare_runs(same, straight, 2)
+    assert c["identical"] and c["losses_equal"] and gpu_check.describe_resume(c).startswith("exact")
