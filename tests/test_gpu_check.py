@@ -20,12 +20,13 @@ import gpu_check  # noqa: E402
 
 
 def run_tool(tmp, *args, timeout: float = 900):
-    """`python tools/gpu_check.py --device cpu ...` to its end: (its process, report.json, report.md)."""
+    """`python tools/gpu_check.py --device cpu ...` to its end in ``tmp``, its folders given as relative paths (the
+    runs start in the work folder): (its process, report.json, report.md)."""
     env = {**OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     out = tmp / "gpu-check"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--device", "cpu", "--out", str(out),
-                           "--work", str(tmp / "work"), *map(str, args)], cwd=tmp, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    cmd = [sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--device", "cpu", "--out", "gpu-check", "--work",
+           "work", *map(str, args)]
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
     report = json.loads((out / "report.json").read_text())
     return proc, report, (out / "report.md").read_text()
 

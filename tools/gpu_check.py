@@ -1106,6 +1106,9 @@ def main():
     a.bench = a.bench if a.bench is not None else list(QUICK_BENCHES if a.quick else BENCHES)
     a.workers = a.workers or (6 if device == "cuda" else 1)
     a.out = a.out or f"gpu-check-{datetime.date.today().isoformat()}"
+    for name in ("out", "work", "peers", "data_root"):   # the runs start in the work folder: absolute paths
+        if getattr(a, name):
+            setattr(a, name, str(Path(getattr(a, name)).expanduser().resolve()))
     if device == "cpu" and a.workers == 1:   # what every script imports, loaded once for the forked runs
         import matplotlib.pyplot  # noqa: F401
         import PIL.Image  # noqa: F401
