@@ -3,6 +3,7 @@
     python tools/bench/bench_translation.py --peer /tmp/peers/pytorch-CycleGAN-and-pix2pix     # CPU, 128 x 128, batch 1
     python tools/bench/bench_translation.py --peer ~/pytorch-CycleGAN-and-pix2pix --device cuda --image-size 256 \
         --configs none amp+channels-last
+    python tools/bench/bench_translation.py --device cuda --image-size 256    # ours alone (no checkout of the peer)
 
 The official implementation is junyanz/pytorch-CycleGAN-and-pix2pix (a checkout of it: --peer, imported from
 there, never copied). Both sides train the paper's networks at the same size and batch: pix2pix's U-Net with
@@ -105,7 +106,7 @@ def our_step(script: str, flags: set, a, device: torch.device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--peer", required=True, help="a checkout of junyanz/pytorch-CycleGAN-and-pix2pix")
+    p.add_argument("--peer", help="a checkout of junyanz/pytorch-CycleGAN-and-pix2pix (without it: ours alone)")
     p.add_argument("--scripts", nargs="*", default=["pix2pix", "cyclegan"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-size", type=int, default=128, help="128 or 256 (the official U-Nets' sizes)")
@@ -120,7 +121,7 @@ def main():
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for script in a.scripts:
         torch.manual_seed(0)
-        sides = {"peer": peer_model(a.peer, script, a, device)}
+        sides = {"peer": peer_model(a.peer, script, a, device)} if a.peer else {}
         for config in a.configs:
             sides[config] = our_step(script, set(config.split("+")) - {"none"}, a, device)
         for name, (_, counts) in sides.items():
@@ -134,13 +135,14 @@ def main():
                 sides[name][0]()
                 sync()
                 times[name].append(time.perf_counter() - t0)
-        peer = a.batch_size / statistics.median(times["peer"][a.warmup:])
+        peer = a.batch_size / statistics.median(times["peer"][a.warmup:]) if a.peer else None
         print(f"\n{script}, {a.image_size}x{a.image_size}, batch {a.batch_size}, {device}, "
               f"median of {a.steps - a.warmup} steps each, taking turns:")
         for name in names:
             rate = a.batch_size / statistics.median(times[name][a.warmup:])
             label = "official optimize_parameters" if name == "peer" else f"ours ({name.replace('+', ' ')})"
-            print(f"  {label:<36s} {rate:8.4f} images/s  {rate / peer:.2f}x the official", flush=True)
+            ratio = f"  {rate / peer:.2f}x the official" if peer else ""
+            print(f"  {label:<36s} {rate:8.4f} images/s{ratio}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and what wgan_gp.py's batching of the critic calls buys.
 
     python tools/bench/bench_wgan.py --peer ~/PyTorch-GAN/implementations --rounds 2    # CPU, 28 x 28, batch 64
     python tools/bench/bench_wgan.py --peer ~/PyTorch-GAN/implementations --device cuda --configs none amp+channels-last
+    python tools/bench/bench_wgan.py --device cuda --data-root fmnist/    # ours alone; Fashion-MNIST's files in fmnist/
     python tools/bench/bench_wgan.py --critic-calls --rounds 3    # wgan_gp's critic iteration with 1, 2 or 3 critic calls
 
 Side by side: the peer at its defaults (an MLP generator and critic at 28 x 28 x 1, batch 64, n_critic 5;
@@ -65,12 +66,16 @@ runpy.run_path(script, init_globals={"print": timed_print}, run_name="__main__")
 """
 
 
-def fashion_mnist_raw(tmp: Path) -> Path:
-    """Debian's gzipped Fashion-MNIST files, unpacked where torchvision's FashionMNIST(root) looks for them."""
+def fashion_mnist_raw(tmp: Path, data_root: str) -> Path:
+    """Fashion-MNIST's four files, found where the scripts find them (--data-root, then Debian's
+    /usr/share/datasets/fashion-mnist), unpacked where torchvision's FashionMNIST(root) looks for them."""
     raw = tmp / "torchvision" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for gz in common.FASHION_MNIST_DEBIAN.glob("*-ubyte.gz"):
-        with gzip.open(gz) as src, open(raw / gz.stem, "wb") as dst:
+    for stem in (*common._IDX_STEMS["train"], *common._IDX_STEMS["test"]):
+        path = common._find_idx("fashion-mnist", Path(data_root).expanduser(), stem)
+        if path is None:
+            raise SystemExit(f"no {stem}(.gz) in --data-root {data_root} nor in {common.FASHION_MNIST_DEBIAN}")
+        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as src, open(raw / stem, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return tmp / "torchvision"
 
@@ -79,7 +84,7 @@ def ours(script: str, flags: str, a, out: Path) -> float:
     cmd = [sys.executable, str(ROOT / f"{script}.py"), "--dataset", "fashion-mnist", "--image-size", "28",
            "--batch-size", "64", "--n-critic", "5", "--steps", str(a.steps), "--log-every", str(a.log_every),
            "--sample-every", "1000000000", "--ckpt-every", "1000000000", "--device", a.device, "--out", str(out),
-           *(["--no-critic-burst"] if script == "wgan" else []), *flags.split()]
+           "--data-root", a.data_root, *(["--no-critic-burst"] if script == "wgan" else []), *flags.split()]
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
     if script not in a.said:
         print(f"{script}.py: {proc.stdout.splitlines()[0]}", flush=True)   # the parameter counts
@@ -108,7 +113,7 @@ def peer(script: str, a, root: Path, work: Path) -> float:
 def side_by_side(a) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        root = fashion_mnist_raw(Path(tmp))
+        root = fashion_mnist_raw(Path(tmp), a.data_root) if a.peer else None
         for r in range(a.rounds):
             for script in a.scripts:
                 for config in a.configs:
@@ -117,14 +122,17 @@ def side_by_side(a) -> None:
                     out = Path(tmp) / f"ours{r}-{script}-{config}"
                     results.setdefault(name, []).append(ours(script, flags, a, out))
                     print(f"round {r + 1}: {name}: {results[name][-1]:.1f} images/s", flush=True)
-                name = f"peer {script}"
-                results.setdefault(name, []).append(peer(script, a, root, Path(tmp) / f"peer{r}-{script}" / "a" / "b"))
-                print(f"round {r + 1}: {name}: {results[name][-1]:.1f} images/s", flush=True)
+                if a.peer:
+                    name = f"peer {script}"
+                    work = Path(tmp) / f"peer{r}-{script}" / "a" / "b"
+                    results.setdefault(name, []).append(peer(script, a, root, work))
+                    print(f"round {r + 1}: {name}: {results[name][-1]:.1f} images/s", flush=True)
     print(f"\n28x28x1 Fashion-MNIST, batch 64, n_critic 5, {a.device}: generator iterations x 64 per second, best of "
           f"{a.rounds} round(s)")
     for name, rates in results.items():
         script = name.split()[0].removesuffix(".py") if not name.startswith("peer") else name.split()[1]
-        ratio = f"  {max(rates) / max(results[f'peer {script}']):.2f}x the peer" if not name.startswith("peer") else ""
+        peer_rate = max(results[f"peer {script}"]) if a.peer else None
+        ratio = f"  {max(rates) / peer_rate:.2f}x the peer" if peer_rate and not name.startswith("peer") else ""
         print(f"  {name:<45s} {max(rates):8.1f} images/s{ratio}")
 
 
@@ -157,7 +165,7 @@ def critic_calls(a) -> None:
     count = common.count_parameters
     print(f"wgan_gp --arch dcgan, 28 x 28: G {count(G):,}, critic {count(critic):,} parameters", flush=True)
     opt_critic = torch.optim.Adam(critic.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    batches = common.Batches(common.load_images("fashion-mnist", "data", 28), 64, 0, device)
+    batches = common.Batches(common.load_images("fashion-mnist", a.data_root, 28), 64, 0, device)
     rates = {1: [], 2: [], 3: []}
     for r in range(a.rounds):
         for calls in rates:
@@ -180,7 +188,10 @@ def critic_calls(a) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--peer", help="PyTorch-GAN's implementations/ folder (holding wgan/wgan.py, wgan_gp/wgan_gp.py)")
+    p.add_argument("--peer", help="PyTorch-GAN's implementations/ folder (holding wgan/wgan.py, wgan_gp/wgan_gp.py); "
+                   "without it: ours alone")
+    p.add_argument("--data-root", default="data", help="where Fashion-MNIST's files are, as the scripts' --data-root "
+                   "(default: %(default)s, then Debian's /usr/share/datasets/fashion-mnist)")
     p.add_argument("--critic-calls", action="store_true", help="time wgan_gp's critic iteration with 1, 2, 3 calls")
     p.add_argument("--scripts", nargs="*", default=["wgan", "wgan_gp"])
     p.add_argument("--device", default="cpu")
@@ -195,11 +206,9 @@ def main():
     if a.critic_calls:
         a.steps = a.steps or 50
         critic_calls(a)
-    elif a.peer:
+    else:
         a.steps = a.steps or 40
         side_by_side(a)
-    else:
-        p.error("give --peer DIR, or --critic-calls")
 
 
 if __name__ == "__main__":
