@@ -409,7 +409,7 @@ def train_step(model, ema: EMA, opt, diffusion: Diffusion, x0, step: int, cfg: C
     scaler.step(opt)
     scaler.update()
     ema.update()
-    return {"loss": loss.detach(), "grad_norm": grad_norm}
+    return {"loss": loss.detach(), "grad_norm": grad_norm.nan_to_num(0.0, 0.0)}   # an fp16 step skipped: inf
 
 
 # ----------------------------------------------------------------------------------------------

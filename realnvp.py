@@ -436,7 +436,8 @@ def train_step(model, opt, x, scales: list, cfg: Config, amp: torch.dtype | None
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)   # no host sync: a tensor
     scaler.step(opt)
     scaler.update()
-    return {"bpd": bits_per_dim(nll.detach(), math.prod(x.shape[1:])).mean(), "grad_norm": grad_norm}
+    return {"bpd": bits_per_dim(nll.detach(), math.prod(x.shape[1:])).mean(),
+            "grad_norm": grad_norm.nan_to_num(0.0, 0.0)}   # an fp16 step the scaler skipped has an inf norm: logged 0
 
 
 # ----------------------------------------------------------------------------------------------
