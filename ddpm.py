@@ -71,7 +71,7 @@ ARCHS = {"tiny": (32, (1, 2), 1),              # for the tests and a first look
 
 
 @dataclass
-class Config(common.RunConfig):
+class Config(common.ImageConfig):
     steps: int = arg(100_000, "optimizer steps (the paper: 800,000 for CIFAR-10)", run=True, min=0)
     sample_every: int = arg(5000, "write a sample grid (--sampler) every N steps", run=True, min=1)
     vlb: int = arg(0, "no training: L_vlb in bits/dim on the first N test images (EMA weights)", command=True, min=0)
@@ -83,6 +83,16 @@ class Config(common.RunConfig):
     eta: float = arg(0.0, "DDIM's eta: 0 deterministic, 1 the ancestral sampler's noise", run=True, min=0, max=1)
     var: str = arg("beta", "sigma_t^2 of the reverse process: beta (the paper's CIFAR-10 choice) | beta-tilde",
                    run=True, choices=("beta", "beta-tilde"))
+    guidance: float = arg(0.0, "--classes: w of classifier-free guidance, eps = (1 + w) eps(z, c) - w eps(z) (0: the "
+                          "conditional model; others write cond_scale = 1 + w, or s = 1 + w where s = 1 is no "
+                          "guidance)", run=True, min=0)
+    class_: int = arg(-1, "with --sample of a --classes model: this class only (-1: N/K of each)", sampling=True,
+                      min=-1, flag="--class")
+    # Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598)
+    classes: bool = arg(False, "class-conditional: a class embedding added to the time embedding, and a learned "
+                        "null class for the unconditional model")
+    cond_drop: float = arg(0.1, "--classes: the probability that a training image's class is the null one (Table 1: "
+                           "0.1 to 0.2 best, 0.5 worst)", min=0, max=1)
     # The paper's hyper-parameters (section 4, appendix B)
     image_size: int = arg(0, "0: the dataset's (28 Fashion-MNIST, 32 CIFAR-10); a multiple of 2^(levels - 1)", min=0)
     arch: str = arg("small", "U-Net: small (CPU-sized, for 28 x 28) | cifar10 (the paper's, 35.7M parameters) | "
@@ -292,10 +302,13 @@ class UNet(nn.Module):
         image with 3 ResBlocks per resolution, each fed the concatenated skip -> GroupNorm, swish, conv 3
     """
 
-    def __init__(self, channels: int, ch: int, ch_mult: tuple, num_res_blocks: int, attn: tuple, dropout: float):
+    def __init__(self, channels: int, ch: int, ch_mult: tuple, num_res_blocks: int, attn: tuple, dropout: float,
+                 classes: int = 0):
         super().__init__()
-        tdim, self.ch = 4 * ch, ch
+        tdim, self.ch, self.classes = 4 * ch, ch, classes
         self.temb = nn.Sequential(init_(nn.Linear(ch, tdim)), nn.SiLU(), init_(nn.Linear(tdim, tdim)))
+        if classes:   # classifier-free guidance: K classes and the null class K, added to the time embedding
+            self.class_emb = nn.Embedding(classes + 1, tdim)
         self.head = init_(nn.Conv2d(channels, ch, 3, padding=1))
         self.down, skips, now = nn.ModuleList(), [ch], ch
         for level, mult in enumerate(ch_mult):
@@ -321,8 +334,10 @@ class UNet(nn.Module):
     def _block(cin, cout, tdim, dropout, attention: bool):
         return nn.ModuleList([ResBlock(cin, cout, tdim, dropout)] + ([Attention(cout)] if attention else []))
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         temb = self.temb(timestep_embedding(t, self.ch))
+        if self.classes:   # y = None: the null class, the unconditional model
+            temb = temb + self.class_emb(torch.full_like(t, self.classes) if y is None else y)
         h = self.head(x)
         hs = [h]
         for layer in self.down:
@@ -359,8 +374,11 @@ def build(cfg: Config, device) -> UNet:
     if size % 2 ** (len(ch_mult) - 1):
         raise common.UserError(f"--image-size {size}: --arch {cfg.arch} halves it {len(ch_mult) - 1} times; use a "
                                f"multiple of {2 ** (len(ch_mult) - 1)}")
+    classes = common.CLASSES.get(cfg.dataset, 0) if cfg.classes else 0
+    if cfg.classes and not classes:
+        raise common.UserError(f"--classes: --dataset {cfg.dataset} has no labels; use {', '.join(common.CLASSES)}")
     return UNet(common.dataset_channels(cfg.dataset), ch, ch_mult, blocks, (attention_level(cfg),),
-                cfg.dropout).to(device)
+                cfg.dropout, classes).to(device)
 
 
 def image_size(cfg: Config) -> int:
@@ -390,15 +408,18 @@ class EMA:
 
 
 def train_step(model, ema: EMA, opt, diffusion: Diffusion, x0, step: int, cfg: Config,
-               amp: torch.dtype | None = None, scaler=torch.amp.GradScaler("cpu", enabled=False)) -> dict:
-    """Algorithm 1 on a batch x0, as update number ``step`` (from 0)."""
+               amp: torch.dtype | None = None, scaler=torch.amp.GradScaler("cpu", enabled=False), y=None) -> dict:
+    """Algorithm 1 on a batch x0, as update number ``step`` (from 0); with classes y (--classes), each replaced by
+    the null class with probability --cond-drop (Ho & Salimans, Algorithm 1)."""
     if cfg.hflip:
         flip = torch.rand(len(x0), device=x0.device) < 0.5
         x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
     t = torch.randint(1, diffusion.T + 1, (len(x0),), device=x0.device)      # t ~ Uniform{1..T}
     eps = torch.randn_like(x0)
+    if y is not None:                                                          # c <- null with probability p_uncond
+        y = torch.where(torch.rand(len(y), device=y.device) < cfg.cond_drop, common.unwrap(model).classes, y)
     with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):
-        eps_theta = model(diffusion.q_sample(x0, t, eps), t)
+        eps_theta = model(diffusion.q_sample(x0, t, eps), t, y)
     loss = F.mse_loss(eps_theta.float(), eps)                                  # L_simple (eq. 14)
     for group in opt.param_groups:                                             # linear warm-up
         group["lr"] = cfg.lr * min(step / cfg.warmup, 1.0) if cfg.warmup else cfg.lr
@@ -416,10 +437,24 @@ def train_step(model, ema: EMA, opt, diffusion: Diffusion, x0, step: int, cfg: C
 # Sampling: Algorithm 2 and DDIM
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
+def guided(model, y, w: float):
+    """eps~(z_t, c) = (1 + w) eps(z_t, c) - w eps(z_t) (Ho & Salimans, eq. 6), both passes in one batch of 2B;
+    w = 0 is the conditional pass alone."""
+    def eps(x, t):
+        if w == 0:
+            return model(x, t, y)
+        e_c, e_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.classes)]))\
+            .chunk(2)
+        return (1 + w) * e_c - w * e_u
+    return eps
+
+
 def sample(model, diffusion: Diffusion, n: int, shape: tuple, sampler: str = "ddpm", steps: int = 50,
-           eta: float = 0.0, generator=None, device=None) -> torch.Tensor:
-    """n images in [-1, 1]; ``generator`` draws x_T, then every z: the same generator state gives the same images."""
+           eta: float = 0.0, generator=None, device=None, y=None, w: float = 0.0) -> torch.Tensor:
+    """n images in [-1, 1]; ``generator`` draws x_T, then every z: the same generator state gives the same images.
+    With classes y: classifier-free guidance of weight w (Ho & Salimans, Algorithm 2), ancestral or DDIM."""
     device = device or next(model.parameters()).device
+    model = model if y is None else guided(model, y, w)
     randn = lambda: torch.randn((n, *shape), device=device, generator=generator)   # noqa: E731
     x = randn()                                                                     # x_T ~ N(0, I)
     if sampler == "ddpm":
@@ -481,11 +516,12 @@ def train(cfg: Config) -> None:
     run.say(f"U-Net ({cfg.arch}): {common.count_parameters(model):,} parameters")
     ema = EMA(model, cfg.ema_decay)                 # a network of its own, saved as "ema": grids and evaluation use it
     diffusion = Diffusion(cfg.T, *beta_range(cfg), cfg.var, device)
-    images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
+    images, labels = common.training_set(cfg)      # --per-class N: the subset augment.py draws
     test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.eval_vlb] \
         if cfg.eval_every and cfg.eval_vlb else None
+    classes = model.classes                         # --classes: (images, labels) batches, a grid row per class
     batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
-                             memory_format=memory_format)
+                             memory_format=memory_format, labels=labels if classes else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)   # train_step sets each update's warm-up lr
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     grid = torch.Generator(device)                  # the grids' own noise, the same for every grid of the run
@@ -503,10 +539,15 @@ def train(cfg: Config) -> None:
 
     def save_samples(step: int) -> None:            # Algorithm 2 (or DDIM) from the EMA weights, the grid's noise
         with common.eval_mode(ema.model):
-            common.save_grid(draw(64, grid.manual_seed(cfg.seed)), run.out / "samples" / f"{step:06d}.png")
+            y = torch.arange(classes, device=device).repeat_interleave(8) if classes else None
+            common.save_grid(draw(len(y) if classes else 64, grid.manual_seed(cfg.seed), y),
+                             run.out / "samples" / f"{step:06d}.png", nrow=8 if classes else None)
 
-    def draw(n: int, generator) -> torch.Tensor:    # grids and --eval-every's samples: the EMA weights (eval mode)
-        return sample(ema.model, diffusion, n, images.shape[1:], cfg.sampler, cfg.sample_steps, cfg.eta, generator)
+    def draw(n: int, generator, y=None) -> torch.Tensor:   # grids and --eval-every's samples (classes uniform)
+        if classes and y is None:
+            y = torch.randint(classes, (n,), device=device, generator=generator)
+        return sample(ema.model, diffusion, n, images.shape[1:], cfg.sampler, cfg.sample_steps, cfg.eta, generator,
+                      y=y, w=cfg.guidance)
 
     def test_bpd(should_stop) -> dict | None:       # --eval-vlb: L_vlb on the test images; None: off, or cut short
         bpd = vlb_bpd(ema.model, diffusion, test, seed=cfg.seed, should_stop=should_stop) if test is not None else None
@@ -520,7 +561,8 @@ def train(cfg: Config) -> None:
     stop.begin()
     # ---- the loop ------------------------------------------------------------------------------------------------
     while step < cfg.steps and not stop.agreed(step):
-        losses = train_step(model, ema, opt, diffusion, batches.next(), step, cfg, amp, scaler)   # Algorithm 1
+        x0, y = batches.next() if classes else (batches.next(), None)
+        losses = train_step(model, ema, opt, diffusion, x0, step, cfg, amp, scaler, y)   # Algorithm 1
         step += 1
         log.add(losses)
         if step % cfg.log_every == 0:
@@ -545,9 +587,13 @@ def sample_command(cfg: Config) -> None:
     model, diffusion = build(cfg, ddp.device).eval(), Diffusion(cfg.T, *beta_range(cfg), cfg.var, ddp.device)
     common.load_models(run, ema=model)
     shape = (common.dataset_channels(cfg.dataset), image_size(cfg), image_size(cfg))
-    settings = {k: getattr(cfg, k) for k in ("sampler", "sample_steps", "eta", "var")}   # what else fixes the images
-    draw = lambda n, g: sample(model, diffusion, n, shape, cfg.sampler, cfg.sample_steps, cfg.eta, g)   # noqa: E731
-    common.write_sharded(run, draw, cfg.sample, 500, settings, stop)
+    settings = {k: getattr(cfg, k) for k in ("sampler", "sample_steps", "eta", "var", "guidance")}   # fix the images
+    if cfg.class_ >= max(model.classes, 1):
+        raise common.UserError(f"--class {cfg.class_}: a --classes model's classes are 0 to {model.classes - 1}"
+                               if model.classes else "--class goes with a --classes model")
+    draw = lambda n, g, y=None: sample(model, diffusion, n, shape, cfg.sampler, cfg.sample_steps, cfg.eta, g,  # noqa
+                                       y=y, w=cfg.guidance)
+    common.write_sharded(run, draw, cfg.sample, 500, settings, stop, classes=model.classes)
 
 
 def vlb_command(cfg: Config) -> None:

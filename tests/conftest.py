@@ -345,32 +345,33 @@ def check_conditional_sample(script: str, small: list, tmp: Path, classes: int =
         assert_clean_error(run_script(script, "--out", out, *flags, cwd=tmp, check=False), *words)
 
 
-_SYNTHETIC_CLASSIFIER = []
+_SYNTHETIC_CLASSIFIERS = {}
 
 
-def synthetic_classifier():
+def synthetic_classifier(size: int = 16):
     """fid.py's classifier recipe trained on the synthetic training images (4 classes: the quadrant of the disk),
-    at 16 x 16; once per test process."""
-    if not _SYNTHETIC_CLASSIFIER:
+    at size x size; once per test process and size."""
+    if size not in _SYNTHETIC_CLASSIFIERS:
         import common
         import fid
-        train = common.load_images("synthetic", "data", 16, labels=True)
-        test = common.load_images("synthetic", "data", 16, split="test", labels=True)
-        _SYNTHETIC_CLASSIFIER.append(fid.train_classifier(*train, *test, seed=0, log=lambda *_: None)[0])
-    return _SYNTHETIC_CLASSIFIER[0]
+        train = common.load_images("synthetic", "data", size, labels=True)
+        test = common.load_images("synthetic", "data", size, split="test", labels=True)
+        _SYNTHETIC_CLASSIFIERS[size] = fid.train_classifier(*train, *test, seed=0, log=lambda *_: None)[0]
+    return _SYNTHETIC_CLASSIFIERS[size]
 
 
-def check_samples_are_of_their_class(script: str, small: list, tmp: Path, steps: int, at_least: float = 0.7) -> float:
-    """Label plumbing, end to end: after ``steps`` steps on the synthetic data (4 classes, 16 x 16), the samples
+def check_samples_are_of_their_class(script: str, small: list, tmp: Path, steps: int, at_least: float = 0.7,
+                                     size: int = 16, sample_flags: tuple = ()) -> float:
+    """Label plumbing, end to end: after ``steps`` steps on the synthetic data (4 classes, size x size), the samples
     --sample draws for class c are classified c by an independent classifier (fid.py's recipe) at least
     ``at_least`` of the time (chance: 0.25; a model that ignores its labels stays near it). Returns the accuracy."""
     import numpy as np
     import fid
     out = tmp / "fidelity"
-    run_script(script, *small, "--image-size", 16, "--steps", steps, "--log-every", steps, "--out", out, cwd=tmp)
-    run_script(script, "--out", out, "--sample", 200, "--sample-out", tmp / "fidelity.npz", cwd=tmp)
+    run_script(script, *small, "--image-size", size, "--steps", steps, "--log-every", steps, "--out", out, cwd=tmp)
+    run_script(script, "--out", out, "--sample", 200, "--sample-out", tmp / "fidelity.npz", *sample_flags, cwd=tmp)
     saved = np.load(tmp / "fidelity.npz")
-    accuracy = fid.accuracy(synthetic_classifier(), torch.from_numpy(saved["images"]).permute(0, 3, 1, 2),
+    accuracy = fid.accuracy(synthetic_classifier(size), torch.from_numpy(saved["images"]).permute(0, 3, 1, 2),
                             torch.from_numpy(saved["labels"]))
     assert accuracy >= at_least, accuracy
     return accuracy

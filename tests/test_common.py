@@ -603,7 +603,8 @@ def stateful(*argv) -> tuple[common.RunFolder, dict]:
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     objects = {"sched": torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5),
-               "scaler": torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1), "ema": torch.nn.Linear(3, 1),
+               "scaler": torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1),
+               "ema": torch.nn.Linear(3, 1),
                "pool": Pool(), "noise": torch.zeros(4)}
     data = {"A": common.Batches(common.synthetic_images(40, size=4), 8, 0, CPU),
             "B": common.Batches(common.synthetic_images(24, size=4, seed=1), 8, 1, CPU)}
@@ -634,7 +635,8 @@ def test_registered_state_and_every_data_stream_resume_exactly(tmp_path):
     assert restored["sched"].state_dict() == objects["sched"].state_dict()
     assert restored["scaler"].get_scale() == objects["scaler"].get_scale() == 1024.0 * 2 ** 5
     assert torch.equal(restored["pool"].images, objects["pool"].images) and len(restored["pool"].images) == 3
-    assert torch.equal(restored["noise"], objects["noise"]) and torch.equal(restored["ema"].weight, objects["ema"].weight)
+    assert torch.equal(restored["noise"], objects["noise"])
+    assert torch.equal(restored["ema"].weight, objects["ema"].weight)
     for name in "AB":
         assert streams[name].state_dict() == data[name].state_dict()
         assert torch.equal(streams[name].next(), data[name].next())

@@ -7,9 +7,9 @@ import torch.nn as nn
 
 import common
 import dcgan
-from conftest import (check_amp_change_on_resume, assert_same_state, check_bad_flags, check_bad_inputs, check_compile, check_ddp,
-                      check_exact_resume, check_sample, check_signal_resume, check_smoke, load, random_inception_env,
-                      run_script)
+from conftest import (assert_same_state, check_amp_change_on_resume, check_bad_flags, check_bad_inputs, check_compile,
+                      check_ddp, check_exact_resume, check_sample, check_signal_resume, check_smoke, load,
+                      random_inception_env, run_script)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 16, "--batch-size", 16, "--ngf", 4, "--ndf", 4,
          "--device", "cpu"]

@@ -109,7 +109,8 @@ def test_bad_inputs(tmp):
 
 
 def test_bad_flags(tmp):
-    check_bad_flags("gan", SMALL, tmp, [(["--image-size", 0], ["--image-size 0"]), (["--loss", "wasserstein"], ["--loss"]),
+    check_bad_flags("gan", SMALL, tmp, [(["--image-size", 0], ["--image-size 0"]),
+                                        (["--loss", "wasserstein"], ["--loss"]),
                                         (["--momentum", 1], ["--momentum 1", "below 1"])])
 
 

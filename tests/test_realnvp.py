@@ -13,8 +13,8 @@ from scipy import integrate
 
 import common
 import realnvp
-from conftest import (check_amp_change_on_resume, check_bad_flags, check_bad_inputs, check_ddp, check_exact_resume, check_sample,
-                      check_signal_resume, check_smoke, load, run_script)
+from conftest import (check_amp_change_on_resume, check_bad_flags, check_bad_inputs, check_ddp, check_exact_resume,
+                      check_sample, check_signal_resume, check_smoke, load, run_script)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 8, "--arch", "tiny", "--batch-size", 16, "--device", "cpu"]
 DCGAN_SMALL = ["--dataset", "synthetic", "--image-size", 16, "--batch-size", 16, "--ngf", 4, "--ndf", 4,

@@ -308,7 +308,8 @@ def test_bad_flags(tmp):
     check_bad_flags("vae", SMALL, tmp, [
         (["--arch", "conv", "--image-size", 24], ["--image-size 24"]), (["--likelihood", "normal"], ["--likelihood"]),
         (["--figures"], ["--figures goes with --sample"]), (["--nll", 3, "--sample", 2], ["two commands"]),
-        (["--k", 0], ["--k 0"]), (["--lr", 0], ["--lr 0", "above 0"]), (["--dataset", "folder", "--data-root", "nowhere"], ["--data-root nowhere"]),
+        (["--k", 0], ["--k 0"]), (["--lr", 0], ["--lr 0", "above 0"]),
+        (["--dataset", "folder", "--data-root", "nowhere"], ["--data-root nowhere"]),
         (["--dataset", "folder", "--data-root", tmp / "imgs", "--eval-every", 2], ["no test split", "--eval-nll 0"])])
 
 

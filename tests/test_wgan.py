@@ -182,7 +182,8 @@ def test_bad_inputs(tmp):
 def test_bad_flags(tmp):
     check_bad_flags("wgan", SMALL, tmp, [(["--image-size", 48], ["--image-size 48"]),
                                          (["--n-critic", 0], ["--n-critic 0"]), (["--clip", -0.01], ["--clip -0.01"]),
-                                         (["--clip", 0], ["--clip 0", "above 0"]), (["--lr", 0], ["--lr 0", "above 0"])])
+                                         (["--clip", 0], ["--clip 0", "above 0"]),
+                                         (["--lr", 0], ["--lr 0", "above 0"])])
 
 
 def test_ddp_two_processes_stop_together_and_resume_exactly(tmp):

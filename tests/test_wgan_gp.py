@@ -9,8 +9,8 @@ import torch.nn as nn
 
 import common
 import wgan_gp
-from conftest import (check_amp_change_on_resume, check_bad_flags, check_bad_inputs, check_compile, check_ddp, check_exact_resume, check_sample,
-                      check_signal_resume, check_smoke, load)
+from conftest import (check_amp_change_on_resume, check_bad_flags, check_bad_inputs, check_compile, check_ddp,
+                      check_exact_resume, check_sample, check_signal_resume, check_smoke, load)
 
 SMALL = ["--dataset", "synthetic", "--image-size", 16, "--batch-size", 16, "--ngf", 4, "--ndf", 4, "--device", "cpu",
          "--n-critic", 2]

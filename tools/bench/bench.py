@@ -88,7 +88,8 @@ def main():
                 results.setdefault("peer", []).append(peer(a.peer, a, out))
                 print(f"round {r + 1}: peer: {results['peer'][-1]:.1f} images/s", flush=True)
     base = max(results["peer"]) if a.peer else None
-    print(f"\n{a.script}.py, {a.image_size}x{a.image_size}, batch {a.batch_size}, {a.device}: best of {a.rounds} round(s)")
+    print(f"\n{a.script}.py, {a.image_size}x{a.image_size}, batch {a.batch_size}, {a.device}: "
+          f"best of {a.rounds} round(s)")
     for name, rates in results.items():
         ratio = f"  {max(rates) / base:.2f}x the peer" if base else ""
         print(f"  {name:<40s} {max(rates):8.1f} images/s{ratio}")

@@ -1,7 +1,8 @@
 """ddpm.py's training speed beside w86763777/pytorch-ddpm's (the faithful PyTorch port), in one run.
 
     python tools/bench/bench_ddpm.py --peer ~/pytorch-ddpm                       # CPU, --arch small, batch 128
-    python tools/bench/bench_ddpm.py --peer ~/pytorch-ddpm --arch cifar10 --device cuda --configs none amp+channels-last+compile
+    python tools/bench/bench_ddpm.py --peer ~/pytorch-ddpm --arch cifar10 --device cuda \
+        --configs none amp+channels-last+compile
     python tools/bench/bench_ddpm.py --arch cifar10 --device cuda                # ours alone (no checkout of the peer)
 
 The same U-Net (ch, ch_mult, blocks, attention level, dropout 0.1; the parameter counts are printed), batch

@@ -4,7 +4,7 @@ and what wgan_gp.py's batching of the critic calls buys.
     python tools/bench/bench_wgan.py --peer ~/PyTorch-GAN/implementations --rounds 2    # CPU, 28 x 28, batch 64
     python tools/bench/bench_wgan.py --peer ~/PyTorch-GAN/implementations --device cuda --configs none amp+channels-last
     python tools/bench/bench_wgan.py --device cuda --data-root fmnist/    # ours alone; Fashion-MNIST's files in fmnist/
-    python tools/bench/bench_wgan.py --critic-calls --rounds 3    # wgan_gp's critic iteration with 1, 2 or 3 critic calls
+    python tools/bench/bench_wgan.py --critic-calls --rounds 3    # wgan_gp's critic iteration, 1, 2 or 3 calls
 
 Side by side: the peer at its defaults (an MLP generator and critic at 28 x 28 x 1, batch 64, n_critic 5;
 wgan: RMSprop 5e-5 and clipping 0.01, wgan_gp: Adam 2e-4, betas (0.5, 0.999), lambda 10) and ours at the
@@ -195,7 +195,8 @@ def main():
     p.add_argument("--critic-calls", action="store_true", help="time wgan_gp's critic iteration with 1, 2, 3 calls")
     p.add_argument("--scripts", nargs="*", default=["wgan", "wgan_gp"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, help="iterations timed in each run (default: 40 generator iterations; --critic-calls: 50 critic ones)")
+    p.add_argument("--steps", type=int, help="iterations timed in each run (default: 40 generator iterations; "
+                   "--critic-calls: 50 critic ones)")
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3, help="generator iterations of the peer left out of its median")
     p.add_argument("--rounds", type=int, default=2)
