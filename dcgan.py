@@ -59,7 +59,7 @@ from common import arg
 
 
 @dataclass
-class Config(common.RunConfig):
+class Config(common.ImageConfig):
     steps: int = arg(12_000, "G updates (about 26 epochs of Fashion-MNIST at batch 128)", run=True, min=0)
     interpolate: int = arg(0, "with --sample: also write <out>/interpolation.png, N rows walking between z "
                            "pairs", sampling=True, min=0)
@@ -232,7 +232,7 @@ def train(cfg: Config) -> None:
     # ---- the paper: networks, data, optimizers (section 4) -----------------------------------------------------
     G, D = build(cfg, device)
     run.say(f"G: {common.count_parameters(G):,} parameters, D: {common.count_parameters(D):,} parameters")
-    images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
+    images, _ = common.training_set(cfg)            # --per-class N: the subset augment.py draws
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
                              memory_format=memory_format)

@@ -64,7 +64,7 @@ from common import arg
 
 
 @dataclass
-class Config(common.RunConfig):
+class Config(common.ImageConfig):
     steps: int = arg(100_000, "G updates (the paper stopped on validation likelihood)", run=True, min=0)
     # Paper hyper-parameters (official mnist.yaml)
     image_size: int = arg(28, "images are image_size x image_size (28: MNIST)", min=1)
@@ -233,7 +233,7 @@ def train(cfg: Config) -> None:
     # ---- the paper: networks, data, optimizers (official mnist.yaml) -------------------------------------------
     G, D = build(cfg, device)
     run.say(f"G: {common.count_parameters(G):,} parameters, D: {common.count_parameters(D):,} parameters")
-    images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
+    images, _ = common.training_set(cfg)            # --per-class N: the subset augment.py draws
     batches = common.Batches(images, cfg.batch_size, cfg.seed, device, value_range=(0.0, 1.0), rank=ddp.rank,
                              world=ddp.world)
     G.init_output_bias(images.float().mean(0) / 255)

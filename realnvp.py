@@ -78,7 +78,7 @@ BN_MOMENTUM, BN_EPS = 0.1, 1e-4          # running averages and epsilon of every
 
 
 @dataclass
-class Config(common.RunConfig):
+class Config(common.ImageConfig):
     steps: int = arg(50_000, "optimizer steps (not in the paper; 53 Fashion-MNIST epochs at batch 64)", run=True, min=0)
     bpd: int = arg(0, "no training: bits/dim of the checkpoint on the first N test images, with the running "
                    "averages as saved and recalibrated (--recalibrate)", command=True, min=0)
@@ -477,7 +477,7 @@ def train(cfg: Config) -> None:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build(cfg, device).to(memory_format=memory_format)
     run.say(f"Real NVP ({cfg.arch}): {common.count_parameters(model):,} parameters")
-    images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
+    images, _ = common.training_set(cfg)            # --per-class N: the subset augment.py draws
     # --eval-every's test bits/dim; a folder has no test split: off, unless --eval-bpd was typed (then refused)
     with_bpd = cfg.eval_every and cfg.eval_bpd and (cfg.dataset != "folder" or "eval_bpd" in cfg.given)
     test = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg), split="test")[:cfg.eval_bpd] \
@@ -554,8 +554,7 @@ def bpd_command(cfg: Config) -> None:
     bpd = evaluate_bpd(model, test, seed=cfg.seed, progress=progress)
     print(f"test_bpd: {bpd:.4f}  (bits/dim on {len(test)} test images, running averages as saved)")
     if cfg.recalibrate:
-        images = common.load_images(cfg.dataset, cfg.data_root, image_size(cfg))
-        recalibrate(model, images, cfg.recalibrate, cfg.batch_size, seed=cfg.seed)
+        recalibrate(model, common.training_set(cfg)[0], cfg.recalibrate, cfg.batch_size, seed=cfg.seed)
         bpd = evaluate_bpd(model, test, seed=cfg.seed, progress=progress)
         print(f"test_bpd_recalibrated: {bpd:.4f}  (the same, running averages from {cfg.recalibrate} "
               f"training minibatches of {cfg.batch_size})")

@@ -65,7 +65,7 @@ from common import arg
 
 
 @dataclass
-class Config(common.RunConfig):
+class Config(common.ImageConfig):
     steps: int = arg(20_000, "generator iterations (each with n_critic critic iterations)", run=True, min=0)
     # Paper hyper-parameters (Algorithm 1, section 4)
     image_size: int = arg(64, "28, or a power of two >= 16 (64: the paper's LSUN)", min=16)
@@ -249,7 +249,7 @@ def train(cfg: Config) -> None:
     # ---- the paper: networks, data, optimizers (Algorithm 1, section 4) ----------------------------------------
     G, critic = build(cfg, device)
     run.say(f"G: {common.count_parameters(G):,} parameters, critic: {common.count_parameters(critic):,} parameters")
-    images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
+    images, _ = common.training_set(cfg)            # --per-class N: the subset augment.py draws
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
                              memory_format=memory_format)

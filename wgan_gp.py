@@ -83,7 +83,7 @@ ARCHS = {"dcgan": {"image_size": 64, "nz": 100, "ngf": 64, "ndf": 64},      # th
 
 
 @dataclass
-class Config(common.RunConfig):
+class Config(common.ImageConfig):
     steps: int = arg(20_000, "generator iterations (each with n_critic critic iterations)", run=True, min=0)
     arch: str = arg("dcgan", "dcgan (the WGAN authors' networks, no batch norm in the critic) | resnet (the paper's "
                     "CIFAR-10 ResNet, 32 x 32)", choices=tuple(ARCHS))
@@ -398,7 +398,7 @@ def train(cfg: Config) -> None:
     # ---- the paper: networks, data, optimizers (Algorithm 1) ---------------------------------------------------
     G, critic = build(cfg, device)
     run.say(f"G: {common.count_parameters(G):,} parameters, critic: {common.count_parameters(critic):,} parameters")
-    images = common.load_images(cfg.dataset, cfg.data_root, cfg.image_size)
+    images, _ = common.training_set(cfg)            # --per-class N: the subset augment.py draws
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
                              memory_format=memory_format)
