@@ -8,8 +8,7 @@ Each script's train(cfg) calls these in its own visible loop (dcgan.py shows the
     step = common.restore(run, **saved); common.open_run_folder(run); log = common.Log(run, step)
     ...the loop: train_step, log.add / log.write, common.save_run(run, step, log, **saved)...
     common.finish(run, step, log, stop, **saved)
-No helper decides when anything happens. docs/run-contract.md gives the user's rules (resume, run folder, --sample).
-"""
+No helper decides when anything happens. docs/run-contract.md gives the user's rules (resume, run folder, --sample)."""
 from __future__ import annotations
 
 import argparse
@@ -79,10 +78,9 @@ def warn(message: str) -> None:
 def arg(default, help: str, run: bool = False, command: bool = False, min: float | None = None,
         max: float | None = None, above: float | None = None, below: float | None = None, choices: tuple | None = None,
         metavar: str | None = None, sampling: bool = False, const=None, predates=None, flag: str | None = None):
-    """A config field with its --help line. run: it may change on resume, as it does not change what is computed.
-    command: it belongs to one command and never comes from a checkpoint. sampling: a command field of --sample.
-    min, max (included), above, below (excluded), choices: the typed value's limits. flag: where not --<name>.
-    metavar, const: argparse's. predates: the value that checkpoints written before this field were trained with."""
+    """A config field with its --help line. run: it may change on resume (it does not change what is computed).
+    command: it never comes from a checkpoint. sampling: a command field of --sample. flag, metavar, const: argparse's.
+    min, max (included), above, below (excluded), choices: the value's limits. predates: older checkpoints' value."""
     meta = dict(help=help, run=run, command=command or sampling, sampling=sampling, min=min, max=max, above=above,
                 below=below, choices=choices, metavar=metavar, const=const, predates=predates, flag=flag)
     return dataclasses.field(default=default, metadata=meta)
@@ -133,7 +131,6 @@ class ImageConfig(RunConfig):
     """RunConfig and the training images' subset of a labelled dataset (training_set reads it)."""
     per_class: int = arg(0, "train on N images of each class, the subset augment.py draws (0: all)", min=0)
     subset_seed: int = arg(0, "the seed that picks --per-class's images", min=0)
-
 
 
 class _Parser(argparse.ArgumentParser):
@@ -413,10 +410,8 @@ def open_run_folder(run: RunFolder) -> None:
         config = dataclasses.asdict(run.cfg)
         (run.out / "args.json").write_text(json.dumps(config, indent=2) + "\n")
         run.say(f"{run.script}: " + " ".join(f"{k}={v}" for k, v in config.items()))
-    if run.start_step >= run.cfg.steps:
-        run.say(f"already done at step {run.start_step} (--steps {run.cfg.steps})")
-    else:
-        run.say(f"training from step {run.start_step}" + (" (resumed)" if run.start_step else ""))
+    run.say(f"already done at step {run.start_step} (--steps {run.cfg.steps})" if run.start_step >= run.cfg.steps
+            else f"training from step {run.start_step}" + (" (resumed)" if run.start_step else ""))
 
 
 class Stop:
@@ -463,7 +458,19 @@ def restore(run: RunFolder, models: dict, optimizers: dict, state: dict, data: d
             raise UserError(f"{label} does not match {run.script}.py's optimizers or data streams "
                             f"({type(e).__name__}: {e}); nothing was written") from None
         for name, obj in state.items():
-            _load_state(run, label, name, obj, ck["state"])
+            if name not in ck["state"]:
+                warn(f"the checkpoint has no {name} (an older version of {run.script}.py): it starts afresh")
+            elif isinstance(obj, torch.Tensor):
+                obj.copy_(ck["state"][name])
+            elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() and not ck["state"][name]:
+                run.say(f"the checkpoint ran without fp16 (its GradScaler was off): the loss scale starts at "
+                        f"{obj.get_scale():g}")   # --amp may change on resume: bf16 or none -> fp16
+            else:
+                try:
+                    obj.load_state_dict(ck["state"][name])
+                except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                    raise UserError(f"{label}: its {name} does not fit {run.script}.py's ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0]}); nothing was written") from None
         world = int(ck.get("world", 1))
         if world != run.ddp.world:
             run.say(f"the checkpoint was written by {world} process(es), this run has {run.ddp.world}: the global "
@@ -477,26 +484,9 @@ def restore(run: RunFolder, models: dict, optimizers: dict, state: dict, data: d
     elif run.init is not None:
         load_models(run, **models)
         run.say(f"model weights from {run.cfg.init} (step {run.init['step']}), a new run")
-    # a run started from --resume PATH has no checkpoint of its own yet: finish() writes one
-    run.saved_step = None if step > 0 and not run.ckpt_path.is_file() else step
+    run.saved_step = None if step > 0 and not run.ckpt_path.is_file() else step   # --resume PATH: finish() writes it
     run.start_step, run.ckpt, run.init = step, None, None   # the CPU copies are freed
     return step
-
-
-def _load_state(run: RunFolder, label: str, name: str, obj, saved: dict) -> None:
-    if name not in saved:
-        warn(f"the checkpoint has no {name} (an older version of {run.script}.py): it starts afresh")
-    elif isinstance(obj, torch.Tensor):
-        obj.copy_(saved[name])
-    elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() and not saved[name]:
-        run.say(f"the checkpoint ran without fp16 (its GradScaler was off): the loss scale starts at "
-                f"{obj.get_scale():g}")   # --amp may change on resume: bf16 or none -> fp16
-    else:
-        try:
-            obj.load_state_dict(saved[name])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise UserError(f"{label}: its {name} does not fit {run.script}.py's ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0]}); nothing was written") from None
 
 
 def load_models(run: RunFolder, **models: torch.nn.Module) -> None:
@@ -520,8 +510,7 @@ def load_models(run: RunFolder, **models: torch.nn.Module) -> None:
 
 def save_run(run: RunFolder, step: int, log: Log | None, models: dict, optimizers: dict, state: dict, data: dict,
              best: bool = False) -> None:
-    """Write ckpt.pt atomically (rank 0): the run's facts, what ``saved`` names, and every rank's RNG state.
-    A NaN/inf in a pending loss or in the checkpoint stops the run instead. Also best.pt, ckpt-<step>.pt, curves.png."""
+    """Write ckpt.pt atomically (rank 0), and best.pt, ckpt-<step>.pt, curves.png; a NaN/inf stops the run instead."""
     rng = run.ddp.gather(rng_state(run.ddp.device))
     ckpt = {"script": run.script, "format": CHECKPOINT_FORMAT, "run": run.run_id, "step": step, "time_s": run.time_s(),
             "world": run.ddp.world, "best_fid": run.best_fid, "config": dataclasses.asdict(run.cfg),
@@ -576,7 +565,7 @@ def finish(run: RunFolder, step: int, log: Log, stop: Stop, models: dict, optimi
 
 
 class Log:
-    """The losses since the last write, summed on the device; ``write`` logs their means over steps and processes."""
+    """The losses since the last write, summed on the device; ``write`` logs their means, or stops a NaN/inf run."""
 
     def __init__(self, run: RunFolder, step: int):
         self.run, self.sums, self.counts = run, {}, {}
@@ -772,11 +761,10 @@ def load_config(cls, path: str | Path, script: str):
 
 def _signature(path: Path):
     """(size, mtime) of a file, None if it does not exist: tells whether it changed in between."""
-    try:
+    with contextlib.suppress(OSError):
         st = path.stat()
         return st.st_size, st.st_mtime_ns
-    except OSError:
-        return None
+    return None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -794,12 +782,9 @@ def _floating_tensors(tree, name: str = ""):
     if isinstance(tree, torch.Tensor):
         if tree.is_floating_point() or tree.is_complex():
             yield name, tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
+    elif isinstance(tree, (dict, list, tuple)):
+        for k, v in tree.items() if isinstance(tree, dict) else enumerate(tree):
             yield from _floating_tensors(v, f"{name}/{k}" if name else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _floating_tensors(v, f"{name}/{i}")
 
 
 def nonfinite(tree) -> list[str]:
@@ -811,8 +796,7 @@ def nonfinite(tree) -> list[str]:
         flags.append(torch.isfinite(t.detach()).all())
     bad = []
     for names, flags in by_device.values():
-        ok = torch.stack(flags).cpu()
-        bad += [n for n, good in zip(names, ok.tolist()) if not good]
+        bad += [n for n, good in zip(names, torch.stack(flags).cpu().tolist()) if not good]
     return bad
 
 
@@ -820,8 +804,7 @@ def rng_state(device: torch.device | None = None) -> dict:
     """Python, numpy and torch CPU generators, and the run device's (CUDA or MPS) generator."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                      "has_gauss": has_gauss, "gauss": gauss}
+    state["numpy"] = dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss)
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     elif device is not None and device.type == "mps":
@@ -871,8 +854,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def amp_dtype(amp, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of --amp: None (off), bf16 (no loss scaling needed) or fp16 (with a GradScaler);
-    auto is bf16 where the device has it. A checkpoint written before --amp took a value holds True or False."""
+    """The autocast dtype of --amp: None, bf16, or fp16 (with a GradScaler); older checkpoints hold True or False."""
     amp = {True: "auto", False: "off"}.get(amp, amp)
     bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
     if amp == "bf16" and not bf16:
@@ -972,9 +954,7 @@ def save_images(batches, path: str | Path, value_range: tuple[float, float] = (-
         for image in x:
             Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path / f"{n:06d}.png")
             n += 1
-    if npz:
-        n = save_npz(np.concatenate(kept), path)
-    return n
+    return save_npz(np.concatenate(kept), path) if npz else n
 
 
 def save_npz(images: np.ndarray, path: Path, **arrays) -> int:
@@ -989,17 +969,15 @@ def write_images(run: RunFolder, batches, value_range: tuple[float, float] = (-1
     if run.ddp.world > 1:
         raise UserError(f"--sample of {run.script}.py runs in one process: start it with python, not torchrun")
     out = Path(run.cfg.sample_out or run.out / "generated")
-    n = save_images(batches, out, value_range)
-    run.say(f"wrote {n} images to {out}")
+    run.say(f"wrote {save_images(batches, out, value_range)} images to {out}")
     return out
 
 
 def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict, stop: Stop,
                   value_range: tuple[float, float] = (-1.0, 1.0), classes: int = 0) -> bool:
     """--sample N in fixed batches, split among processes and resumable; returns False if a signal stopped it.
-    Batch j is ``draw(size, generator)`` seeded by (--seed, j); shard s of k draws the batches j = s mod k not written.
-    The folder's mark holds ``key``, the checkpoint, N, the batch and --seed: a folder drawn otherwise is replaced.
-    With ``classes`` K, image i is of class i mod K (or --class c) and ``draw`` also takes the labels."""
+    Batch j is ``draw(size, generator[, labels])`` seeded by (--seed, j); label i is i mod ``classes``, or --class.
+    Shard s of k draws j = s mod k. The folder's mark holds ``key``, N and --seed; one drawn otherwise is replaced."""
     cfg, ddp = run.cfg, run.ddp
     one = getattr(cfg, "class_", -1) if getattr(cfg, "class_", -1) >= 0 else None
     if classes and one is None and n % classes:
@@ -1109,9 +1087,8 @@ def _read_idx(path: Path) -> torch.Tensor:
 
 
 def _find_idx(dataset: str, root: Path, stem: str) -> Path | None:
-    places = [root, root / dataset, root / _IDX[dataset] / "raw"]
-    if dataset == "fashion-mnist":
-        places.append(FASHION_MNIST_DEBIAN)
+    debian = [FASHION_MNIST_DEBIAN] if dataset == "fashion-mnist" else []
+    places = [root, root / dataset, root / _IDX[dataset] / "raw", *debian]
     return next((place / name for place in places for name in (stem, stem + ".gz") if (place / name).is_file()), None)
 
 
@@ -1123,12 +1100,10 @@ def _download_hint(dataset: str, root: Path) -> str:
 
 def _torchvision(dataset: str, root: Path, train: bool):
     import torchvision.datasets as tvd
-    make = {"fashion-mnist": lambda: tvd.FashionMNIST(root, train=train, download=True),
-            "mnist": lambda: tvd.MNIST(root, train=train, download=True),
-            "cifar10": lambda: tvd.CIFAR10(root, train=train, download=True),
-            "svhn": lambda: tvd.SVHN(root, split="train" if train else "test", download=True)}[dataset]
+    make = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10, "svhn": tvd.SVHN}[dataset]
+    split = {"split": "train" if train else "test"} if dataset == "svhn" else {"train": train}
     try:
-        return make()
+        return make(root, download=True, **split)
     except Exception as e:  # urllib, ssl, socket and checksum errors all mean "not here"
         raise UserError(f"{_download_hint(dataset, root)} ({type(e).__name__})") from None
 
@@ -1151,8 +1126,7 @@ def _decode(path: Path, size: int) -> torch.Tensor:
         scale = size / min(im.size)
         im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
         left, top = (im.width - size) // 2, (im.height - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(im.crop((left, top, left + size, top + size)))).permute(2, 0, 1)
 
 
 def _load_folder(root: Path, size: int, decode: Callable = None, channels: int = 3, kind: str = "") -> torch.Tensor:
@@ -1368,10 +1342,8 @@ def load_pairs(dataset: str, data_root: str, size: int, split: str = "train") ->
         return _load_folder(folder, size, decode=_decode_pair, channels=6, kind="pairs-")
     if split not in ("train", "test"):
         raise UserError(f"--dataset {dataset} has the splits train and test, not {split}")
-    if dataset == "edges2fashion":
-        images = _demo_images(data_root, split)[0]
-    else:
-        images = load_images("synthetic", data_root, DEMO_SIZE, split=split)
+    images = (_demo_images(data_root, split)[0] if dataset == "edges2fashion"
+              else load_images("synthetic", data_root, DEMO_SIZE, split=split))
     return resize_uint8(torch.cat([edge_map(images), images], 1), size)
 
 
@@ -1458,10 +1430,9 @@ def make_writable(folder: Path, flag: str) -> None:
 
 
 class Batches:
-    """Minibatches drawn without replacement from a uint8 tensor on the device, resumed from (epoch, index).
-    Epoch e's order is seeded by (seed, e). ``batch_size`` is the global batch: each rank takes its slice.
-    ``crop`` and ``hflip`` (pix2pix's and CycleGAN's jitter) are seeded by (seed, epoch, index), alike on all channels.
-    The last incomplete batch of an epoch is dropped. With ``labels``, ``next`` returns (images, labels)."""
+    """Minibatches drawn without replacement from a uint8 tensor on the device; epoch e's order is seeded by (seed, e).
+    ``batch_size`` is the global batch, of which each rank takes its slice; an epoch's incomplete last batch is dropped.
+    The jitter ``crop`` and ``hflip`` (pix2pix, CycleGAN) is seeded by (seed, epoch, index), alike on all channels."""
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int, device: torch.device,
                  value_range: tuple[float, float] = (-1.0, 1.0), rank: int = 0, world: int = 1,
@@ -1482,25 +1453,19 @@ class Batches:
                                 f"--load-size or --image-size, or fewer images")
         self.images = images.to(device)
         self.labels = labels.to(device) if labels is not None else None
-        self.global_batch, self.seed, self.device = batch_size, seed, device
+        self.global_batch, self.seed, self.device, self.rank = batch_size, seed, device, rank
         self.batch_size = batch_size // world  # this process's share of every global batch
-        self.rank, self.memory_format = rank, memory_format
-        self.low, self.high = value_range
-        self.crop, self.hflip = crop, hflip
-        self.epoch, self.index = 0, 0
-        self.batches_per_epoch = len(images) // batch_size
-        self._order = None
-
-    def _epoch_order(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.images), generator=g).to(self.device)
+        self.low, self.high, self.memory_format = *value_range, memory_format
+        self.crop, self.hflip, self.batches_per_epoch = crop, hflip, len(images) // batch_size
+        self.epoch, self.index, self._order = 0, 0, None
 
     def next(self):
         """The next batch as floats in ``value_range``, N x C x H x W on the device (and its labels)."""
         if self.index == self.batches_per_epoch:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         if self._order is None:
-            self._order = self._epoch_order()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = torch.randperm(len(self.images), generator=g).to(self.device)
         start = self.index * self.global_batch + self.rank * self.batch_size
         idx = self._order[start:start + self.batch_size]
         x = self._jittered(idx) if self.crop or self.hflip else self.images[idx]
