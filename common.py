@@ -1,6 +1,6 @@
 """Data and small run helpers shared by the model scripts: no model, no loss, no training loop.
 
-Each script's train(cfg) calls these, in its own visible loop (dcgan.py shows the whole pattern):
+Each script's train(cfg) calls these in its own visible loop (dcgan.py shows the whole pattern):
     ddp = common.Processes(cfg.device)           # torchrun's processes, or this one: rank, world, device
     run = common.resolve_run(cfg, "dcgan", ddp)  # --out, --resume/--init, the config; refused before any write
     stop = common.Stop(ddp)                      # SIGTERM/USR1/Ctrl-C: exit 3 during the set-up, then between steps
@@ -8,15 +8,7 @@ Each script's train(cfg) calls these, in its own visible loop (dcgan.py shows th
     step = common.restore(run, **saved); common.open_run_folder(run); log = common.Log(run, step)
     ...the loop: train_step, log.add / log.write, common.save_run(run, step, log, **saved)...
     common.finish(run, step, log, stop, **saved)
-Each helper states its invariant in its docstring; none decides when anything happens. The user's version of
-the rules (resume, run folder, --sample) is docs/run-contract.md.
-
-Checkpoint format 2 (one dict, loaded with ``weights_only=True``): ``script``, ``format``, ``run`` (an id kept
-across resumes), ``step``, ``time_s`` (training time so far), ``world``, ``best_fid``, ``config``, ``models``
-(plain state_dicts, without DDP's ``module.`` or torch.compile's ``_orig_mod.``), ``optimizers``, ``state``
-(tensors and objects with state_dict: EMA, GradScaler, image pools...), ``data`` (epoch and index of every data
-stream) and ``rng`` (python, numpy, torch CPU and the run device's; a list, one per process, under torchrun).
-"""
+No helper decides when anything happens. docs/run-contract.md gives the user's rules (resume, run folder, --sample)."""
 from __future__ import annotations
 
 import argparse
@@ -24,12 +16,14 @@ import concurrent.futures
 import contextlib
 import csv
 import dataclasses
+import datetime
 import errno
 import fcntl
 import gzip
 import hashlib
 import json
 import math
+import operator
 import os
 import random
 import shutil
@@ -43,11 +37,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 CHECKPOINT_FORMAT = 2
 EXIT_NO_PROGRESS = 3   # stopped by a signal before any new step: submit.sh does not requeue such a job
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+EVAL_METRICS = ("fid", "kid", "prc")   # what --eval-metrics may name
+SAMPLE_MARK = ".written-by-sample"  # in every --sample folder: only such a folder is ever emptied
 
 
 class UserError(Exception):
@@ -55,8 +52,7 @@ class UserError(Exception):
 
 
 class Stopped(BaseException):
-    """A stop signal arrived before training started: there is nothing new to save. A BaseException, like
-    KeyboardInterrupt, so that no ``except Exception`` on the way (a failed download, a bad cache) eats it."""
+    """A stop signal before training started: nothing new to save. A BaseException: no ``except Exception`` eats it."""
 
 
 def run_main(main: Callable[[], None]) -> None:
@@ -78,32 +74,16 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Config: one dataclass per script, fields with help text, turned into argparse flags
-# ----------------------------------------------------------------------------------------------
+# ---- Config: one dataclass per script, fields with help text, turned into argparse flags ---------
 def arg(default, help: str, run: bool = False, command: bool = False, min: float | None = None,
-        max: float | None = None, above: float | None = None, below: float | None = None,
-        choices: tuple | None = None, metavar: str | None = None, sampling: bool = False, const=None,
-        predates=None, flag: str | None = None):
-    """A config field with its --help line.
-
-    run=True:     may differ when a run is resumed: it does not change what is computed (where to write,
-                  how often to log, how many steps). Not typed, it still comes from the checkpoint.
-    command=True: belongs to one command (--resume, --sample...): never taken from a checkpoint.
-    sampling=True: an option of --sample (a command field, refused without --sample).
-    min, max, above, below, choices: refused in one line when typed outside them (min and max included,
-                  above and below excluded; NaN is refused).
-    metavar:      the value's name in --help (default: its type, or the choices).
-    const:        the value of the flag typed alone (``--amp`` is ``--amp auto``).
-    predates:     the value a checkpoint written before this field existed was trained with, when it differs
-                  from the default (so that it still resumes as it was).
-    flag:         the flag, where it is not --<name> (a field cannot be called `class`).
-    """
-    return dataclasses.field(default=default, metadata={"help": help, "run": run, "command": command or sampling,
-                                                       "sampling": sampling, "min": min, "max": max,
-                                                       "above": above, "below": below, "choices": choices,
-                                                       "metavar": metavar, "const": const, "predates": predates,
-                                                       "flag": flag})
+        max: float | None = None, above: float | None = None, below: float | None = None, choices: tuple | None = None,
+        metavar: str | None = None, sampling: bool = False, const=None, predates=None, flag: str | None = None):
+    """A config field with its --help line. run: it may change on resume (it does not change what is computed).
+    command: it never comes from a checkpoint. sampling: a command field of --sample. flag, metavar, const: argparse's.
+    min, max (included), above, below (excluded), choices: the value's limits. predates: older checkpoints' value."""
+    meta = dict(help=help, run=run, command=command or sampling, sampling=sampling, min=min, max=max, above=above,
+                below=below, choices=choices, metavar=metavar, const=const, predates=predates, flag=flag)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass
@@ -114,8 +94,9 @@ class RunConfig:
     data_root: str = arg("data", "where datasets are read from (and downloaded to, where the network allows)",
                          run=True, metavar="DIR")
     out: str = arg("", "run folder (default: runs/<script>-<dataset>)", run=True, metavar="DIR")
-    resume: str | None = arg(None, "continue --out's checkpoint (a new run if it has none); with PATH: start "
-                             "--out from PATH until --out has its own (default: off)", command=True)
+    resume: str | None = arg(None, "continue --out's checkpoint (a new run if it has none); with PATH: start --out "
+                             "from PATH until --out has its own (default: off)", command=True, const="auto",
+                             metavar="PATH")
     init: str = arg("", "a new run whose model weights come from the checkpoint PATH (default: none)",
                     command=True, metavar="PATH")
     steps: int = arg(10_000, "optimizer steps of the main model", run=True, min=0)
@@ -125,22 +106,18 @@ class RunConfig:
                       metavar="NAME")
     log_every: int = arg(100, "print and append to metrics.csv every N steps", run=True, min=1)
     sample_every: int = arg(1000, "write a sample grid from the fixed noise every N steps", run=True, min=1)
-    ckpt_every: int = arg(1000, "write ckpt.pt every N steps (also at the end and on SIGTERM/SIGUSR1)",
-                          run=True, min=1)
+    ckpt_every: int = arg(1000, "write ckpt.pt every N steps (also at the end and on SIGTERM/SIGUSR1)", run=True, min=1)
     sample: int = arg(0, "no training: load the checkpoint and write N generated images to --sample-out",
                       command=True, min=0)
     sample_out: str = arg("", "a folder of PNGs, or a .npz of uint8 images (default: <out>/generated)",
                           sampling=True, metavar="PATH")
-    keep_every: int = arg(0, "also keep ckpt-<step>.pt every N steps, to go back to (default: 0, off)", run=True,
-                          min=0)
+    keep_every: int = arg(0, "also keep ckpt-<step>.pt every N steps, to go back to (default: 0, off)", run=True, min=0)
     eval_every: int = arg(0, "every N steps: FID of --eval-n samples against the training data, to metrics.csv; "
                           "best.pt keeps the best (default: 0, off)", run=True, min=0)
     eval_n: int = arg(10_000, "samples per evaluation", run=True, min=2)
-    eval_metrics: str = arg("fid", "comma-separated, among fid, kid, prc (precision/recall)", run=True,
-                            metavar="LIST")
-    eval_features: str = arg("auto", "feature space of --eval-every: auto (the dataset's classifier for "
-                             "fashion-mnist and mnist and its translation demos, else inception) | inception | "
-                             "fashion-mnist | mnist",
+    eval_metrics: str = arg("fid", "comma-separated, among fid, kid, prc (precision/recall)", run=True, metavar="LIST")
+    eval_features: str = arg("auto", "feature space of --eval-every: auto (the dataset's classifier for fashion-mnist "
+                             "and mnist and its translation demos, else inception) | inception | fashion-mnist | mnist",
                              run=True, choices=("auto", "inception", "fashion-mnist", "mnist"))
     # Speed: none changes the mathematics, so each may change when a run is resumed
     amp: str = arg("off", "mixed precision: --amp alone is auto, bf16 autocast where the device has it, else fp16 "
@@ -151,16 +128,9 @@ class RunConfig:
 
 @dataclasses.dataclass
 class ImageConfig(RunConfig):
-    """RunConfig and the choice of training images within a labelled dataset: every script but the translation
-    ones (common.training_set reads them)."""
+    """RunConfig and the training images' subset of a labelled dataset (training_set reads it)."""
     per_class: int = arg(0, "train on N images of each class, the subset augment.py draws (0: all)", min=0)
     subset_seed: int = arg(0, "the seed that picks --per-class's images", min=0)
-
-
-def field_kinds(cfg) -> tuple[set[str], set[str]]:
-    """(run fields, command fields) of a config class or instance."""
-    fields = dataclasses.fields(cfg)
-    return ({f.name for f in fields if f.metadata.get("run")}, {f.name for f in fields if f.metadata.get("command")})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -173,16 +143,14 @@ def parse_config(cls, argv: list[str] | None = None):
     """Build argparse from the dataclass ``cls``; returns the config with ``cfg.given`` = flags typed."""
     parser = _Parser(description=sys.modules["__main__"].__doc__, allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        default, help = f.default, f.metadata.get("help", "")
+        flag, default, help = flags[f.name], f.default, f.metadata.get("help", "")
         if default not in ("", None):  # empty defaults say what they mean in their help text
             help += f" (default: {default})"
-        if f.name == "resume":
-            parser.add_argument(flag, nargs="?", const="auto", metavar="PATH", help=help)
-        elif f.metadata.get("const") is not None:
+        if f.metadata.get("const") is not None:
             parser.add_argument(flag, nargs="?", const=f.metadata["const"], choices=f.metadata.get("choices"),
-                                help=help)
+                                metavar=f.metadata.get("metavar"), help=help)
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
@@ -191,46 +159,34 @@ def parse_config(cls, argv: list[str] | None = None):
             parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help, metavar=metavar,
                                 dest=f.name)
     given = vars(parser.parse_args(argv))
+    bounds = (("min", "at least", operator.lt), ("max", "at most", operator.gt), ("above", "above", operator.le),
+              ("below", "below", operator.ge))
     for f in dataclasses.fields(cls):
-        flag, value = f.metadata.get("flag") or "--" + f.name.replace("_", "-"), given.get(f.name)
-        low, high = f.metadata.get("min"), f.metadata.get("max")
+        value = given.get(f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            parser.error(f"{flag} {value}: must be a finite number")
-        if low is not None and value is not None and value < low:
-            parser.error(f"{flag} {value}: must be at least {low}")
-        if high is not None and value is not None and value > high:
-            parser.error(f"{flag} {value}: must be at most {high}")
-        if f.metadata.get("above") is not None and value is not None and value <= f.metadata["above"]:
-            parser.error(f"{flag} {value}: must be above {f.metadata['above']}")
-        if f.metadata.get("below") is not None and value is not None and value >= f.metadata["below"]:
-            parser.error(f"{flag} {value}: must be below {f.metadata['below']}")
+            parser.error(f"{flags[f.name]} {value}: must be a finite number")
+        for key, words, outside in bounds:
+            if f.metadata.get(key) is not None and value is not None and outside(value, f.metadata[key]):
+                parser.error(f"{flags[f.name]} {value}: must be {words} {f.metadata[key]}")
     for name in ("out", "resume", "init", "sample_out", "data_root"):
         if given.get(name) == "":  # e.g. an unset shell variable: never "the current folder"
-            parser.error(f"--{name.replace('_', '-')} '': give a path" + (", or --resume alone" if name == "resume" else ""))
+            parser.error(f"{flags[name]} '': give a path" + (", or --resume alone" if name == "resume" else ""))
         if isinstance(given.get(name), str):
             given[name] = os.path.expanduser(given[name])  # --out=~/runs/x: no shell expands it
     for f in dataclasses.fields(cls):
         if f.metadata.get("sampling") and f.name in given and not given.get("sample"):
-            parser.error(f"{f.metadata.get('flag') or '--' + f.name.replace('_', '-')} goes with --sample N (no training)")
+            parser.error(f"{flags[f.name]} goes with --sample N (no training)")
     cfg = cls(**given)
     cfg.given = set(given)
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# The run: small helpers that each script's train(cfg) calls in its visible loop, each holding one invariant
-# ----------------------------------------------------------------------------------------------
-EVAL_METRICS = ("fid", "kid", "prc")   # what --eval-metrics may name
-
-
+# ---- The run: small helpers that each script's train(cfg) calls in its visible loop --------------------
 class Processes:
-    """The processes of a torchrun launch (WORLD_SIZE > 1), or the one process of `python script.py`, and the
-    device of this one. Rank 0 alone writes files; small flags and RNG states travel through a gloo group on
-    the CPU, so that agreeing on a stop costs one tiny message and never waits for the GPU."""
+    """This process's rank, world and device; small objects travel through a gloo group on the CPU."""
 
     def __init__(self, device: str, connect: bool = True):
-        """``connect=False``: rank, world and device only, no process group (processes that work apart, such as
-        the shards of a --sample)."""
+        """``connect=False``: no process group, for processes that work apart (the shards of a --sample)."""
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         self.device, self.group, self.connected = pick_device(device), None, False
         if self.world > 1:
@@ -240,8 +196,6 @@ class Processes:
             elif self.device.type != "cpu":
                 raise UserError(f"--device {device}: several processes need cuda (one GPU each) or cpu")
             if connect:   # a long evaluation on rank 0 keeps the others waiting in their next collective
-                import datetime
-                import torch.distributed as dist
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                         timeout=datetime.timedelta(hours=1))
                 self.group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
@@ -256,27 +210,22 @@ class Processes:
 
     def agree(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any."""
-        if not self.connected:
-            return flag
-        import torch.distributed as dist
         t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        if self.connected:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item())
 
     def from_main(self, obj):
         """Rank 0's ``obj``, on every rank."""
-        if not self.connected:
-            return obj
-        import torch.distributed as dist
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        if self.connected:
+            dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
         if not self.connected:
             return [obj]
-        import torch.distributed as dist
         out = [None] * self.world
         dist.all_gather_object(out, obj, group=self.group)
         return out
@@ -285,14 +234,12 @@ class Processes:
         """The average of ``x`` over the ranks (on its device: NCCL for CUDA tensors)."""
         if not self.connected:
             return x
-        import torch.distributed as dist
         x = x.clone()
         dist.all_reduce(x)   # SUM: gloo has no AVG
         return x / self.world
 
     def close(self) -> None:
         if self.connected:
-            import torch.distributed as dist
             dist.barrier()   # a rank that leaves while another still talks aborts gloo
             dist.destroy_process_group()
             self.connected = False
@@ -300,13 +247,11 @@ class Processes:
 
 @dataclasses.dataclass
 class RunFolder:
-    """Where a run lives and what it continues (``resolve_run``), and the facts its checkpoints carry from one
-    session to the next. Plain data: the script decides what happens to it, and when."""
+    """Where a run lives, what it continues, and the facts its checkpoints carry from one session to the next."""
     cfg: object
     script: str
     ddp: Processes
     out: Path
-    command: str | None = None       # the no-training command being run (--sample, --vlb...), None: training
     ckpt: dict | None = None          # the checkpoint to continue (or sample from), until restore() has read it
     init: dict | None = None          # --init's checkpoint, whose model weights start a new run
     run_id: str = ""                  # the run's id, kept across resumes and folders
@@ -338,19 +283,14 @@ class RunFolder:
 
 
 def resolve_run(cfg, script: str, ddp: Processes, command: str | None = None) -> RunFolder:
-    """Decide, writing nothing, which run this is (README: "Resume and run folders"): --out (default
-    runs/<script>-<dataset>), the checkpoint it continues (or samples from) and the config, every field not
-    typed taken from that checkpoint and a typed one that changes what is computed refused, naming it.
-    ``command``: the flag of a no-training command (--sample...), which needs a checkpoint and never writes
-    the run folder. A folder that another process has locked is refused now, before any data is loaded."""
+    """Decide which run this is (--out, the checkpoint it continues, the config) before any data is loaded.
+    A typed field that changes what is computed is refused, and so is a folder that another process has locked."""
     if command and cfg.sample and command != "--sample":
         raise UserError(f"--sample and {command} are two commands: give one")
     if command and command != "--sample" and ddp.world > 1:
         raise UserError(f"{command} runs in one process: start it with python, not torchrun")
-    unknown = set(cfg.eval_metrics.split(",")) - set(EVAL_METRICS)
-    if unknown:
+    if set(cfg.eval_metrics.split(",")) - set(EVAL_METRICS):
         raise UserError(f"--eval-metrics {cfg.eval_metrics}: choose among {', '.join(EVAL_METRICS)}")
-    given = cfg.given
     path = cfg.resume if cfg.resume not in (None, "auto") else None
     if cfg.init and (path or command):
         raise UserError(f"--init PATH starts a new run: it goes with neither --resume PATH nor {command or '--resume'}")
@@ -358,9 +298,9 @@ def resolve_run(cfg, script: str, ddp: Processes, command: str | None = None) ->
     init = load_checkpoint(cfg.init, script) if cfg.init else None
     if init is not None:
         _merge(cfg, init["config"], script, command, refuse=False, say=ddp.rank == 0)
-    if "out" not in given:   # PATH's run goes on in PATH's folder
+    if "out" not in cfg.given:   # PATH's run goes on in PATH's folder
         cfg.out = str(Path(path).parent) if src else f"runs/{script}-{cfg.dataset}"
-    run = RunFolder(cfg, script, ddp, Path(cfg.out), command)
+    run = RunFolder(cfg, script, ddp, Path(cfg.out))
     own = None
     run.seen = _signature(run.ckpt_path)   # open_run_folder checks that no other process wrote it meanwhile
     if run.ckpt_path.is_file():
@@ -397,11 +337,10 @@ def resolve_run(cfg, script: str, ddp: Processes, command: str | None = None) ->
 
 
 def _merge(cfg, saved: dict, script: str, command: str | None, refuse: bool, say: bool) -> None:
-    """Take every field not typed from ``saved`` (a checkpoint's config); with ``refuse``, a typed field that
-    changes what is computed and differs from ``saved`` is an error. A command's --seed picks its samples."""
+    """Take every field not typed from ``saved``; with ``refuse``, a typed one that changes the results must match."""
     given = cfg.given
-    run_fields, command_fields = field_kinds(cfg)
-    free = run_fields | ({"seed"} if command else set())
+    command_fields = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("command")}
+    free = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("run")} | ({"seed"} if command else set())
     clashes, predates = [], []
     for f in dataclasses.fields(cfg):
         name = f.name
@@ -453,9 +392,7 @@ def _lock_folder(run: RunFolder) -> None:
 
 
 def open_run_folder(run: RunFolder) -> None:
-    """Create and lock --out (rank 0), refusing it if another process wrote its checkpoint since resolve_run,
-    remove what a killed save left, write args.json and say where training starts. Called once the
-    checkpoint has loaded: a run that fails before writes nothing."""
+    """Create and lock --out, remove what a killed save left, write args.json (rank 0) and say where training starts."""
     if run.is_main:
         try:
             (run.out / "samples").mkdir(parents=True, exist_ok=True)
@@ -473,17 +410,12 @@ def open_run_folder(run: RunFolder) -> None:
         config = dataclasses.asdict(run.cfg)
         (run.out / "args.json").write_text(json.dumps(config, indent=2) + "\n")
         run.say(f"{run.script}: " + " ".join(f"{k}={v}" for k, v in config.items()))
-    if run.start_step >= run.cfg.steps:
-        run.say(f"already done at step {run.start_step} (--steps {run.cfg.steps})")
-    else:
-        run.say(f"training from step {run.start_step}" + (" (resumed)" if run.start_step else ""))
+    run.say(f"already done at step {run.start_step} (--steps {run.cfg.steps})" if run.start_step >= run.cfg.steps
+            else f"training from step {run.start_step}" + (" (resumed)" if run.start_step else ""))
 
 
 class Stop:
-    """SIGTERM, SIGUSR1 (SLURM's time limit, preemption) and SIGINT ask the run to stop. During the set-up they
-    stop it at once (Stopped: nothing new to save, exit 3, which submit.sh does not requeue); after ``begin``
-    they set ``requested`` and the loop stops after its step, when ``agreed``: under torchrun every rank at
-    the same step. A second Ctrl-C kills."""
+    """SIGTERM, SIGUSR1 and SIGINT raise Stopped before ``begin``, then set ``requested``; a second Ctrl-C kills."""
     SYNC = 10   # steps between two agreements of the ranks on a stop
 
     def __init__(self, ddp: Processes):
@@ -500,24 +432,18 @@ class Stop:
             signal.signal(signal.SIGINT, signal.SIG_DFL)   # a second Ctrl-C kills, even inside a long C call
 
     def begin(self) -> None:
-        """From here a signal asks for a stop between steps. One that came during the set-up stops now, even if
-        its Stopped was lost: Python prints and drops an exception raised while a __del__ or a weakref callback
-        runs (seen with SIGUSR1 landing in an import's module-lock callback)."""
+        """From here a signal stops the loop between steps; one from the set-up stops now, even if Python lost it."""
         self.started = True
         if self.signal and not self.requested:
             raise Stopped(self.signal)
 
     def agreed(self, step: int) -> bool:
-        """Whether the loop stops before this step: at once in one process; under torchrun, every SYNC steps,
-        the same answer on every rank (a signal reaches the ranks at different moments)."""
-        if self.ddp.world == 1:
-            return self.requested
-        return step % self.SYNC == 0 and self.ddp.agree(self.requested)
+        """Whether the loop stops before this step. Under torchrun all ranks give the same answer, every SYNC steps."""
+        return self.requested if self.ddp.world == 1 else step % self.SYNC == 0 and self.ddp.agree(self.requested)
 
 
 def restore(run: RunFolder, models: dict, optimizers: dict, state: dict, data: dict) -> int:
-    """Load the checkpoint that resolve_run chose into what the script's ``saved`` names (or only --init's
-    model weights into ``models``) and return the step to start from (0 for a new run). Nothing is written."""
+    """Load resolve_run's checkpoint (or --init's weights) into what ``saved`` names; return the step to start from."""
     run.run_id, run.started = uuid.uuid4().hex, time.time()
     ck, step = run.ckpt, 0
     if ck is not None:
@@ -532,7 +458,19 @@ def restore(run: RunFolder, models: dict, optimizers: dict, state: dict, data: d
             raise UserError(f"{label} does not match {run.script}.py's optimizers or data streams "
                             f"({type(e).__name__}: {e}); nothing was written") from None
         for name, obj in state.items():
-            _load_state(run, label, name, obj, ck["state"])
+            if name not in ck["state"]:
+                warn(f"the checkpoint has no {name} (an older version of {run.script}.py): it starts afresh")
+            elif isinstance(obj, torch.Tensor):
+                obj.copy_(ck["state"][name])
+            elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() and not ck["state"][name]:
+                run.say(f"the checkpoint ran without fp16 (its GradScaler was off): the loss scale starts at "
+                        f"{obj.get_scale():g}")   # --amp may change on resume: bf16 or none -> fp16
+            else:
+                try:
+                    obj.load_state_dict(ck["state"][name])
+                except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                    raise UserError(f"{label}: its {name} does not fit {run.script}.py's ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0]}); nothing was written") from None
         world = int(ck.get("world", 1))
         if world != run.ddp.world:
             run.say(f"the checkpoint was written by {world} process(es), this run has {run.ddp.world}: the global "
@@ -546,31 +484,13 @@ def restore(run: RunFolder, models: dict, optimizers: dict, state: dict, data: d
     elif run.init is not None:
         load_models(run, **models)
         run.say(f"model weights from {run.cfg.init} (step {run.init['step']}), a new run")
-    # a run started from --resume PATH has no checkpoint of its own yet: finish() writes one
-    run.saved_step = None if step > 0 and not run.ckpt_path.is_file() else step
+    run.saved_step = None if step > 0 and not run.ckpt_path.is_file() else step   # --resume PATH: finish() writes it
     run.start_step, run.ckpt, run.init = step, None, None   # the CPU copies are freed
     return step
 
 
-def _load_state(run: RunFolder, label: str, name: str, obj, saved: dict) -> None:
-    if name not in saved:
-        warn(f"the checkpoint has no {name} (an older version of {run.script}.py): it starts afresh")
-    elif isinstance(obj, torch.Tensor):
-        obj.copy_(saved[name])
-    elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled() and not saved[name]:
-        run.say(f"the checkpoint ran without fp16 (its GradScaler was off): the loss scale starts at "
-                f"{obj.get_scale():g}")   # --amp may change on resume: bf16 or none -> fp16
-    else:
-        try:
-            obj.load_state_dict(saved[name])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise UserError(f"{label}: its {name} does not fit {run.script}.py's ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0]}); nothing was written") from None
-
-
 def load_models(run: RunFolder, **models: torch.nn.Module) -> None:
-    """The weights of the checkpoint (or of --init's) into ``models``, by name; one that does not fit the config
-    is one line naming the config fields that differ."""
+    """The checkpoint's (or --init's) weights into ``models``; a misfit names the config fields that differ."""
     ck = run.ckpt if run.ckpt is not None else run.init
     label = f"--init {run.cfg.init}" if ck is run.init else str(
         run.cfg.resume if run.cfg.resume not in (None, "auto") else run.ckpt_path)
@@ -581,7 +501,7 @@ def load_models(run: RunFolder, **models: torch.nn.Module) -> None:
             unwrap(model).load_state_dict(ck["models"][name])
         except RuntimeError as e:
             detail = str(e).strip().splitlines()[-1].strip()
-            _, command = field_kinds(run.cfg)
+            command = {f.name for f in dataclasses.fields(run.cfg) if f.metadata.get("command")}
             diff = [f"{k}={v!r} (now {getattr(run.cfg, k)!r})" for k, v in ck["config"].items()
                     if k not in command and hasattr(run.cfg, k) and getattr(run.cfg, k) != v]
             raise UserError(f"{label}: its {name} does not fit this config ({detail}); it was trained with "
@@ -590,19 +510,14 @@ def load_models(run: RunFolder, **models: torch.nn.Module) -> None:
 
 def save_run(run: RunFolder, step: int, log: Log | None, models: dict, optimizers: dict, state: dict, data: dict,
              best: bool = False) -> None:
-    """Write ckpt.pt atomically (rank 0) with what the script's ``saved`` names, after checking that no loss
-    logged since the last write and no floating tensor of it (weights, buffers, optimizer moments, EMA...) is
-    NaN/inf: a diverged run never overwrites the last good checkpoint. Also best.pt (``best``), ckpt-<step>.pt
-    (--keep-every) and curves.png. Every rank calls it: their RNG states are gathered into it."""
+    """Write ckpt.pt atomically (rank 0), and best.pt, ckpt-<step>.pt, curves.png; a NaN/inf stops the run instead."""
     rng = run.ddp.gather(rng_state(run.ddp.device))
-    ckpt = {"script": run.script, "format": CHECKPOINT_FORMAT, "run": run.run_id, "step": step,
-            "time_s": run.time_s(), "world": run.ddp.world, "best_fid": run.best_fid,
-            "config": dataclasses.asdict(run.cfg),
+    ckpt = {"script": run.script, "format": CHECKPOINT_FORMAT, "run": run.run_id, "step": step, "time_s": run.time_s(),
+            "world": run.ddp.world, "best_fid": run.best_fid, "config": dataclasses.asdict(run.cfg),
             "models": {k: unwrap(m).state_dict() for k, m in models.items()},
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "state": {k: v if isinstance(v, torch.Tensor) else v.state_dict() for k, v in state.items()},
-            "data": {k: d.state_dict() for k, d in data.items()},
-            "rng": rng if run.ddp.world > 1 else rng[0]}
+            "data": {k: d.state_dict() for k, d in data.items()}, "rng": rng if run.ddp.world > 1 else rng[0]}
     bad = nonfinite({"loss": log.pending() if log else {}, "models": ckpt["models"],
                      "optimizers": ckpt["optimizers"], "state": ckpt["state"]}) if run.is_main else []
     bad = run.ddp.from_main(bad)
@@ -635,8 +550,7 @@ def diverged(run: RunFolder, names: list[str], step: int) -> None:
 
 def finish(run: RunFolder, step: int, log: Log, stop: Stop, models: dict, optimizers: dict, state: dict,
            data: dict) -> None:
-    """After the loop: log and save the last step if the loop did not (the run ended, or a signal stopped it),
-    let the processes go, and say how the run ended. A stop before any new step raises Stopped (exit 3)."""
+    """After the loop: save the last step if needed and say how the run ended; a stop before any new step is Stopped."""
     log.write(step)   # the losses since the last row (nothing when there are none)
     if step != run.saved_step:
         save_run(run, step, log, models, optimizers, state, data)
@@ -651,10 +565,7 @@ def finish(run: RunFolder, step: int, log: Log, stop: Stop, models: dict, optimi
 
 
 class Log:
-    """The losses of the steps since the last write, summed on the device (no host sync per step); ``write``
-    averages each over its steps and over the processes, stops a run whose losses became NaN/inf, prints a
-    line with the ETA and, on rank 0, appends a row to metrics.csv (stable columns: MetricsFile), whose rows
-    after the resumed step are dropped first. images/s counts training time only (``pause``)."""
+    """The losses since the last write, summed on the device; ``write`` logs their means, or stops a NaN/inf run."""
 
     def __init__(self, run: RunFolder, step: int):
         self.run, self.sums, self.counts = run, {}, {}
@@ -676,9 +587,8 @@ class Log:
     def write(self, step: int) -> None:
         if not self.sums:
             return
-        names = list(self.sums)
-        means = self.run.ddp.mean(torch.stack([self.sums[k] / self.counts[k] for k in names]))
-        means = dict(zip(names, means.tolist()))
+        pending = self.pending()
+        means = dict(zip(pending, self.run.ddp.mean(torch.stack(list(pending.values()))).tolist()))
         self.sums, self.counts = {}, {}
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
@@ -696,17 +606,13 @@ class Log:
 
     def scores(self, step: int, scores: dict[str, float], seconds: float) -> None:
         """An evaluation's scores: a row of metrics.csv (rank 0) and a printed line; its time is not training's."""
-        self.pause(seconds)
+        self.t_last += seconds   # left out of images/s
         if scores:
             if self.run.is_main:
                 self.metrics.write({"step": step, "time_s": round(self.run.time_s(), 2),
                                     **{k: f"{v:.6g}" for k, v in scores.items()}})
             self.run.say(f"step {step}/{self.run.cfg.steps} | evaluation in {duration(seconds)} | "
                          + " | ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-
-    def pause(self, seconds: float) -> None:
-        """``seconds`` spent on something else than training: left out of images/s."""
-        self.t_last += seconds
 
     def plot(self) -> None:
         try:
@@ -719,8 +625,7 @@ class Log:
 
 @contextlib.contextmanager
 def eval_mode(*models: torch.nn.Module):
-    """``models`` in eval mode and no gradient, then back to their modes: drawing a sample grid or an evaluation
-    changes nothing (no batch-norm statistics, no dropout)."""
+    """``models`` in eval mode without gradients, then back to their modes: a sample grid changes no statistics."""
     modes = [m.training for m in models]
     for m in models:
         m.eval()
@@ -732,13 +637,9 @@ def eval_mode(*models: torch.nn.Module):
             m.train(mode)
 
 
-# ----------------------------------------------------------------------------------------------
-# metrics.csv and curves.png
-# ----------------------------------------------------------------------------------------------
+# ---- metrics.csv and curves.png ------------------------------------------------------------------
 class MetricsFile:
-    """metrics.csv with stable, named columns: the union of every key logged so far, in order of first
-    appearance. A new key (FID every N steps, a test NLL) adds a column and rewrites the file once;
-    a row without a key leaves its cell empty. ``rewind(step)`` drops the rows after a resumed step."""
+    """metrics.csv with stable columns, in order of first appearance; a row without a key leaves its cell empty."""
 
     def __init__(self, path: Path):
         self.path, self.columns = path, []
@@ -753,12 +654,10 @@ class MetricsFile:
         return rows
 
     def _rewrite(self, rows: list[dict]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
+        with _replacing(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
 
     def rewind(self, step: int) -> None:
         rows = self._read()
@@ -767,8 +666,7 @@ class MetricsFile:
             self._rewrite(kept)
 
     def write(self, row: dict) -> None:
-        new = [k for k in row if k not in self.columns]
-        if new or not self.path.is_file():
+        if any(k not in self.columns for k in row) or not self.path.is_file():
             rows = self._read()
             self.columns += [k for k in row if k not in self.columns]
             self._rewrite(rows + [row])
@@ -786,8 +684,8 @@ class MetricsFile:
         if not rows or not names:
             return
         cols = min(3, len(names))
-        fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(names) / cols)),
-                                 squeeze=False)
+        rows_n = math.ceil(len(names) / cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 2.6 * rows_n), squeeze=False)
         for ax, name in zip(axes.flat, names):
             points = [(int(r["step"]), float(r[name])) for r in rows if r.get(name) not in ("", None)]
             if points:
@@ -798,10 +696,9 @@ class MetricsFile:
         for ax in axes.flat[len(names):]:
             ax.axis("off")
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        fig.savefig(tmp, dpi=80, format="png")
+        with _replacing(path) as tmp:
+            fig.savefig(tmp, dpi=80, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
 
 
 def duration(seconds: float) -> str:
@@ -810,25 +707,24 @@ def duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: atomic save, safe load, plain model keys, RNG states
-# ----------------------------------------------------------------------------------------------
-def save_checkpoint(state, path: str | Path) -> None:
-    """Write ``state`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    ``os.replace`` is atomic on POSIX: a crash at any moment leaves either the old file or the new one
-    (and, after a SIGKILL mid-write, a ``.<name>.tmp<pid>`` file that the next Run removes).
-    """
-    path = Path(path)
+# ---- Checkpoints: atomic save, safe load, plain model keys, RNG states ---------------------------
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A temporary name beside ``path``, renamed over it if the block succeeds: a crash leaves the old or new file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(state, path: str | Path) -> None:
+    """Write ``state`` to ``path`` atomically, fsynced before the rename."""
+    with _replacing(Path(path)) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: str | Path, script: str) -> dict:
@@ -856,8 +752,7 @@ def load_checkpoint(path: str | Path, script: str) -> dict:
 
 
 def load_config(cls, path: str | Path, script: str):
-    """(config, checkpoint) of a checkpoint: its saved fields, and the defaults of fields it predates.
-    For using a trained model from Python (each script's ``load``)."""
+    """(config, checkpoint) of a checkpoint, for using a trained model from Python (each script's ``load``)."""
     ckpt = load_checkpoint(path, script)
     fields = {f.name: f.metadata.get("predates") for f in dataclasses.fields(cls)}
     config = {k: v for k, v in fields.items() if v is not None} | ckpt["config"]
@@ -866,16 +761,14 @@ def load_config(cls, path: str | Path, script: str):
 
 def _signature(path: Path):
     """(size, mtime) of a file, None if it does not exist: tells whether it changed in between."""
-    try:
+    with contextlib.suppress(OSError):
         st = path.stat()
         return st.st_size, st.st_mtime_ns
-    except OSError:
-        return None
+    return None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP / DataParallel and torch.compile wrappers (their state_dict keys carry
-    ``module.`` and ``_orig_mod.`` prefixes that a plain model would not load)."""
+    """The plain module inside DDP, DataParallel and torch.compile wrappers, whose state_dict keys are prefixed."""
     while True:
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
@@ -889,17 +782,13 @@ def _floating_tensors(tree, name: str = ""):
     if isinstance(tree, torch.Tensor):
         if tree.is_floating_point() or tree.is_complex():
             yield name, tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
+    elif isinstance(tree, (dict, list, tuple)):
+        for k, v in tree.items() if isinstance(tree, dict) else enumerate(tree):
             yield from _floating_tensors(v, f"{name}/{k}" if name else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _floating_tensors(v, f"{name}/{i}")
 
 
 def nonfinite(tree) -> list[str]:
-    """Names of the floating tensors in a nested dict/list that hold a NaN or an inf (one host sync per
-    device, not one per tensor)."""
+    """Names of the floating tensors in a nested dict/list that hold a NaN or an inf (one host sync per device)."""
     by_device: dict = {}
     for name, t in _floating_tensors(tree):
         names, flags = by_device.setdefault(t.device, ([], []))
@@ -907,8 +796,7 @@ def nonfinite(tree) -> list[str]:
         flags.append(torch.isfinite(t.detach()).all())
     bad = []
     for names, flags in by_device.values():
-        ok = torch.stack(flags).cpu()
-        bad += [n for n, good in zip(names, ok.tolist()) if not good]
+        bad += [n for n, good in zip(names, torch.stack(flags).cpu().tolist()) if not good]
     return bad
 
 
@@ -916,8 +804,7 @@ def rng_state(device: torch.device | None = None) -> dict:
     """Python, numpy and torch CPU generators, and the run device's (CUDA or MPS) generator."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                      "has_gauss": has_gauss, "gauss": gauss}
+    state["numpy"] = dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss)
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     elif device is not None and device.type == "mps":
@@ -967,8 +854,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def amp_dtype(amp, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of --amp: None (off), bf16 (no loss scaling needed) or fp16 (with a GradScaler);
-    auto is bf16 where the device has it. A checkpoint written before --amp took a value holds True or False."""
+    """The autocast dtype of --amp: None, bf16, or fp16 (with a GradScaler); older checkpoints hold True or False."""
     amp = {True: "auto", False: "off"}.get(amp, amp)
     bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
     if amp == "bf16" and not bf16:
@@ -983,22 +869,15 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes a copy of ``src`` (a hard link where the file system allows: no extra space),
-    replaced atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
+    """``dst`` becomes a copy of ``src``, atomically: a hard link where the file system allows (no extra space)."""
+    with _replacing(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Images out: sample grids and --sample output
-# ----------------------------------------------------------------------------------------------
+# ---- Images out: sample grids and --sample output ------------------------------------------------
 def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
     """Float images in ``value_range`` -> uint8 N x C x H x W on the CPU."""
     low, high = value_range
@@ -1023,30 +902,19 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
     Image.fromarray(array[:, :, 0] if c == 1 else array).save(path)
 
 
-SAMPLE_MARK = ".written-by-sample"  # in every --sample folder: only such a folder is ever emptied
-
-
 def prepare_output(path: str | Path, key: str | None = None) -> Path:
-    """Check, before anything is generated, that ``path`` (a .npz file or a folder of PNGs) can be written.
-
-    A folder must be new, empty, or an earlier --sample's output (it holds SAMPLE_MARK and numbered
-    PNGs, or class_<k>/ folders of them), which is emptied: fid.py reads every image of a folder, so stale
-    or foreign images would be mixed in. Any other folder is refused, never emptied. With ``key`` (what the
-    images are drawn from), a folder whose mark holds the same key is kept as it is: an interrupted --sample
-    continues it. Several
-    processes may prepare one folder at once (a lock on the folder makes one of them empty it, once).
-    """
+    """Check that ``path`` (a .npz or a folder of PNGs) can be written: a folder must be new, empty or --sample's.
+    An earlier --sample's folder is emptied, unless its SAMPLE_MARK holds the same ``key``: then it is continued."""
     path = Path(path)
     flag = f"--sample-out {path}"
     npz = path.suffix.lower() == ".npz"
     if path.suffix.lower() in IMAGE_SUFFIXES:
         raise UserError(f"{flag}: give a folder (one PNG per image) or a .npz file, not an image name")
-    folder = path.parent if npz else path
     if npz and path.is_dir():
         raise UserError(f"{flag} is a folder; give a .npz file name or a folder without the .npz suffix")
     if not npz and path.exists() and not path.is_dir():
         raise UserError(f"{flag} is an existing file; give a folder or a .npz file")
-    make_writable(folder, flag)
+    make_writable(path.parent if npz else path, flag)
     if npz:
         return path
     lock = os.open(path, os.O_RDONLY)   # flock on the folder itself: no file of ours in a foreign folder
@@ -1073,9 +941,7 @@ def prepare_output(path: str | Path, key: str | None = None) -> Path:
 
 
 def save_images(batches, path: str | Path, value_range: tuple[float, float] = (-1.0, 1.0)) -> int:
-    """Write generated images, batch by batch: one PNG each in a folder, or one .npz (key ``images``,
-    uint8 N x H x W x C) when ``path`` ends in .npz. The destination is checked (``prepare_output``)
-    before the first batch is drawn. Returns how many were written."""
+    """Write generated images as PNGs in a folder, or as one .npz; returns how many. ``path`` is checked first."""
     from PIL import Image
     path = prepare_output(path)
     npz = path.suffix.lower() == ".npz"
@@ -1088,49 +954,30 @@ def save_images(batches, path: str | Path, value_range: tuple[float, float] = (-
         for image in x:
             Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path / f"{n:06d}.png")
             n += 1
-    if npz:
-        n = save_npz(np.concatenate(kept), path)
-    return n
+    return save_npz(np.concatenate(kept), path) if npz else n
 
 
 def save_npz(images: np.ndarray, path: Path, **arrays) -> int:
-    """uint8 N x H x W x C images as ``path`` (key ``images``; ``arrays`` beside them: labels, the subset they
-    come from), written atomically; returns N."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, images=images, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """uint8 N x H x W x C ``images`` (and ``arrays``, e.g. labels) as the .npz ``path``, atomically; returns N."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=images, **arrays)
     return len(images)
 
 
 def write_images(run: RunFolder, batches, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
-    """--sample in one process: the batches to --sample-out (default <out>/generated), checked before the first
-    one is drawn (prepare_output)."""
+    """--sample in one process: the batches to --sample-out (default <out>/generated), checked first."""
     if run.ddp.world > 1:
         raise UserError(f"--sample of {run.script}.py runs in one process: start it with python, not torchrun")
     out = Path(run.cfg.sample_out or run.out / "generated")
-    n = save_images(batches, out, value_range)
-    run.say(f"wrote {n} images to {out}")
+    run.say(f"wrote {save_images(batches, out, value_range)} images to {out}")
     return out
 
 
 def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict, stop: Stop,
                   value_range: tuple[float, float] = (-1.0, 1.0), classes: int = 0) -> bool:
-    """--sample N in fixed batches, split among processes and resumable. Batch j (images j * batch ...) is
-    ``draw(size, generator)`` with a generator seeded from (--seed, j) (numpy's SeedSequence: a 32-bit seed,
-    since the CPU generator keeps 32 bits of any seed), so image i is the same whatever the split and however
-    often the command was stopped. Shard s of k (torchrun's rank and the SLURM array task: ``torchrun
-    --nproc_per_node=4`` or ``sbatch --array=0-9``, or both) draws the batches j = s mod k whose PNGs are not
-    all in the folder yet. A stop signal ends it after the current batch (exit 0: the same command continues;
-    submit.sh requeues it). ``key`` (what else fixes the images: sampler settings) goes into the folder's mark
-    with the checkpoint, N, the batch and --seed: a folder drawn from anything else is replaced, never mixed.
-    A .npz is written whole by one process. A conditional model (``classes`` K): image i is of class i mod K (or
-    --class c), ``draw(size, generator, labels)``, N/K per class, PNGs under class_<k>/, and a ``labels`` array
-    in the .npz, which also records the --per-class subset the model was trained on. Returns whether this
-    process drew all of its share (False: a signal stopped it)."""
+    """--sample N in fixed batches, split among processes and resumable; returns False if a signal stopped it.
+    Batch j is ``draw(size, generator[, labels])`` seeded by (--seed, j); label i is i mod ``classes``, or --class.
+    Shard s of k draws j = s mod k. The folder's mark holds ``key``, N and --seed; one drawn otherwise is replaced."""
     cfg, ddp = run.cfg, run.ddp
     one = getattr(cfg, "class_", -1) if getattr(cfg, "class_", -1) >= 0 else None
     if classes and one is None and n % classes:
@@ -1194,19 +1041,14 @@ def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict,
     return True
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: whole datasets held in memory as one uint8 tensor, batched by indexing
-# ----------------------------------------------------------------------------------------------
+# ---- Data: whole datasets held in memory as one uint8 tensor, batched by indexing ----------------
 # name -> (channels, native size); "folder" is any folder of images, RGB at the size asked for
 DATASETS = {"fashion-mnist": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "svhn": (3, 32),
             "synthetic": (1, 28), "synthetic-rgb": (3, 28)}
-DATASET_NAMES = (*DATASETS, "folder")
 _IDX = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # torchvision's folder names
 _IDX_STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
-
 CLASSES = {"fashion-mnist": 10, "mnist": 10, "cifar10": 10, "svhn": 10, "synthetic": 4, "synthetic-rgb": 4}
 VALIDATION_FRACTION, VALIDATION_SEED = 1 / 12, 0   # of each class: 500 of Fashion-MNIST's 6,000
 
@@ -1216,7 +1058,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "gen-models"
 
 
-def check_dataset(name: str, names: tuple = DATASET_NAMES) -> None:
+def check_dataset(name: str, names: tuple = (*DATASETS, "folder")) -> None:
     if name not in names:
         raise UserError(f"unknown --dataset {name}; choose one of {', '.join(names)}")
 
@@ -1245,14 +1087,9 @@ def _read_idx(path: Path) -> torch.Tensor:
 
 
 def _find_idx(dataset: str, root: Path, stem: str) -> Path | None:
-    places = [root, root / dataset, root / _IDX[dataset] / "raw"]
-    if dataset == "fashion-mnist":
-        places.append(FASHION_MNIST_DEBIAN)
-    for place in places:
-        for name in (stem, stem + ".gz"):
-            if (place / name).is_file():
-                return place / name
-    return None
+    debian = [FASHION_MNIST_DEBIAN] if dataset == "fashion-mnist" else []
+    places = [root, root / dataset, root / _IDX[dataset] / "raw", *debian]
+    return next((place / name for place in places for name in (stem, stem + ".gz") if (place / name).is_file()), None)
 
 
 def _download_hint(dataset: str, root: Path) -> str:
@@ -1263,23 +1100,21 @@ def _download_hint(dataset: str, root: Path) -> str:
 
 def _torchvision(dataset: str, root: Path, train: bool):
     import torchvision.datasets as tvd
-    make = {"fashion-mnist": lambda: tvd.FashionMNIST(root, train=train, download=True),
-            "mnist": lambda: tvd.MNIST(root, train=train, download=True),
-            "cifar10": lambda: tvd.CIFAR10(root, train=train, download=True),
-            "svhn": lambda: tvd.SVHN(root, split="train" if train else "test", download=True)}[dataset]
+    make = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10, "svhn": tvd.SVHN}[dataset]
+    split = {"split": "train" if train else "test"} if dataset == "svhn" else {"train": train}
     try:
-        return make()
+        return make(root, download=True, **split)
     except Exception as e:  # urllib, ssl, socket and checksum errors all mean "not here"
         raise UserError(f"{_download_hint(dataset, root)} ({type(e).__name__})") from None
 
 
 @contextlib.contextmanager
-def _opened(path: Path):
-    """The PIL image at ``path``; a file PIL cannot read (or decode) is a UserError that names it."""
+def _opened(path: Path, mode: str = "RGB"):
+    """The PIL image at ``path`` in ``mode``; a file PIL cannot read (or decode) is a UserError that names it."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            yield im
+            yield im.convert(mode)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... on a bad file
         raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}); fix or remove it") from None
 
@@ -1288,20 +1123,14 @@ def _decode(path: Path, size: int) -> torch.Tensor:
     """One image as RGB, resized so its short side is ``size``, then center-cropped: 3 x size x size."""
     from PIL import Image
     with _opened(path) as im:
-        im = im.convert("RGB")
         scale = size / min(im.size)
         im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
         left, top = (im.width - size) // 2, (im.height - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(im.crop((left, top, left + size, top + size)))).permute(2, 0, 1)
 
 
 def _load_folder(root: Path, size: int, decode: Callable = None, channels: int = 3, kind: str = "") -> torch.Tensor:
-    """Every image below ``root`` as RGB size x size, decoded once (in threads, with progress) and cached
-    beside the images in ``.cache-<kind><size>px-<key>.pt``, where the key hashes the file list, sizes and
-    modification times: a requeued job reads the cache in a second; any change of the files decodes again.
-    ``decode(path, size)`` gives ``channels`` x size x size (default ``_decode``: short side resized, then
-    center-cropped); ``kind`` names another decoding in the cache's name (the translation formats)."""
+    """Every image below ``root`` as ``decode(path, size)``, decoded once and cached until the files change."""
     decode = decode or _decode
     if not root.is_dir():
         raise UserError(f"--data-root {root} is not a folder; --dataset folder reads every image below it")
@@ -1310,17 +1139,14 @@ def _load_folder(root: Path, size: int, decode: Callable = None, channels: int =
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below {root}")
     listing = "\n".join(f"{p.relative_to(root)}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in paths)
     key = hashlib.sha256(f"{size}\n{listing}".encode()).hexdigest()[:16]
+    name = f".cache-{kind}{size}px-{key}.pt"
     # beside the images, or in the user's cache folder where the data folder is read-only
-    fallback = cache_dir() / "folders" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    for folder in (root, fallback):
-        cache = folder / f".cache-{kind}{size}px-{key}.pt"
-        if cache.is_file():
-            try:
-                images = torch.load(cache, weights_only=True)
-                if images.shape == (len(paths), channels, size, size):
-                    return images
-            except Exception:
-                pass  # a damaged cache is decoded again below
+    folders = (root, cache_dir() / "folders" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16])
+    for folder in folders:
+        with contextlib.suppress(Exception):   # a missing or damaged cache is decoded again below
+            images = torch.load(folder / name, weights_only=True)
+            if images.shape == (len(paths), channels, size, size):
+                return images
     out = torch.empty(len(paths), channels, size, size, dtype=torch.uint8)
     t0 = t_print = time.time()
     print(f"decoding {len(paths)} images below {root} (once: they are cached)", flush=True)
@@ -1336,23 +1162,20 @@ def _load_folder(root: Path, size: int, decode: Callable = None, channels: int =
                 print(f"  {done}/{len(paths)} images ({100 * done / len(paths):.0f}%), ETA {eta:.0f} s", flush=True)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-    for folder in (root, fallback):
-        cache = folder / f".cache-{kind}{size}px-{key}.pt"
+    for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            for old in folder.glob(f".cache-{kind}{size}px-*.pt*"):  # stale caches, and a killed save's .tmp files
+            for old in folder.glob(f".cache-{kind}{size}px-*.pt*"):  # stale caches
                 old.unlink()
-            save_checkpoint(out, cache)
+            save_checkpoint(out, folder / name)
             return out
         except OSError as e:
             warn(f"cannot cache the decoded images in {folder} ({e.strerror})")
     return out
 
 
-def synthetic_images(n: int = 256, channels: int = 1, size: int = 28, seed: int = 0,
-                     labels: bool = False):
-    """Tiny deterministic dataset for tests: one bright disk per image at a random place, radius, tint.
-    Its label (with ``labels=True``) is the quadrant of the disk's center, 0 to 3."""
+def synthetic_images(n: int = 256, channels: int = 1, size: int = 28, seed: int = 0, labels: bool = False):
+    """Tiny deterministic dataset for tests: a bright disk per image; its label is the disk's quadrant, 0 to 3."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     center = torch.rand(n, 2, 1, 1, generator=g) * size * 0.6 + size * 0.2
@@ -1380,8 +1203,7 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
 
 def load_images(dataset: str, data_root: str, image_size: int | None = None, split: str = "train",
                 labels: bool = False):
-    """A split ("train" or "test") of ``dataset`` as one uint8 tensor N x C x S x S, S = ``image_size``
-    (default: the dataset's own size). With ``labels=True``: (images, int64 labels of length N)."""
+    """A split (train or test) as uint8 N x C x S x S, S = ``image_size`` or native; ``labels``: (images, labels)."""
     check_dataset(dataset)
     if split not in ("train", "test"):
         raise UserError(f"split {split!r}: use train or test")
@@ -1417,8 +1239,7 @@ def load_images(dataset: str, data_root: str, image_size: int | None = None, spl
 
 
 def validation_mask(labels: torch.Tensor) -> torch.Tensor:
-    """The training images held out for validation: VALIDATION_FRACTION of each class, drawn once with a fixed seed.
-    No --per-class subset contains them; augment.py chooses its settings on them, never on the test split."""
+    """The training images held out for validation: VALIDATION_FRACTION of each class, drawn with a fixed seed."""
     g, held = torch.Generator().manual_seed(VALIDATION_SEED), torch.zeros(len(labels), dtype=torch.bool)
     for c in range(int(labels.max()) + 1):
         members = (labels == c).nonzero().flatten()
@@ -1427,9 +1248,8 @@ def validation_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 def class_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """The indices of an N-per-class subset of the training images: for each class, the first N of a permutation,
-    seeded by (seed, class), of its images outside the validation hold-out. The one definition of --per-class N
-    --subset-seed S and of augment.py's subsets: the same (N, S) gives the same images, a larger N contains them."""
+    """An N-per-class subset: per class, the first N of a permutation seeded by (seed, class) of its images outside
+    the validation hold-out. The same (N, seed) gives the same images; a larger N contains them."""
     pool, chosen = ~validation_mask(labels), []
     for c in range(int(labels.max()) + 1):
         members = (pool & (labels == c)).nonzero().flatten()
@@ -1442,8 +1262,7 @@ def class_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tenso
 
 
 def training_set(cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images, labels) a run trains on: --dataset's train split at --image-size, or its --per-class subset
-    (class_subset, with --subset-seed). labels is None where the dataset has none (--dataset folder)."""
+    """(images, labels or None) a run trains on: --dataset's train split at --image-size, or its --per-class subset."""
     size = getattr(cfg, "image_size", 0) or None
     if cfg.dataset == "folder":
         if getattr(cfg, "per_class", 0):
@@ -1456,22 +1275,21 @@ def training_set(cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
     return images, labels
 
 
-# ----------------------------------------------------------------------------------------------
-# Image-to-image translation: aligned pairs (pix2pix) and two unaligned domains (CycleGAN)
-# ----------------------------------------------------------------------------------------------
-# name -> channels of each side. "aligned" and "unaligned" are the official datasets' formats under
-# --data-root; the Fashion-MNIST demos are built here, offline; the synthetic ones are for the tests.
+# ---- Image-to-image translation: aligned pairs (pix2pix) and two unaligned domains (CycleGAN) ----
+# name -> channels of each side: the official formats under --data-root, offline demos, and tests' synthetic data
 PAIRED_DATASETS = {"edges2fashion": 1, "aligned": 3, "synthetic-pairs": 1}
 UNPAIRED_DATASETS = {"sneaker2boot": 1, "unaligned": 3, "synthetic-unpaired": 1}
 DEMO_SIZE = 32               # the demos' images: Fashion-MNIST's 28 x 28 with 2 background pixels on each side
 SNEAKER, ANKLE_BOOT = 7, 9   # Fashion-MNIST's labels of sneaker2boot's domains A and B
 EDGE_THRESHOLD = 1.0         # edges2fashion: Sobel gradient magnitude (pixels in [0, 1]) that makes an edge
+ALIGNED_HINT = ("the aligned format is one image per pair, A and B side by side, in train/ (and val/, test/), as "
+                "in the official pix2pix datasets (their datasets/download_pix2pix_dataset.sh)")
+UNALIGNED_HINT = ("the unaligned format is two folders of images, trainA/ and trainB/ (and testA/, testB/), as in the "
+                  "official CycleGAN datasets (their datasets/download_cyclegan_dataset.sh)")
 
 
 def edge_map(images: torch.Tensor, threshold: float = EDGE_THRESHOLD) -> torch.Tensor:
-    """edges2fashion's input, computed once at load time: black lines on white, like the official edges2shoes.
-    A pixel is an edge where the Sobel gradient magnitude sqrt(gx^2 + gy^2) of the image in [0, 1] (borders
-    replicated) exceeds ``threshold`` (the largest is 4, at a black-to-white step). uint8 in, uint8 out."""
+    """edges2fashion's input, black lines on white: edges where the Sobel gradient magnitude exceeds ``threshold``."""
     kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
     kernels = torch.stack([kx, kx.t()])[:, None]                                    # 2 x 1 x 3 x 3
     out = torch.empty_like(images)
@@ -1498,11 +1316,9 @@ def _split_folder(data_root: str, name: str, hint: str) -> Path:
 
 
 def _decode_pair(path: Path, size: int) -> torch.Tensor:
-    """An aligned A|B image (the official pix2pix format): its left half A and right half B, each resized to
-    size x size (bicubic, as the official Resize), stacked as 6 x size x size."""
+    """An aligned A|B image (pix2pix's format) as 6 x size x size: halves A and B, each resized (bicubic)."""
     from PIL import Image
     with _opened(path) as im:
-        im = im.convert("RGB")
         half = im.width // 2
         halves = [im.crop(box).resize((size, size), Image.BICUBIC)
                   for box in ((0, 0, half, im.height), (half, 0, im.width, im.height))]
@@ -1512,40 +1328,28 @@ def _decode_pair(path: Path, size: int) -> torch.Tensor:
 def _decode_resized(path: Path, size: int, mode: str = "RGB") -> torch.Tensor:
     """One image resized to size x size, aspect ratio not kept (bicubic, as the official Resize)."""
     from PIL import Image
-    with _opened(path) as im:
-        array = np.array(im.convert(mode).resize((size, size), Image.BICUBIC))
+    with _opened(path, mode) as im:
+        array = np.array(im.resize((size, size), Image.BICUBIC))
         return torch.from_numpy(array).view(size, size, -1).permute(2, 0, 1)
 
 
-ALIGNED_HINT = ("the aligned format is one image per pair, A and B side by side, in train/ (and val/, test/), as "
-                "in the official pix2pix datasets (their datasets/download_pix2pix_dataset.sh)")
-UNALIGNED_HINT = ("the unaligned format is two folders of images, trainA/ and trainB/ (and testA/, testB/), as in the "
-                  "official CycleGAN datasets (their datasets/download_cyclegan_dataset.sh)")
-
-
 def load_pairs(dataset: str, data_root: str, size: int, split: str = "train") -> torch.Tensor:
-    """pix2pix's pairs (x, y) as one uint8 tensor N x 2C x size x size: A's C channels, then B's (the script
-    picks the direction). "aligned": <data_root>/<split>/ (train, val or test) of A|B images, each half
-    resized to size x size; "edges2fashion": the edge map of a Fashion-MNIST image (A) and the image (B),
-    DEMO_SIZE resized to size; "synthetic-pairs": the same from the synthetic disks (tests)."""
+    """pix2pix's pairs as uint8 N x 2C x size x size, A's C channels then B's: "aligned" reads <data_root>/<split>/,
+    the other datasets pair edge maps (A) with their images (B)."""
     check_dataset(dataset, tuple(PAIRED_DATASETS))
     if dataset == "aligned":
         folder = _split_folder(data_root, split, ALIGNED_HINT)
         return _load_folder(folder, size, decode=_decode_pair, channels=6, kind="pairs-")
     if split not in ("train", "test"):
         raise UserError(f"--dataset {dataset} has the splits train and test, not {split}")
-    if dataset == "edges2fashion":
-        images = _demo_images(data_root, split)[0]
-    else:
-        images = load_images("synthetic", data_root, DEMO_SIZE, split=split)
+    images = (_demo_images(data_root, split)[0] if dataset == "edges2fashion"
+              else load_images("synthetic", data_root, DEMO_SIZE, split=split))
     return resize_uint8(torch.cat([edge_map(images), images], 1), size)
 
 
 def load_domains(dataset: str, data_root: str, size: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """CycleGAN's two unpaired domains (A, B), uint8 N_A x C x size x size and N_B x C x size x size.
-    "unaligned": every image of <data_root>/<split>A/ and <split>B/ (split: train or test), resized to size x
-    size; "sneaker2boot": Fashion-MNIST's sneakers (A) and ankle boots (B), DEMO_SIZE resized to size;
-    "synthetic-unpaired": the synthetic disks (A) and other disks in negative (B) (tests)."""
+    """CycleGAN's unpaired domains (A, B) as uint8 N x C x size x size: "unaligned" reads <data_root>/<split>A/ and
+    <split>B/, sneaker2boot takes Fashion-MNIST's sneakers and ankle boots, the synthetic ones disks and negatives."""
     check_dataset(dataset, tuple(UNPAIRED_DATASETS))
     if split not in ("train", "test"):
         raise UserError(f"--dataset {dataset} has the splits train and test, not {split}")
@@ -1571,8 +1375,7 @@ def has_split(dataset: str, data_root: str, split: str) -> bool:
 
 
 def read_images(folder: str, size: int, channels: int, flag: str = "--translate") -> tuple[torch.Tensor, list[Path]]:
-    """Every image directly in ``folder`` (sorted by name), resized to size x size (bicubic), as uint8
-    N x channels x size x size (gray when channels is 1), with their paths: --translate's inputs."""
+    """--translate's inputs: every image directly in ``folder``, by name, resized to size x size, and their paths."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"{flag} {folder} is not a folder; give a folder of images")
@@ -1598,8 +1401,7 @@ def write_named(images: torch.Tensor, paths: list[Path], folder: Path,
 
 
 def write_png(image: np.ndarray, path: Path, part: Path) -> None:
-    """An H x W x C uint8 image to ``path`` as PNG, written to ``part`` first: a killed process leaves no half
-    image under ``path``."""
+    """An H x W x C uint8 image as the PNG ``path``, written to ``part`` first: never half an image at ``path``."""
     from PIL import Image
     Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(part, format="PNG")
     os.replace(part, path)
@@ -1628,22 +1430,9 @@ def make_writable(folder: Path, flag: str) -> None:
 
 
 class Batches:
-    """Minibatches drawn without replacement from a uint8 tensor kept on the device.
-
-    Epoch e visits the images in the order ``randperm(N)`` seeded by (seed, e), so the position in the
-    data is just (epoch, index): that pair is all a checkpoint needs to continue the same order.
-    The last incomplete batch of an epoch is dropped (constant batch size for BatchNorm).
-    Under DDP ``batch_size`` is the global batch: process ``rank`` of ``world`` takes its slice of each
-    global batch, so the images of a step are the same whatever the number of processes.
-
-    ``crop`` and ``hflip`` are pix2pix's and CycleGAN's random jitter: the images are stored larger (their
-    "load size", e.g. 286) and each one is cropped at a random place to ``crop`` (e.g. 256) and, with
-    ``hflip``, mirrored with probability 1/2, in one gather on the device. The places and flips of batch
-    (epoch, index) come from a generator seeded by (seed, epoch, index), drawn for the global batch: like
-    the order, they are resumed exactly and are the same whatever the number of processes. The channels
-    of an image are cropped alike (a pix2pix pair stored as one 2C-channel image keeps its alignment).
-    With ``labels`` (one per image), ``next`` returns (images, their labels).
-    """
+    """Minibatches drawn without replacement from a uint8 tensor on the device; epoch e's order is seeded by (seed, e).
+    ``batch_size`` is the global batch, of which each rank takes its slice; an epoch's incomplete last batch is dropped.
+    The jitter ``crop`` and ``hflip`` (pix2pix, CycleGAN) is seeded by (seed, epoch, index), alike on all channels."""
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int, device: torch.device,
                  value_range: tuple[float, float] = (-1.0, 1.0), rank: int = 0, world: int = 1,
@@ -1664,25 +1453,19 @@ class Batches:
                                 f"--load-size or --image-size, or fewer images")
         self.images = images.to(device)
         self.labels = labels.to(device) if labels is not None else None
-        self.global_batch, self.seed, self.device = batch_size, seed, device
+        self.global_batch, self.seed, self.device, self.rank = batch_size, seed, device, rank
         self.batch_size = batch_size // world  # this process's share of every global batch
-        self.rank, self.memory_format = rank, memory_format
-        self.low, self.high = value_range
-        self.crop, self.hflip = crop, hflip
-        self.epoch, self.index = 0, 0
-        self.batches_per_epoch = len(images) // batch_size
-        self._order = None
-
-    def _epoch_order(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.images), generator=g).to(self.device)
+        self.low, self.high, self.memory_format = *value_range, memory_format
+        self.crop, self.hflip, self.batches_per_epoch = crop, hflip, len(images) // batch_size
+        self.epoch, self.index, self._order = 0, 0, None
 
     def next(self):
         """The next batch as floats in ``value_range``, N x C x H x W on the device (and its labels)."""
         if self.index == self.batches_per_epoch:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         if self._order is None:
-            self._order = self._epoch_order()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = torch.randperm(len(self.images), generator=g).to(self.device)
         start = self.index * self.global_batch + self.rank * self.batch_size
         idx = self._order[start:start + self.batch_size]
         x = self._jittered(idx) if self.crop or self.hflip else self.images[idx]
