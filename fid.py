@@ -403,44 +403,56 @@ def train_classifier(images, labels, test_images, test_labels, min_accuracy: flo
     """A Classifier trained on (images, labels) alone, in eval mode, and its accuracy on the test set.
 
     images: uint8 N x C x H x W, any size, gray or RGB (Classifier.prepare); labels: int 0..classes - 1,
-    classes = the largest label of either set + 1. AdamW (weight decay 5e-4), batches of 128 in a seeded
-    order, learning rate decayed from lr to 0 along a cosine, cross-entropy, no augmentation. Bit-identical
-    on the CPU for a given seed and thread count. A test accuracy below min_accuracy is a FIDError.
-    log: where a line per epoch goes (default: stderr, as extract()'s progress).
+    classes = the largest label of either set + 1. ``epochs`` passes in a seeded order of batches of 128
+    (fit_classifier: the recipe). Bit-identical on the CPU for a given seed and thread count. A test accuracy
+    below min_accuracy is a FIDError. log: where progress goes (default: stderr, as extract()'s).
     """
-    log = log or functools.partial(print, file=sys.stderr, flush=True)
     device = common.pick_device(device) if isinstance(device, str) else device
     labels, test_labels = torch.as_tensor(labels).long(), torch.as_tensor(test_labels).long()
-    classes = int(max(labels.max(), test_labels.max())) + 1
     x, y = _prepared(images).to(device), labels.to(device)  # once: the resize is not repeated every epoch
     steps_per_epoch = math.ceil(len(x) / batch_size)
-    t0 = t_said = time.time()
-    log(f"training a classifier on {len(x)} images: {epochs} epochs of {steps_per_epoch} steps, on {device}")
-    with _seeded(seed, device):
-        net = _placed(Classifier(classes), device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
-        order = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
-        for epoch in range(epochs):
-            net.train()
-            for i, batch in enumerate(torch.randperm(len(x), generator=order).to(device).split(batch_size)):
-                step = epoch * steps_per_epoch + i
-                for group in optimizer.param_groups:  # a pure function of the step
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch)))
-                loss = F.cross_entropy(net(x[batch])[1], y[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if time.time() - t_said > 10:   # a line every 10 s, with the time left
-                    t_said, done = time.time(), step + 1
-                    log(f"epoch {epoch + 1}/{epochs}, step {i + 1}/{steps_per_epoch}: loss {loss.item():.4f}, "
-                        f"{t_said - t0:.0f} s, ETA {(t_said - t0) * (epochs * steps_per_epoch - done) / done:.0f} s")
-            log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, {time.time() - t0:.0f} s")
-    net.eval().requires_grad_(False)
+    order, batches = torch.Generator().manual_seed(seed), []   # on the CPU: the same order on every device
+
+    def batch(step: int):
+        if step % steps_per_epoch == 0:
+            batches[:] = torch.randperm(len(x), generator=order).to(device).split(batch_size)
+        return x[batches[step % steps_per_epoch]], y[batches[step % steps_per_epoch]]
+    classes = int(max(labels.max(), test_labels.max())) + 1
+    net = fit_classifier(batch, epochs * steps_per_epoch, classes, lr, seed, device, log,
+                         what=f"{len(x)} images: {epochs} epochs of {steps_per_epoch} steps")
     acc = accuracy(net, test_images, test_labels)
     if acc < min_accuracy:
         raise FIDError(f"test accuracy {acc:.2%} is below the {min_accuracy:.0%} a feature classifier needs: "
                        f"refused, nothing saved; train it again with another --seed")
     return net, acc
+
+
+def fit_classifier(batch, steps: int, classes: int, lr: float = 2e-3, seed: int = 0, device="cpu", log=None,
+                   what: str = "") -> Classifier:
+    """The classifier recipe, the one definition every accuracy of this project uses (feature space, CAS,
+    augment.py): a Classifier trained for ``steps`` steps on ``batch(step)`` (prepared images, labels), AdamW
+    (weight decay 5e-4), the learning rate decayed from lr to 0 along a cosine, cross-entropy, seeded. Returned
+    in eval mode. log: where a progress line goes every 10 s (default: stderr)."""
+    log = log or functools.partial(print, file=sys.stderr, flush=True)
+    t0 = t_said = time.time()
+    log(f"training a classifier on {what or f'{steps} steps'}, on {device}")
+    with _seeded(seed, device):
+        net = _placed(Classifier(classes), device)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
+        net.train()
+        for step in range(steps):
+            for group in optimizer.param_groups:  # a pure function of the step
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            x, y = batch(step)
+            loss = F.cross_entropy(net(x)[1], y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if time.time() - t_said > 10 or step == steps - 1:   # a line every 10 s, with the time left
+                t_said = time.time()
+                log(f"step {step + 1}/{steps}: loss {loss.item():.4f}, {t_said - t0:.0f} s, "
+                    f"ETA {(t_said - t0) * (steps - step - 1) / (step + 1):.0f} s")
+    return net.eval().requires_grad_(False)
 
 
 def _check_classifier_space(dataset: str) -> None:
