@@ -1218,6 +1218,8 @@ def load_images(dataset: str, data_root: str, image_size: int | None = None, spl
                                      labels=True)
     elif dataset in _IDX:
         stems = _IDX_STEMS[split][:2 if labels else 1]
+        found = _find_idx(dataset, root, stems[0])
+        images = _read_idx(found) if found else None            # a corrupt file is named before any download
         if any(_find_idx(dataset, root, s) is None for s in stems):
             _torchvision(dataset, root, train)
         paths = [_find_idx(dataset, root, s) for s in stems]
@@ -1226,7 +1228,7 @@ def load_images(dataset: str, data_root: str, image_size: int | None = None, spl
         if paths[0].parent == FASHION_MNIST_DEBIAN and os.environ.get("RANK", "0") == "0":
             print(f"{dataset} {split}: read from {FASHION_MNIST_DEBIAN} (Debian's dataset-fashion-mnist); --data-root "
                   f"{data_root} has none", flush=True)
-        images = _read_idx(paths[0])
+        images = images if found == paths[0] else _read_idx(paths[0])
         y = _read_idx(paths[1]) if labels else None
     else:
         ds = _torchvision(dataset, root, train)

@@ -295,7 +295,7 @@ def test_train_step_draws_t_in_1_to_T_and_flips_horizontally():
             super().__init__()
             self.w = nn.Parameter(torch.zeros(()))
 
-        def forward(self, x, t):
+        def forward(self, x, t, y=None):
             self.seen.append((x, t))
             return self.w * x
 
