@@ -1030,7 +1030,7 @@ def write_sharded(run: RunFolder, draw: Callable, n: int, batch: int, key: dict,
         print(f"stopped by {stop.signal} after {done} images: the same command continues", flush=True)
         return False
     if npz:
-        subset = {k: getattr(cfg, k) for k in ("per_class", "subset_seed") if getattr(cfg, k, 0)}
+        subset = {k: getattr(cfg, k) for k in ("per_class", "subset_seed")} if getattr(cfg, "per_class", 0) else {}
         save_npz(np.concatenate(kept), out, **({"labels": np.array([label(i) for i in range(n)])} if classes else {}),
                  **subset)
         print(f"wrote {n} images to {out}", flush=True)

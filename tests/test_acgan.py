@@ -132,6 +132,10 @@ def test_per_class_trains_on_the_subset_and_records_it(tmp):
     import numpy as np
     saved = np.load(tmp / "sub.npz")
     assert (int(saved["per_class"]), int(saved["subset_seed"])) == (8, 2)
+    run_script("acgan", *SMALL, "--per-class", 8, "--steps", 1, "--out", tmp / "seed0", cwd=tmp)   # seed 0 too
+    run_script("acgan", "--out", tmp / "seed0", "--sample", 4, "--sample-out", tmp / "seed0.npz", cwd=tmp)
+    saved = np.load(tmp / "seed0.npz")
+    assert (int(saved["per_class"]), int(saved["subset_seed"])) == (8, 0)
 
 
 def test_bad_inputs(tmp):
