@@ -131,6 +131,8 @@ class ImageConfig(RunConfig):
     """RunConfig and the training images' subset of a labelled dataset (training_set reads it)."""
     per_class: int = arg(0, "train on N images of each class, the subset augment.py draws (0: all)", min=0)
     subset_seed: int = arg(0, "the seed that picks --per-class's images", min=0)
+    only_class: tuple = arg((), "train on class C's images alone, the validation hold-out left out (repeatable)",
+                            metavar="C")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,6 +155,8 @@ def parse_config(cls, argv: list[str] | None = None):
                                 metavar=f.metadata.get("metavar"), help=help)
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        elif isinstance(default, tuple):   # a repeatable flag of integers
+            parser.add_argument(flag, action="append", type=int, metavar=f.metadata.get("metavar"), help=help)
         else:
             kind = {"float": float, "int": int}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             metavar = f.metadata.get("metavar") or (kind.__name__.upper() if kind is not str else None)
@@ -176,7 +180,7 @@ def parse_config(cls, argv: list[str] | None = None):
     for f in dataclasses.fields(cls):
         if f.metadata.get("sampling") and f.name in given and not given.get("sample"):
             parser.error(f"{flags[f.name]} goes with --sample N (no training)")
-    cfg = cls(**given)
+    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
     cfg.given = set(given)
     return cfg
 
@@ -1058,7 +1062,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "gen-models"
 
 
-def check_dataset(name: str, names: tuple = (*DATASETS, "folder")) -> None:
+def check_dataset(name: str, names: tuple = (*DATASETS, "folder", "mvtec")) -> None:
     if name not in names:
         raise UserError(f"unknown --dataset {name}; choose one of {', '.join(names)}")
 
@@ -1212,6 +1216,15 @@ def load_images(dataset: str, data_root: str, image_size: int | None = None, spl
         if not train or labels:
             raise UserError("--dataset folder has no test split and no labels: use a built-in dataset")
         return _load_folder(root, image_size or 64)
+    if dataset == "mvtec":   # one category of MVTec AD as it is: train/good, test/good and test/<defect type>
+        folders = [root / "train" / "good"] if train else sorted(p for p in (root / "test").glob("*") if p.is_dir())
+        if not folders or not all(f.is_dir() for f in folders) or not train and "good" not in [f.name for f in folders]:
+            raise UserError(f"--data-root {root} is not an MVTec AD category: it needs train/good/ and test/good/, "
+                            f"test/<defect type>/ (the layout of the mvtec_anomaly_detection archive)")
+        folders.sort(key=lambda f: f.name != "good")   # label 0: good; 1, 2...: the defect types by name
+        parts = [_load_folder(f, image_size or 256) for f in folders]
+        images, y = torch.cat(parts), torch.cat([torch.full((len(p),), k) for k, p in enumerate(parts)])
+        return (images, y) if labels else images
     if dataset.startswith("synthetic"):
         channels, size = DATASETS[dataset]
         images, y = synthetic_images(256 if train else 64, channels, image_size or size, seed=0 if train else 1,
@@ -1264,17 +1277,55 @@ def class_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tenso
 
 
 def training_set(cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images, labels or None) a run trains on: --dataset's train split at --image-size, or its --per-class subset."""
-    size = getattr(cfg, "image_size", 0) or None
+    """(images, labels or None) a run trains on: --dataset's train split at --image-size, or its --per-class subset,
+    or its --only-class classes; with --only-class and on MVTec AD, without the validation hold-out (anomaly.py
+    sets its thresholds on it)."""
+    size, only = getattr(cfg, "image_size", 0) or None, tuple(getattr(cfg, "only_class", ()))
+    if cfg.dataset in ("folder", "mvtec") and (getattr(cfg, "per_class", 0) or only):
+        raise UserError(f"--per-class, --only-class: --dataset {cfg.dataset}'s training images have no classes")
     if cfg.dataset == "folder":
-        if getattr(cfg, "per_class", 0):
-            raise UserError("--per-class: --dataset folder has no labels; use a built-in dataset")
         return load_images(cfg.dataset, cfg.data_root, size), None
     images, labels = load_images(cfg.dataset, cfg.data_root, size, labels=True)
+    if only and not set(only) <= set(range(int(labels.max()) + 1)):
+        raise UserError(f"--only-class {' '.join(map(str, only))}: {cfg.dataset} has classes 0 to {int(labels.max())}")
+    keep = torch.ones(len(labels), dtype=torch.bool)
     if getattr(cfg, "per_class", 0):
-        keep = class_subset(labels, cfg.per_class, cfg.subset_seed)
-        images, labels = images[keep], labels[keep]
-    return images, labels
+        keep = torch.zeros_like(keep).index_fill_(0, class_subset(labels, cfg.per_class, cfg.subset_seed), True)
+    if only or cfg.dataset == "mvtec":
+        keep &= torch.isin(labels, torch.tensor(only or (0,))) & ~validation_mask(labels)
+    return images[keep], labels[keep]
+
+
+def score_images(cfg, images: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """--score's uint8 images and their labels (None where unknown): a split of the run's dataset (train, test, or
+    validation: the hold-out no --per-class or --only-class run trains on) or an .npz (key images; labels if any)."""
+    size = getattr(cfg, "image_size", 0) or None
+    if images in ("train", "test", "validation"):
+        x, y = load_images(cfg.dataset, cfg.data_root, size, split="test" if images == "test" else "train",
+                           labels=True)
+        return (x[validation_mask(y)], y[validation_mask(y)]) if images == "validation" else (x, y)
+    try:
+        with np.load(images) as npz:
+            x, y = torch.from_numpy(npz["images"]), npz["labels"] if "labels" in npz.files else None
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"--score {images}: give train, test, validation or an .npz of images ({e})") from None
+    x = x.permute(0, 3, 1, 2) if x.shape[-1] in (1, 3) else x
+    return resize_uint8(x.contiguous(), size or x.shape[-1]), None if y is None else torch.as_tensor(y).long()
+
+
+def write_scores(run: RunFolder, scores: dict[str, torch.Tensor], labels: torch.Tensor | None) -> Path:
+    """--score's CSV (--score-out, default <out>/scores-<IMAGES>.csv): index, label where known, one column per score
+    (higher = more anomalous), written atomically."""
+    path = Path(run.cfg.score_out or run.out / f"scores-{Path(run.cfg.score).stem}.csv")
+    n = len(next(iter(scores.values())))
+    rows = zip(range(n), *(v.tolist() for v in scores.values()))
+    with _replacing(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", *(["label"] if labels is not None else []), *scores])
+        for i, *values in rows:
+            writer.writerow([i, *([int(labels[i])] if labels is not None else []), *(f"{v:.6g}" for v in values)])
+    print(f"wrote {n} images' scores ({', '.join(scores)}) to {path}", flush=True)
+    return path
 
 
 # ---- Image-to-image translation: aligned pairs (pix2pix) and two unaligned domains (CycleGAN) ----

@@ -61,6 +61,9 @@ from common import arg
 @dataclass
 class Config(common.ImageConfig):
     steps: int = arg(12_000, "G updates (about 26 epochs of Fashion-MNIST at batch 128)", run=True, min=0)
+    score: str = arg("", "no training: anomaly scores of IMAGES (train, test, validation or an .npz), higher = more "
+                     "anomalous, to --score-out", command=True, metavar="IMAGES")
+    score_out: str = arg("", "the CSV of --score (default: <out>/scores-<IMAGES>.csv)", command=True, metavar="PATH")
     interpolate: int = arg(0, "with --sample: also write <out>/interpolation.png, N rows walking between z "
                            "pairs", sampling=True, min=0)
     # Paper hyper-parameters (section 4)
@@ -294,9 +297,20 @@ def sample_command(cfg: Config) -> None:
         print(f"wrote {run.out / 'interpolation.png'}")
 
 
+def score_command(cfg: Config) -> None:
+    """--score IMAGES: each image's -logit D(x) in a CSV (higher = less real to D), D in eval mode: per image."""
+    run = common.resolve_run(cfg, "dcgan", common.Processes(cfg.device, connect=False), command="--score")
+    D = Discriminator(cfg.ndf, common.dataset_channels(cfg.dataset), cfg.image_size, cfg.leak).to(run.ddp.device).eval()
+    common.load_models(run, D=D)
+    images, labels = common.score_images(cfg, cfg.score)
+    with torch.no_grad():
+        scores = torch.cat([-D(x.to(run.ddp.device).float() / 127.5 - 1).cpu() for x in images.split(500)])
+    common.write_scores(run, {"neg_D": scores}, labels)
+
+
 def main():
     cfg = common.parse_config(Config)
-    sample_command(cfg) if cfg.sample else train(cfg)
+    score_command(cfg) if cfg.score else sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":

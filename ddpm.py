@@ -75,6 +75,11 @@ class Config(common.ImageConfig):
     steps: int = arg(100_000, "optimizer steps (the paper: 800,000 for CIFAR-10)", run=True, min=0)
     sample_every: int = arg(5000, "write a sample grid (--sampler) every N steps", run=True, min=1)
     vlb: int = arg(0, "no training: L_vlb in bits/dim on the first N test images (EMA weights)", command=True, min=0)
+    score: str = arg("", "no training: anomaly scores of IMAGES (train, test, validation or an .npz), higher = more "
+                     "anomalous, to --score-out", command=True, metavar="IMAGES")
+    score_out: str = arg("", "the CSV of --score (default: <out>/scores-<IMAGES>.csv)", command=True, metavar="PATH")
+    score_t0: int = arg(250, "--score: AnoDDPM's t0, the noise level the images are reconstructed from", command=True,
+                        min=1)
     eval_vlb: int = arg(0, "with --eval-every: also L_vlb in bits/dim on the first N test images, to metrics.csv "
                         "(test_bpd)", run=True, min=0)
     # Sampling (grids, --eval-every, --sample): none of these changes the training
@@ -476,6 +481,35 @@ def sample(model, diffusion: Diffusion, n: int, shape: tuple, sampler: str = "dd
     return x
 
 
+@torch.no_grad()
+def anomaly_scores(model, diffusion: Diffusion, images: torch.Tensor, cfg: Config, batch: int = 250) -> dict:
+    """Two scores of each uint8 image, higher = more anomalous: AnoDDPM's partial-diffusion reconstruction error
+    (x_0 noised to t0 by eq. 4, brought back by DDIM with eta 0 in --sample-steps steps, the mean squared error), and
+    the eps-prediction error of eq. 14 averaged over t = T/20, T/10, T/4, T/2. Image i's noise comes from a
+    generator seeded by (--seed, i) and GroupNorm is per image: its score does not depend on the other images."""
+    device, t0 = next(model.parameters()).device, min(cfg.score_t0, diffusion.T)
+    taus = sorted({t for t in ddim_timesteps(diffusion.T, min(cfg.sample_steps, diffusion.T)) if t < t0} | {t0})
+    ts = sorted({max(1, diffusion.T * k // 20) for k in (1, 2, 5, 10)})
+    recon, eps_error = [], []
+    for i in range(0, len(images), batch):
+        x0 = images[i:i + batch].to(device).float() / 127.5 - 1
+        gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + j) for j in range(i, i + len(x0))]
+        noise = lambda: torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)   # noqa
+        x = diffusion.q_sample(x0, torch.full((len(x0),), t0, device=device), noise())
+        for t, t_prev in zip(reversed(taus), reversed([0] + taus[:-1])):                 # DDIM, eta = 0
+            tt = torch.full((len(x0),), t, device=device)
+            x_0 = diffusion.predict_x0(x, tt, model(x, tt).float()).clamp(-1, 1)
+            ab, ab_prev = diffusion.alpha_bar_list[t], diffusion.alpha_bar_list[t_prev]
+            x = math.sqrt(ab_prev) * x_0 + math.sqrt(1 - ab_prev) * (x - math.sqrt(ab) * x_0) / math.sqrt(1 - ab)
+        recon.append((x - x0).pow(2).flatten(1).mean(1).cpu())
+        error = 0
+        for t in ts:
+            tt, eps = torch.full((len(x0),), t, device=device), noise()
+            error = error + (model(diffusion.q_sample(x0, tt, eps), tt).float() - eps).pow(2).flatten(1).mean(1)
+        eps_error.append((error / len(ts)).cpu())
+    return {"recon": torch.cat(recon), "eps_error": torch.cat(eps_error)}
+
+
 def ddim_timesteps(T: int, S: int) -> list[int]:
     """DDIM's S steps tau_i = 1 + floor(i T / S), i = 0..S-1: the DDIM code's uniform skip where S divides T."""
     if S > T:
@@ -596,6 +630,15 @@ def sample_command(cfg: Config) -> None:
     common.write_sharded(run, draw, cfg.sample, 500, settings, stop, classes=model.classes)
 
 
+def score_command(cfg: Config) -> None:
+    """--score IMAGES: each image's anomaly scores (higher = more anomalous) in a CSV, for anomaly.py."""
+    run = common.resolve_run(cfg, "ddpm", common.Processes(cfg.device, connect=False), command="--score")
+    model, diffusion = build(cfg, run.ddp.device).eval(), Diffusion(cfg.T, *beta_range(cfg), cfg.var, run.ddp.device)
+    common.load_models(run, ema=model)
+    images, labels = common.score_images(cfg, cfg.score)
+    common.write_scores(run, anomaly_scores(model, diffusion, images, cfg), labels)
+
+
 def vlb_command(cfg: Config) -> None:
     """--vlb N: L_vlb in bits/dim of the checkpoint's EMA weights on the first N test images (Table 1)."""
     run = common.resolve_run(cfg, "ddpm", common.Processes(cfg.device, connect=False), command="--vlb")
@@ -609,7 +652,8 @@ def vlb_command(cfg: Config) -> None:
 
 def main():
     cfg = common.parse_config(Config)
-    vlb_command(cfg) if cfg.vlb else sample_command(cfg) if cfg.sample else train(cfg)
+    command = vlb_command if cfg.vlb else score_command if cfg.score else sample_command if cfg.sample else train
+    command(cfg)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,9 @@ class Config(common.ImageConfig):
     steps: int = arg(50_000, "optimizer steps (not in the paper; 53 Fashion-MNIST epochs at batch 64)", run=True, min=0)
     bpd: int = arg(0, "no training: bits/dim of the checkpoint on the first N test images, with the running "
                    "averages as saved and recalibrated (--recalibrate)", command=True, min=0)
+    score: str = arg("", "no training: anomaly scores of IMAGES (train, test, validation or an .npz), higher = more "
+                     "anomalous, to --score-out", command=True, metavar="IMAGES")
+    score_out: str = arg("", "the CSV of --score (default: <out>/scores-<IMAGES>.csv)", command=True, metavar="PATH")
     recalibrate: int = arg(100, "with --bpd: also the bits/dim with every batch norm's running averages replaced by "
                            "the mean statistics of N training minibatches (0: off)", command=True, min=0)
     eval_bpd: int = arg(10_000, "with --eval-every: also the bits/dim of the first N test images, to metrics.csv "
@@ -383,6 +386,31 @@ def evaluate_bpd(model: RealNVP, images: torch.Tensor, batch: int = 500, seed: i
 
 
 @torch.no_grad()
+def anomaly_scores(model: RealNVP, images: torch.Tensor, cfg: Config, batch: int = 500) -> dict[str, torch.Tensor]:
+    """Bits/dim of each uint8 image, higher = more anomalous, and the same minus the image's PNG code length in bits
+    per dimension (Serra et al. 2020, arXiv:1909.11480: raw likelihood ranks simple images as normal). Image i's
+    dequantization comes from a generator seeded by (--seed, i) and the batch norms use their running averages: its
+    score does not depend on the other images."""
+    import io
+    from PIL import Image
+    device, dims = next(model.parameters()).device, math.prod(images.shape[1:])
+    u = torch.stack([torch.rand(images.shape[1:], generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i))
+                     for i in range(len(images))])
+    bpd = []
+    with common.eval_mode(model):
+        for i in range(0, len(images), batch):
+            zs, logdet = model(((images[i:i + batch].float() + u[i:i + batch]) / 256).to(device))
+            bpd.append(bits_per_dim(-(log_prior(zs) + logdet), dims).cpu())
+    png = []
+    for image in images.permute(0, 2, 3, 1).numpy():
+        f = io.BytesIO()
+        Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(f, format="PNG", compress_level=9)
+        png.append(8 * f.tell() / dims)
+    bpd = torch.cat(bpd)
+    return {"bpd": bpd, "bpd_minus_png": bpd - torch.tensor(png)}
+
+
+@torch.no_grad()
 def recalibrate(model: RealNVP, images: torch.Tensor, batches: int, batch_size: int, seed: int = 0) -> None:
     """Replace every batch norm's running averages by the mean statistics of ``batches`` training minibatches
     (uint8 images drawn with a seeded generator, dequantized once): the model's test-time batch norm without
@@ -542,6 +570,15 @@ def sample_command(cfg: Config) -> None:
                          {"temperature": cfg.temperature}, stop, value_range=(0, 1))
 
 
+def score_command(cfg: Config) -> None:
+    """--score IMAGES: each image's anomaly scores (higher = more anomalous) in a CSV, for anomaly.py."""
+    run = common.resolve_run(cfg, "realnvp", common.Processes(cfg.device, connect=False), command="--score")
+    model = build(cfg, run.ddp.device)
+    common.load_models(run, model=model)
+    images, labels = common.score_images(cfg, cfg.score)
+    common.write_scores(run, anomaly_scores(model, images, cfg), labels)
+
+
 def bpd_command(cfg: Config) -> None:
     """--bpd N: bits/dim of the checkpoint on the first N test images, with the running averages as saved, then
     (--recalibrate M) with every batch norm's running averages from M training minibatches."""
@@ -562,7 +599,8 @@ def bpd_command(cfg: Config) -> None:
 
 def main():
     cfg = common.parse_config(Config)
-    bpd_command(cfg) if cfg.bpd else sample_command(cfg) if cfg.sample else train(cfg)
+    command = bpd_command if cfg.bpd else score_command if cfg.score else sample_command if cfg.sample else train
+    command(cfg)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,9 @@ class Config(common.ImageConfig):
                  min=1)
     figures: bool = arg(False, "with --sample: also write reconstructions.png, interpolation.png and, when --nz is 2, "
                         "manifold.png (Figure 4) to --out", sampling=True)
+    score: str = arg("", "no training: anomaly scores of IMAGES (train, test, validation or an .npz), higher = more "
+                     "anomalous, to --score-out", command=True, metavar="IMAGES")
+    score_out: str = arg("", "the CSV of --score (default: <out>/scores-<IMAGES>.csv)", command=True, metavar="PATH")
     class_: int = arg(-1, "with --sample of a --conditional model: this class only (-1: N/K of each)", sampling=True,
                       min=-1, flag="--class")
     conditional: bool = arg(False, "the generative model M2 of Kingma, Rezende, Mohamed, Welling 2014 "
@@ -395,6 +398,18 @@ def class_nll(model: VAE, x, k: int, seed: int = 0, batch: int = 100) -> torch.T
     return torch.cat(out)
 
 
+@torch.no_grad()
+def anomaly_scores(model: VAE, images: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+    """-ELBO and IWAE's -L_k of each uint8 image, higher = more anomalous. Image i is observed (binarized) and its
+    k samples of z drawn with generators seeded by (--seed, i): its score does not depend on the other images."""
+    device, out = next(model.parameters()).device, torch.empty(2, len(images))
+    for i, image in enumerate(images):
+        seed = cfg.seed * 1_000_003 + i
+        x = observe(image[None].float() / 255, cfg.likelihood, torch.Generator().manual_seed(seed)).to(device)
+        out[:, i] = torch.cat(bounds(model, x, cfg.k, torch.Generator(device).manual_seed(seed))).cpu()
+    return {"neg_elbo": out[0], "iwae": out[1]}
+
+
 # ----------------------------------------------------------------------------------------------
 # Training: Algorithm 1
 # ----------------------------------------------------------------------------------------------
@@ -608,9 +623,22 @@ def nll_command(cfg: Config) -> None:
         print(f"test_accuracy: {accuracy:.4f}  (argmax_y of -L_{cfg.k}'s p(x | y): M2 as a classifier)")
 
 
+def score_command(cfg: Config) -> None:
+    """--score IMAGES: each image's anomaly scores (higher = more anomalous) in a CSV, for anomaly.py."""
+    run = common.resolve_run(cfg, "vae", common.Processes(cfg.device, connect=False), command="--score")
+    model = build(cfg, run.ddp.device).eval()
+    if model.classes:
+        raise common.UserError("--score: score an unconditional model (anomaly.py trains one on the normal class, "
+                               "--only-class c)")
+    common.load_models(run, vae=model)
+    images, labels = common.score_images(cfg, cfg.score)
+    common.write_scores(run, anomaly_scores(model, images, cfg), labels)
+
+
 def main():
     cfg = common.parse_config(Config)
-    nll_command(cfg) if cfg.nll else sample_command(cfg) if cfg.sample else train(cfg)
+    command = nll_command if cfg.nll else score_command if cfg.score else sample_command if cfg.sample else train
+    command(cfg)
 
 
 if __name__ == "__main__":

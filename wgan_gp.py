@@ -85,6 +85,9 @@ ARCHS = {"dcgan": {"image_size": 64, "nz": 100, "ngf": 64, "ndf": 64},      # th
 @dataclass
 class Config(common.ImageConfig):
     steps: int = arg(20_000, "generator iterations (each with n_critic critic iterations)", run=True, min=0)
+    score: str = arg("", "no training: anomaly scores of IMAGES (train, test, validation or an .npz), higher = more "
+                     "anomalous, to --score-out", command=True, metavar="IMAGES")
+    score_out: str = arg("", "the CSV of --score (default: <out>/scores-<IMAGES>.csv)", command=True, metavar="PATH")
     arch: str = arg("dcgan", "dcgan (the WGAN authors' networks, no batch norm in the critic) | resnet (the paper's "
                     "CIFAR-10 ResNet, 32 x 32)", choices=tuple(ARCHS))
     # Paper hyper-parameters (Algorithm 1, section 4)
@@ -458,9 +461,21 @@ def sample_command(cfg: Config) -> None:
     common.write_sharded(run, lambda n, g: G(sample_z(n, cfg.nz, ddp.device, g)), cfg.sample, 500, {}, stop)
 
 
+def score_command(cfg: Config) -> None:
+    """--score IMAGES: each image's -D(x) in a CSV (higher = less real to the critic, which has no batch statistics)."""
+    run = common.resolve_run(cfg, "wgan_gp", common.Processes(cfg.device, connect=False), command="--score")
+    resolve(cfg)
+    critic = build(cfg, run.ddp.device)[1].eval()
+    common.load_models(run, critic=critic)
+    images, labels = common.score_images(cfg, cfg.score)
+    with torch.no_grad():
+        scores = torch.cat([-critic(x.to(run.ddp.device).float() / 127.5 - 1).cpu() for x in images.split(500)])
+    common.write_scores(run, {"neg_critic": scores}, labels)
+
+
 def main():
     cfg = common.parse_config(Config)
-    sample_command(cfg) if cfg.sample else train(cfg)
+    score_command(cfg) if cfg.score else sample_command(cfg) if cfg.sample else train(cfg)
 
 
 if __name__ == "__main__":
