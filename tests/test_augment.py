@@ -71,7 +71,8 @@ def test_the_subset_regime_refuses_a_generator_that_saw_more_real_data(tmp):
     full = npz(tmp / "full.npz", x, y)
     other = npz(tmp / "other.npz", x, y, per_class=10, subset_seed=1)
     for path in (full, other):
-        with pytest.raises(common.UserError, match="--regime subset: .* not on the 10 images per class of subset seed 0"):
+        with pytest.raises(common.UserError,
+                           match="--regime subset: .* not on the 10 images per class of subset seed 0"):
             augment.main(["--dataset", "synthetic", "--per-class", "10", "--seeds", "0", "--steps", "2", "--arms", "S",
                           "--regime", "subset", "--synthetic", path, "--out", str(tmp / "x")])
     mine = npz(tmp / "mine-0.npz", x, y, per_class=10, subset_seed=0)
