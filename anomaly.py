@@ -142,6 +142,9 @@ def script_scores(a, c: int | None, seed: int, images: Path, sizes: dict[str, in
     run([sys.executable, str(ROOT / f"{a.script}.py"), "--dataset", a.dataset, "--data-root", a.data_root, *only,
          "--seed", str(seed), "--steps", str(a.steps), "--out", str(out), "--resume", "--device", a.device,
          "--log-every", str(max(1, a.steps // 10)), "--sample-every", str(a.steps), *a.extra])
+    step = common.load_checkpoint(out / "ckpt.pt", a.script)["step"]
+    if step < a.steps:   # a signal (a preemption) stopped it: never score a model trained less than --steps
+        raise common.UserError(f"{a.script}.py was stopped at step {step} of {a.steps}: the same command continues it")
     run([sys.executable, str(ROOT / f"{a.script}.py"), "--out", str(out), "--score", str(images), "--score-out",
          str(out / "scores.csv"), "--seed", str(seed), "--device", a.device, *a.score_flags])
     with open(out / "scores.csv", newline="") as f:
@@ -195,6 +198,8 @@ def measure(a) -> list[dict]:
     if a.test_n:
         test, test_y = test[:a.test_n], test_y[:a.test_n]
     held = common.validation_mask(train_y)
+    mvtec_types = sorted(p.name for p in (Path(a.data_root) / "test").glob("*") if p.is_dir() and p.name != "good"
+                         ) if a.dataset == "mvtec" else []   # labels 1, 2...: the defect types by name, as read
     sets = Path(a.out) / "sets"
     sets.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -223,8 +228,7 @@ def measure(a) -> list[dict]:
             for score, s_test in scored["test"].items():
                 s_val, found = scored["validation"][score], {"one-class": s_test[~normal]}
                 found.update({kind: scored[kind][score] for kind in DEFECTS if kind in scored})
-                found.update({f"type {k}": s_test[(test_y == k).numpy()] for k in range(1, int(test_y.max()) + 1)
-                              if a.dataset == "mvtec"})
+                found.update({kind: s_test[(test_y == k).numpy()] for k, kind in enumerate(mvtec_types, 1)})
                 for protocol, anomalous in found.items():
                     value, rate = auroc(s_test[normal], anomalous), detection_rate(s_val, anomalous)
                     rows.append({"class": "" if c is None else c, "seed": seed, "score": score, "protocol": protocol,

@@ -122,3 +122,26 @@ def test_anomaly_py_measures_floors_and_generated_negatives(tmp_path):
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| raw_1nn | one-class |" in table and "class 2" in table
     assert (tmp_path / "out" / "sets" / "c0-scar.png").is_file()
+
+
+def test_mvtec_folders_are_read_as_distributed(tmp_path):
+    from PIL import Image
+    root = tmp_path / "bottle"
+    x = common.synthetic_images(30, 3, 32, seed=4)
+    for folder, images in (("train/good", x[:18]), ("test/good", x[18:22]), ("test/crack", 255 - x[22:26]),
+                           ("test/broken_large", 255 - x[26:30])):
+        (root / folder).mkdir(parents=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / folder / f"{i:03d}.png")
+    images, labels = common.load_images("mvtec", str(root), 32, split="test", labels=True)
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4                   # good, then the defect types by name
+    cfg = common.parse_config(common.ImageConfig, ["--dataset", "mvtec", "--data-root", str(root)])
+    train, _ = common.training_set(cfg)
+    assert len(train) == 18 - round(18 / 12)                                 # train/good without the hold-out
+    anomaly.main(["--floors", "--dataset", "mvtec", "--data-root", str(root), "--out", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["protocol"] for r in rows} == {"one-class", "broken_large", "crack"}
+    assert all(float(r["auroc"]) == 1.0 for r in rows if r["score"] == "raw_1nn")   # negatives: far from all
+    with pytest.raises(common.UserError, match="not an MVTec AD category"):
+        common.load_images("mvtec", str(tmp_path), 32, split="test")
