@@ -173,11 +173,12 @@ def negatives_scores(a, c: int | None, seed: int, normal: torch.Tensor, train: t
         known = ((labels == (c + 1) % (int(labels.max()) + 1)) & ~common.validation_mask(labels)).nonzero().flatten()
         neg = train[known[torch.randperm(len(known), generator=g)[:round(a.gamma / (1 - a.gamma) * len(normal))]]]
     else:                           # generated images, e.g. an early checkpoint's samples of class c
-        with np.load(a.negatives) as npz:
-            neg = common.resize_uint8(torch.from_numpy(npz["images"]).permute(0, 3, 1, 2), normal.shape[-1])
-    x = fid._prepared(torch.cat([normal, neg]))
-
-    device = common.pick_device(a.device)
+        try:
+            with np.load(a.negatives) as npz:
+                neg = common.resize_uint8(torch.from_numpy(npz["images"]).permute(0, 3, 1, 2), normal.shape[-1])
+        except (OSError, KeyError, ValueError) as e:
+            raise common.UserError(f"--negatives {a.negatives}: defects, real, or an .npz of images ({e})") from None
+    x, device = fid._prepared(torch.cat([normal, neg])), common.pick_device(a.device)
 
     def batch(step: int):           # 64 normal images and 64 negatives
         i = torch.cat([torch.randint(len(normal), (64,), generator=g),
@@ -255,8 +256,8 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = common.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      allow_abbrev=False)
     p.add_argument("--script", choices=SCRIPTS, help="the generative model whose --score is measured")
     p.add_argument("--floors", action="store_true", help="also the raw-pixel 1-NN and PCA-16 floors")
     p.add_argument("--negatives", metavar="KIND", help="a classifier against negatives: defects (two types; the third, "
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gamma", type=float, default=0.05, help="--negatives real: the fraction of labelled anomalies")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | mnist | cifar10 | synthetic | mvtec")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="the normal classes, one at a time")
+    p.add_argument("--classes", type=int, nargs="+", help="the normal classes, one at a time (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=1500, help="training steps of each model and classifier")
     p.add_argument("--test-n", type=int, default=0, help="the first N test images only (0: all)")
@@ -277,6 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if not (a.script or a.floors or a.negatives):
         p.error("give --script, --floors or --negatives (or several)")
+    common.check_dataset(a.dataset, (*common.CLASSES, "mvtec"))
+    a.classes = a.classes or list(range(common.CLASSES.get(a.dataset, 1)))
+    if a.dataset != "mvtec" and not set(a.classes) <= set(range(common.CLASSES[a.dataset])):
+        p.error(f"--classes: {a.dataset} has classes 0 to {common.CLASSES[a.dataset] - 1}")
+    if a.negatives not in (None, "defects", "real") and not Path(a.negatives).is_file():
+        p.error(f"--negatives {a.negatives}: give defects, real, or an .npz of generated images")
+    if a.negatives == "real" and a.dataset == "mvtec":
+        p.error("--negatives real takes another class's images: MVTec AD has one class; use defects or an .npz")
     common.make_writable(Path(a.out), "--out")
     rows = measure(a)
     with open(Path(a.out) / "results.csv", "w", newline="") as f:

@@ -201,8 +201,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = common.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      allow_abbrev=False)
     p.add_argument("--dataset", default="fashion-mnist", choices=tuple(common.CLASSES))
     p.add_argument("--data-root", default="data")
     p.add_argument("--per-class", type=int, required=True, help="N real images of each class (10, 100, 1000)")

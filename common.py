@@ -135,7 +135,7 @@ class ImageConfig(RunConfig):
                             metavar="C")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
@@ -143,7 +143,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_config(cls, argv: list[str] | None = None):
     """Build argparse from the dataclass ``cls``; returns the config with ``cfg.given`` = flags typed."""
-    parser = _Parser(description=sys.modules["__main__"].__doc__, allow_abbrev=False,
+    parser = Parser(description=sys.modules["__main__"].__doc__, allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):

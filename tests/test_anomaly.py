@@ -145,3 +145,14 @@ def test_mvtec_folders_are_read_as_distributed(tmp_path):
     assert all(float(r["auroc"]) == 1.0 for r in rows if r["score"] == "raw_1nn")   # negatives: far from all
     with pytest.raises(common.UserError, match="not an MVTec AD category"):
         common.load_images("mvtec", str(tmp_path), 32, split="test")
+
+
+def test_bad_input_is_one_line_before_anything_is_written(tmp_path):
+    for args, words in ((["--floors", "--classes", "4"], ["classes 0 to 3"]),
+                        (["--floors", "--dataset", "nope"], ["unknown --dataset nope"]),
+                        (["--negatives", "missing.npz", "--steps", "2"], ["--negatives missing.npz"]),
+                        ([], ["give --script, --floors or --negatives"])):
+        dataset = [] if "--dataset" in args else ["--dataset", "synthetic"]
+        proc = run_script("anomaly", *args, *dataset, "--out", "out", cwd=tmp_path, check=False)
+        assert_clean_error(proc, *words)
+        assert not (tmp_path / "out" / "results.csv").exists()
