@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-n", type=int, default=0, help="the first N test images only (0: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--score-flags", default="", type=shlex.split, help="more flags of the --score command, quoted "
-                   "(e.g. '--k 100 ')")
+                   "(e.g. '--k 100')")
     p.add_argument("--out", default="anomaly", help="folder of results.csv, table.md and the runs")
     p.add_argument("extra", nargs="*", help="after --: more flags of the model script's training")
     a = p.parse_args(argv)
