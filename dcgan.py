@@ -240,6 +240,7 @@ def train(cfg: Config) -> None:
     batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
                              memory_format=memory_format)
     G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
+    G.net[0].to(memory_format=torch.contiguous_format)  # its z is 1 x 1: NCHW (docs/gpu-check.md)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)

@@ -254,6 +254,7 @@ def train(cfg: Config) -> None:
     batches = common.Batches(images, cfg.batch_size, cfg.seed, device, rank=ddp.rank, world=ddp.world,
                              memory_format=memory_format)
     G, critic = G.to(memory_format=memory_format), critic.to(memory_format=memory_format)
+    G.net[0].to(memory_format=torch.contiguous_format)  # its z is 1 x 1: NCHW (docs/gpu-check.md)
     opt_G = torch.optim.RMSprop(G.parameters(), lr=cfg.lr)
     opt_critic = torch.optim.RMSprop(critic.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)

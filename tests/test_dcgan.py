@@ -126,6 +126,16 @@ def test_amp_and_channels_last_resume_exactly(tmp):
     check_exact_resume("dcgan", [*SMALL, "--amp", "--channels-last"], tmp)
 
 
+def test_channels_last_keeps_the_layer_of_1x1_z_nchw(tmp):
+    """--channels-last: the layer taking z (1 x 1) keeps an NCHW weight, the others are NHWC. With an NHWC weight
+    there, torch.compile on CUDA expected an NHWC weight gradient that cuDNN returned NCHW (docs/gpu-check.md)."""
+    run_script("dcgan", *SMALL, "--channels-last", "--steps", 1, "--out", tmp / "run", cwd=tmp)
+    G = load(tmp / "run" / "ckpt.pt")["models"]["G"]
+    weights = [G[k] for k in sorted(G, key=lambda k: int(k.split(".")[1])) if G[k].ndim == 4]   # net.0, net.3, ...
+    assert weights[0].is_contiguous() and not weights[0].is_contiguous(memory_format=torch.channels_last)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights[1:])
+
+
 def test_compile_smoke_and_its_checkpoint_loads_plain(tmp):
     check_compile("dcgan", SMALL, tmp, "G")
 

@@ -1,20 +1,21 @@
 """The CUDA path of every script, checked in one command on a GPU machine (issue 23): does each run, resume and
 keep its speed on a GPU, and how fast is it beside the peers?
 
-    python tools/gpu_check.py --peers ~/peers                 # on a GPU node: everything, about 6.5 min (H100-class)
-    python tools/gpu_check.py --quick --peers ~/peers         # the subset, about 3 min
+    python tools/gpu_check.py --peers ~/peers                 # on a GPU node: everything, about 14 min (H200)
+    python tools/gpu_check.py --quick --peers ~/peers         # the subset, about 4.5 min
     python tools/gpu_check.py --device cpu                    # no GPU: the same sequence at tiny sizes (the tests)
     sbatch --gres=gpu:1 --wrap "python tools/gpu_check.py --peers ~/peers --out gpu-check"   # through SLURM
 
 Through this workplace's device tool (one command of at most 10 minutes, 15 minutes of device time for every try
-together, 8 files back), the exact call, then at once, if that one broke for a reason of its own, the --quick retry:
+together, 8 files back), one part per call: the scripts (1. and 2., about 5.5 min), or the benchmarks and FID (4.
+and 5., about 9 min; --bench NAME ... for fewer); a lease holds one of each only when the second is trimmed:
 
-    run(command="python3 tools/gpu_check.py --peers .peers --out /tmp/gc --time-limit 450; s=$?; "
+    run(command="python3 tools/gpu_check.py --bench --skip fid --peers .peers --out /tmp/gc --time-limit 360; s=$?; "
                 "cd /tmp/gc && cp report.md report.json $OUT/ && tar czf $OUT/logs.tgz logs; exit $s",
-        carry=[".peers"], timeout_s=540)
-    run(command="python3 tools/gpu_check.py --quick --peers .peers --out /tmp/gc --time-limit 200; s=$?; "
+        carry=[".peers"], timeout_s=420)
+    run(command="python3 tools/gpu_check.py --scripts --peers .peers --out /tmp/gc --time-limit 540; s=$?; "
                 "cd /tmp/gc && cp report.md report.json $OUT/ && tar czf $OUT/logs.tgz logs; exit $s",
-        carry=[".peers"], timeout_s=280)
+        carry=[".peers"], timeout_s=590)
 
 (docs/gpu-check.md: how to fill .peers, git-ignored and under 64 MiB, and how to read what comes back).
 
@@ -51,25 +52,19 @@ limit left some not run; 130: stopped by a signal). Everything goes under --out
 date and the GPU's name), report.json, logs/<check>.log (every run's output); the run folders go to a temporary
 --work folder (checkpoints of pix2pix at 256 are 0.7 GB), removed at the end unless --work is given.
 
---quick: dcgan and ddpm (all flag sets, the resume), the DDPM benchmark (no flag, --amp), fid: about 3 min.
+--quick: dcgan and ddpm (every flag set but --compile, the resume), the DDPM benchmark (no flag, --amp), fid.
 
-The time, estimated: no GPU was ever available to this project, so none of these figures is measured (each
-check's estimate is printed, and kept in report.md, beside its time: what EST is to be corrected with).
-- A run's fixed cost, 6 s: a fresh interpreter importing torch, matplotlib and the script (3 s), CUDA and cuDNN
-  set up (1.5 s), the networks built, cuDNN's first autotuning, the final checkpoint and grid (1.5 s); 9 s for
-  ddpm, pix2pix and CycleGAN, whose checkpoints are 0.4 to 0.7 GB.
-- A step in fp32/TF32, from its arithmetic where the GPU is full: DDPM's U-Net does 4.6 TFLOP a step of 128
-  images (forward and backward, 3 times the forward's 12.1 GFLOP an image, torch.utils.flop_counter), 50 to 60 ms
-  at about 100 TFLOP/s; CycleGAN at 256 about 2 TFLOP (6 passes of a 99 GFLOP generator), 40 ms. The small
-  networks (the MLPs, DCGAN's 0.2 GFLOP, the 28 x 28 flow) cannot fill the GPU and are bound by their kernel
-  launches, about 5 us each: 3 to 30 ms. wgan's first 25 steps have 100 critic iterations each: 0.5 s.
-- torch.compile's cold compilation (default mode), from compile times of similar networks elsewhere: 15 to 40 s
-  for the MLPs and DCGAN-sized networks, 50 to 90 s for the U-Nets, CycleGAN's four networks and RealNVP's 22
-  couplings.
-The runs of 1. and 2. go 6 at a time (the GPU has room; the CPU cores do the compiling), longest first: 850 s of
-work in about 150 s (the longest, ddpm's compiled run, 100 s). Then, alone since they time, the benchmarks
-(205 s; inductor's cache, warm from 1., spares most of their compilation) and FID (45 s, most of it
-pytorch-fid's scipy sqrtm of a 2048 x 2048 matrix): about 6.5 min in all. --quick: 100 + 35 + 45 s, about 3 min.
+The time, measured on an H200 on 2026-12-04 (docs/gpu-check.md; each check's estimate is printed, and kept in
+report.md, beside its time: what EST is corrected with):
+- A run's fixed cost, 11 to 23 s with 6 runs at a time: a fresh interpreter importing torch, matplotlib and the
+  script, CUDA and cuDNN set up, cuDNN's first autotuning, the final checkpoint (0.4 to 0.7 GB for ddpm, pix2pix
+  and CycleGAN) and grid. A resume check (two runs, the signal, the comparison) 36 to 95 s.
+- torch.compile's cold compilation: 20 to 45 s for the MLPs and DCGAN-sized networks, 52 s for pix2pix, 115 s
+  for CycleGAN's four networks, 173 s for DDPM's U-Net and 262 s for RealNVP's 22 couplings.
+The runs of 1. and 2. go 6 at a time, longest first: about 5 min (realnvp's compiled run alone is 4.6 min). Then,
+alone since they time, the benchmarks (each flag set and the peer in a new process: 110 s for DCGAN, 113 s for
+DDPM without --compile, about 290 s with it) and FID (46 s): about 14 min in all, more than one command of the
+device tool: split it there (docs/gpu-check.md). --quick: about 4.5 min.
 A V100 or T4: count 2 to 4 times as long. --time-limit starts no check past its time (those are "not run") and
 cuts any run still going then, so that the report is always written.
 
@@ -143,21 +138,21 @@ TINY = {
     "pix2pix": ["--dataset", "synthetic-pairs", *TINY_TRANSLATION],
     "cyclegan": ["--dataset", "synthetic-unpaired", *TINY_TRANSLATION, "--n-blocks", "1"],
 }
-# Estimated seconds on an H100-class GPU, none measured (the module docstring gives the basis): (a run's fixed cost,
-# a training step in fp32/TF32, torch.compile's cold compilation of the script's networks)
+# Seconds measured on an H200 (2026-12-04, 6 runs at a time, docs/gpu-check.md): (a run's fixed cost, a training
+# step, torch.compile's cold compilation of the script's networks); the steps are estimated from their arithmetic
 EST = {
-    "gan": (6, 0.005, 25),       # two MLPs, batch 100: launch-bound; compile: G and D, forward and backward
-    "dcgan": (6, 0.015, 35),     # G, D 0.21 GFLOP an image forward: 0.3 TFLOP a step of 128, 3 ms + launches
-    "wgan": (6, 0.5, 40),        # the burst: 100 critic iterations (4 small passes each) in each of the first 25 steps
-    "wgan_gp": (6, 0.06, 25),    # 5 critic iterations with a double backward; compile: G only
-    "vae": (6, 0.003, 15),       # one MLP, batch 100: a few dozen kernels
-    "realnvp": (6, 0.03, 90),    # 22 couplings of small ResNets at 28x28 (~2,000 kernels a step); long to compile
-    "ddpm": (9, 0.06, 90),       # 12.1 GFLOP an image forward: 4.6 TFLOP a step of 128; a 0.6 GB checkpoint
-    "pix2pix": (9, 0.02, 50),    # unet_256 (12 GFLOP forward), D 6.4: 0.1 TFLOP a step at batch 1; a 0.7 GB checkpoint
-    "cyclegan": (9, 0.04, 70),   # resnet_9blocks, 99 GFLOP forward, 6 passes a step: ~2 TFLOP; 4 networks to compile
+    "gan": (11, 0.005, 29),      # two MLPs, batch 100: launch-bound
+    "dcgan": (13, 0.015, 40),    # G, D 0.21 GFLOP an image forward: 0.3 TFLOP a step of 128
+    "wgan": (12, 0.4, 45),       # the burst: 100 critic iterations (4 small passes each) in each of the first 25 steps
+    "wgan_gp": (13, 0.06, 30),   # 5 critic iterations with a double backward
+    "vae": (11, 0.003, 21),      # one MLP, batch 100: a few dozen kernels
+    "realnvp": (16, 0.03, 262),  # 22 couplings of small ResNets at 28x28 (~2,000 kernels a step): long to compile
+    "ddpm": (23, 0.06, 173),     # 12.1 GFLOP an image forward: 4.6 TFLOP a step of 128; a 0.4 GB checkpoint
+    "pix2pix": (18, 0.02, 52),   # unet_256 (12 GFLOP forward), D 6.4: 0.1 TFLOP a step at batch 1; 0.7 GB checkpoint
+    "cyclegan": (19, 0.04, 115), # resnet_9blocks, 99 GFLOP forward, 6 passes a step: ~2 TFLOP; 4 networks to compile
 }
-EST_BENCH = {"dcgan": 55, "ddpm": 60, "translation": 30, "wgan": 60}   # --quick's ddpm (2 flag sets): 35
-EST_FID = 45
+EST_BENCH = {"dcgan": 110, "ddpm": 290, "translation": 60, "wgan": 60}   # --quick's ddpm (2 flag sets): 113
+EST_FID = 46
 # The peers' checkouts under --peers, and the file that shows each is there
 PEERS = {"dcgan": "examples/dcgan/main.py", "ddpm": "pytorch-ddpm/main.py",
          "translation": "pytorch-CycleGAN-and-pix2pix/models/__init__.py",
@@ -346,7 +341,7 @@ class Check:
     kind: str                # run, resume, ddp, bench, fid
     script: str = ""
     column: str = ""         # the column of the scripts' table
-    estimate: float = 0.0    # seconds on an H100-class GPU
+    estimate: float = 0.0    # seconds on an H200 (EST)
     verdict: str = "not run"   # OK, FAIL, SKIP, not run
     reason: str = ""
     seconds: float = 0.0
@@ -908,7 +903,7 @@ def plan(s: Suite) -> tuple[list, list]:
                 serial.append((c.estimate, [c], lambda c=c, sc=script: s.ddp(c, sc)))
     if "bench" not in a.skip:
         for name in a.bench:
-            est = 35 if (name == "ddpm" and a.quick) else EST_BENCH[name]
+            est = 113 if (name == "ddpm" and a.quick) else EST_BENCH[name]
             c = s.add(Check(f"bench:{name}", f"speed: {name} beside its peer", "bench", estimate=est))
             serial.append((est, [c], lambda c=c, n=name: s.bench(c, n)))
     if "fid" not in a.skip:
@@ -1061,7 +1056,7 @@ def markdown(s: Suite, checks: list, failed: list) -> str:
     if fid:
         lines += ["", "## fid.py beside pytorch-fid (random Inception weights, the same PNGs)", "",
                   f"{fid.verdict}: {fid.reason or '–'}"]
-    lines += ["", "## Every check", "", "| check | verdict | time, s | estimate, s (H100-class) | reason | log |",
+    lines += ["", "## Every check", "", "| check | verdict | time, s | estimate, s (H200, measured) | reason | log |",
               "|---|---|---|---|---|---|"]
     for c in checks:
         reason = c.reason.replace("|", "\\|") if c.verdict != "OK" or c.kind in ("bench", "fid") else ""
@@ -1072,7 +1067,8 @@ def markdown(s: Suite, checks: list, failed: list) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="dcgan and ddpm, the DDPM benchmark and FID: about 3 min")
+    p.add_argument("--quick", action="store_true",
+                   help="dcgan and ddpm without --compile, the DDPM benchmark and FID: about 4.5 min")
     p.add_argument("--out", metavar="DIR", help="report.md, report.json, logs/ (default: gpu-check-<date>)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda if there is one")
     p.add_argument("--peers", metavar="DIR", help="a folder of the peers' checkouts (module docstring)")
@@ -1104,6 +1100,8 @@ def main():
         p.error("--device cuda: no CUDA device here")
     a.scripts = a.scripts if a.scripts is not None else list(QUICK_SCRIPTS if a.quick else SCRIPTS)
     a.bench = a.bench if a.bench is not None else list(QUICK_BENCHES if a.quick else BENCHES)
+    if a.quick and "compile" not in a.skip:   # the costliest runs (3 min for ddpm's), proven on an H200 2026-12-04
+        a.skip.append("compile")
     a.workers = a.workers or (6 if device == "cuda" else 1)
     a.out = a.out or f"gpu-check-{datetime.date.today().isoformat()}"
     for name in ("out", "work", "peers", "data_root"):   # the runs start in the work folder: absolute paths
@@ -1125,7 +1123,7 @@ def main():
     s.prepare()
     work = sum(j[0] for j in parallel + serial)
     print(f"gpu_check: {machine_line(info)}", flush=True)
-    print(f"{len(s.checks)} checks; estimated on an H100-class GPU (none measured yet): {work:.0f} s of work, about "
+    print(f"{len(s.checks)} checks; estimated from an H200's times: {work:.0f} s of work, about "
           f"{wall_estimate(parallel, serial, a.workers) / 60:.1f} min with {a.workers} run(s) at a time"
           + ("" if device == "cuda" else " (not a CPU estimate)") + f"; logs in {s.logs}", flush=True)
     write_report(s)

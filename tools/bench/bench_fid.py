@@ -30,9 +30,14 @@ import common  # noqa: E402
 import fid  # noqa: E402
 from test_fid import random_inception_state  # noqa: E402  (the tests' weights: features of size ~1)
 
-PYTORCH_FID = """import sys, torch, pytorch_fid.inception
+# pytorch-fid 0.3.0 calls scipy's sqrtm(A, disp=False), whose disp SciPy 1.18 removed (seen on the GPU machine):
+# where it is gone, the call gets what disp=False returned, the root and an error estimate it does not use.
+PYTORCH_FID = """import inspect, sys, scipy.linalg, torch, pytorch_fid.inception
 weights = sys.argv.pop(1)
 pytorch_fid.inception.load_state_dict_from_url = lambda *a, **k: torch.load(weights)
+if "disp" not in inspect.signature(scipy.linalg.sqrtm).parameters:
+    sqrtm = scipy.linalg.sqrtm
+    scipy.linalg.sqrtm = lambda a, disp=True, **k: (sqrtm(a, **k), 0.0) if not disp else sqrtm(a, **k)
 from pytorch_fid.fid_score import main
 main()"""
 
