@@ -298,8 +298,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run_main(main)

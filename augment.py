@@ -30,7 +30,6 @@ import csv
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -243,8 +242,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run_main(main)
